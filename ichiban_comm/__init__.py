@@ -1,0 +1,13 @@
+"""ichiban_comm: topology-aware collectives, async checkpointing, fused Triton
+kernels and a token data pipeline for PyTorch training.
+
+Importing the package loads the compiled core and registers the
+torch.distributed backend ``"ichiban"``. Nothing here needs a GPU or a driver.
+"""
+
+__version__ = "0.1.0"
+
+from ._native import NativeModuleError, _C, build_info  # noqa: E402
+from . import topology  # noqa: E402
+
+__all__ = ["__version__", "build_info", "topology", "NativeModuleError", "_C"]

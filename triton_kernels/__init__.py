@@ -1,0 +1,1 @@
+"""Fused Triton kernels, installed as ``ichiban_comm.triton_kernels``."""
