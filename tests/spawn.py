@@ -1,0 +1,119 @@
+"""Run a function in N real processes on 127.0.0.1, with a hard timeout.
+
+Every multi-process test uses this:
+
+    from spawn import run_workers
+    results = run_workers(_body, world_size=4, backend="gloo", timeout=60)
+
+``_body(rank, world_size, *args)`` must be a module-level function (it is
+pickled into spawned processes). Each worker gets MASTER_ADDR/MASTER_PORT,
+RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE in its environment and, when
+``backend`` is given, an initialised default process group (destroyed after
+the body returns). The return values come back in rank order. A worker that
+raises, dies or outlives ``timeout`` fails the test with every worker's
+traceback; all workers are killed, nothing hangs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerError(AssertionError):
+    pass
+
+
+def _worker(fn, rank, world_size, port, backend, pg_timeout, env, args, out):
+    os.environ.update({
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0",
+    })
+    os.environ.update(env or {})
+    try:
+        import torch.distributed as dist
+
+        if backend is not None:
+            if backend not in ("gloo", "nccl", "mpi"):
+                import ichiban_comm  # noqa: F401  (registers the backend)
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=pg_timeout))
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            if backend is not None and dist.is_initialized():
+                dist.destroy_process_group()
+        out.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        out.put((rank, "error", traceback.format_exc()))
+
+
+def run_workers(fn, world_size: int, *, backend: str | None = "gloo", timeout: float = 60.0,
+                pg_timeout: float | None = None, env: dict | None = None, args: tuple = (),
+                expect_failure_ranks: tuple = ()):
+    """Run fn in world_size processes; return the per-rank results in rank order.
+
+    Ranks in ``expect_failure_ranks`` may exit without reporting (a test that
+    kills a peer on purpose); their result is None.
+    """
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    pg_timeout = pg_timeout if pg_timeout is not None else max(5.0, timeout * 0.75)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, backend, pg_timeout,
+                                                env, args, out), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, status, payload = out.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if not p.is_alive() and r not in results and r not in errors]
+                # A dead worker may still have a message in flight: give it a moment.
+                if dead and all(procs[r].exitcode not in (None, 0) for r in dead):
+                    try:
+                        rank, status, payload = out.get(timeout=1.0)
+                    except queue.Empty:
+                        for r in dead:
+                            if r in expect_failure_ranks:
+                                results[r] = None
+                            else:
+                                errors[r] = f"worker died with exit code {procs[r].exitcode}"
+                        continue
+                else:
+                    continue
+            (results if status == "ok" else errors)[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    missing = [r for r in range(world_size) if r not in results and r not in errors]
+    if errors or missing:
+        lines = [f"--- rank {r} ---\n{errors[r]}" for r in sorted(errors)]
+        if missing:
+            lines.append(f"ranks {missing} did not finish within {timeout:.0f} s (killed)")
+        raise WorkerError("multi-process test failed:\n" + "\n".join(lines))
+    return [results[r] for r in range(world_size)]
