@@ -254,9 +254,9 @@ def _parse(data, where: str) -> tuple[list[dict], list[RankInfo]]:
     if len(set(seen)) != len(seen):
         dup = sorted({x for x in seen if seen.count(x) > 1})
         raise TopologyError(f"{where}: ranks {dup} appear more than once in 'ranks'")
-    missing = sorted(set(range(len(ranks))) - set(seen))
+    missing = sorted(set(range(max(seen) + 1)) - set(seen))
     if missing:
-        raise TopologyError(f"{where}: ranks must be numbered 0..{len(ranks) - 1}; rank(s) {missing} "
+        raise TopologyError(f"{where}: ranks must be numbered 0..N-1 without gaps; rank(s) {missing} "
                             f"missing from 'ranks' (found {seen})")
     for name in names:
         local = sorted(r.local_rank for r in ranks if r.host == name)
