@@ -59,3 +59,26 @@ def test_corpus_is_deterministic_and_batches_depend_only_on_step():
     assert x1.max() < 256 and x1.dtype == torch.long
     with pytest.raises(ValueError, match="too small for seq_len"):
         ByteBatches(corpus[:100], seq_len=64, batch_size=1)
+
+
+def test_fused_ops_are_the_default_and_match_plain(tmp_path):
+    fused, a = _run(tmp_path, "fused")
+    plain, b = _run(tmp_path, "plain", ["--ops", "plain"])
+    assert fused["ops"].startswith("fused") and plain["ops"] == "plain torch"
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-3 * max(1.0, abs(y))
+
+
+def test_resume_continues_the_uninterrupted_curve(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    _, full = _run(tmp_path, "full")
+    first, _ = _run(tmp_path, "split", ["--ckpt-every", "10", "--ckpt-dir", ckpt, "--stop-at", "20"])
+    assert first["checkpoints"] == 2
+    second, _ = _run(tmp_path, "split", ["--ckpt-every", "10", "--ckpt-dir", ckpt, "--resume"])
+    assert second["start_step"] == 20
+    losses = [json.loads(line)["loss"]
+              for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["step"] for line in
+            (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()] == list(range(40))
+    assert losses == full  # bit-exact: model, optimizer, step and RNG all restored
