@@ -44,7 +44,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure only disables the 
         return 1 << max(0, int(n) - 1).bit_length()
 
     triton = types.SimpleNamespace(jit=_jit, cdiv=_cdiv, next_power_of_2=_next_power_of_2)
-    tl = types.SimpleNamespace(constexpr=int)
+    tl = types.SimpleNamespace(constexpr=lambda v=None: v)
 
 __all__ = ["triton", "tl", "HAS_TRITON", "use_triton", "launch_counts", "reset_launch_counts",
            "count_launch", "custom_op", "check_float", "check_same", "LIB"]

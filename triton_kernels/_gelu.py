@@ -2,10 +2,10 @@
 
 from ._dispatch import tl, triton
 
-SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi), the tanh-approximation constant
-INV_SQRT_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi), the normal density's constant
-CUBIC = 0.044715  # the tanh approximation's cubic coefficient
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), the tanh-approximation constant
+INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi), the normal density's constant
+CUBIC = tl.constexpr(0.044715)  # the tanh approximation's cubic coefficient
 
 
 @triton.jit
