@@ -193,4 +193,6 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
     if not use_triton(x):
         return layer_norm_reference(x, weight, bias, eps, residual)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     return _LayerNormFn.apply(x, weight, bias, residual, float(eps))

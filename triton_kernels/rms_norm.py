@@ -163,4 +163,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
     if not use_triton(x):
         return rms_norm_reference(x, weight, eps, residual)
-    return _RMSNormFn.apply(x, weight, residual, float(eps))
+    return _RMSNormFn.apply(x, weight.contiguous(), residual, float(eps))
