@@ -139,7 +139,7 @@ def _ce_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, smoo
     n, v = logits.shape
     stats = logits.new_empty((4, n), dtype=torch.float32)
     if n:
-        count_launch("ce_stats")
+        count_launch("cross_entropy_fwd")
         _ce_stats_kernel[(n,)](logits, target, stats, logits.stride(0), n, v, vocab_start,
                                SMOOTH=smooth, BLOCK=_vocab_block(v, logits.device))
     return stats
@@ -154,7 +154,7 @@ def _ce_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, coef
     n, v = logits.shape
     dlogits = torch.empty_like(logits)
     if n:
-        count_launch("ce_grad")
+        count_launch("cross_entropy_bwd")
         _ce_grad_kernel[(n,)](logits, target, lse, coef, dlogits, logits.stride(0),
                               dlogits.stride(0), v, vocab_start, 1.0 / vocab_total, smoothing,
                               z_loss, BLOCK=_vocab_block(v, logits.device))
