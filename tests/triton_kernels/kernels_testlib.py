@@ -30,8 +30,8 @@ def assert_bound(what, ours, lowp, ref, dtype):
     if ref.numel() == 0:
         return
     ref = ref.detach().double()
-    err = (ours.detach().double() - ref).abs().max().item()
-    base = (lowp.detach().double() - ref).abs().max().item()
+    err = (ours.detach().cpu().double() - ref).abs().max().item()
+    base = (lowp.detach().cpu().double() - ref).abs().max().item()
     scale = max(1.0, ref.abs().max().item())
     atol = ATOL[dtype] * scale
     assert err == err, f"{what}: result has NaN"
@@ -43,18 +43,19 @@ def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def run_case(ours, lowp, ref, inputs, dtype, grad=(), launches=(), transform=None, seed=0):
+def run_case(ours, lowp, ref, inputs, dtype, grad=(), launches=(), transform=None, seed=0,
+             device="cpu"):
     """Compare ``ours`` (inputs in ``dtype``), ``lowp`` (plain torch in ``dtype``) and ``ref``
     (float64) on the same values: forward outputs and gradients of the inputs in ``grad``.
 
     ``inputs``: float64 master tensors (non-tensors passed through). ``transform``: applied to
     the low-precision inputs of ``ours`` (e.g. ``noncontig``).
     """
-    def make(dt, tf=None):
+    def make(dt, tf=None, dev=device):
         out = []
         for i, t in enumerate(inputs):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                t = t.to(dt)
+                t = t.to(device=dev, dtype=dt)
                 if tf is not None and t.dim() > 0:
                     t = tf(t)
                 if i in grad:
@@ -62,7 +63,8 @@ def run_case(ours, lowp, ref, inputs, dtype, grad=(), launches=(), transform=Non
             out.append(t)
         return out
 
-    a_ours, a_lowp, a_ref = make(dtype, transform), make(dtype), make(torch.float64)
+    # the float64 reference runs on the CPU; ours and torch's low precision on ``device``
+    a_ours, a_lowp, a_ref = make(dtype, transform), make(dtype), make(torch.float64, dev="cpu")
     with expect_launches(*[n for n in launches if not n.endswith("bwd")]):
         y_ours = _as_tuple(ours(*a_ours))
     y_lowp, y_ref = _as_tuple(lowp(*a_lowp)), _as_tuple(ref(*a_ref))
@@ -78,7 +80,8 @@ def run_case(ours, lowp, ref, inputs, dtype, grad=(), launches=(), transform=Non
                            ("ref", a_ref, y_ref)):
         leaves = [args[i] for i in grad]
         outs = [y for y in ys if y.requires_grad]
-        douts = [dy.to(y.dtype) for dy, y in zip(dys, ys) if y.requires_grad]
+        douts = [dy.to(device=y.device, dtype=y.dtype) for dy, y in zip(dys, ys)
+                 if y.requires_grad]
         ctx = expect_launches(*[n for n in launches if n.endswith("bwd")]) \
             if name == "ours" else _null()
         with ctx:
