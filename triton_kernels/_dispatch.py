@@ -187,3 +187,8 @@ def elementwise_block(device: torch.device) -> int:
     # 1024 elements per program keeps loads wide on a GPU; the interpreter runs one program per
     # Python iteration, so a bigger block there just means fewer iterations.
     return 1024 if device.type == "cuda" else 4096
+
+
+def row_warps(block: int) -> int:
+    # One row per program: ~8 fp32 values per thread keeps registers low without idle lanes.
+    return max(1, min(16, block // 256))

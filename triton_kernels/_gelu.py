@@ -13,10 +13,12 @@ def gelu_and_grad(x, APPROX_TANH: tl.constexpr):
     """(gelu(x), d gelu / dx) for float32 ``x``."""
     if APPROX_TANH:
         u = SQRT_2_OVER_PI * (x + CUBIC * x * x * x)
-        u = tl.minimum(tl.maximum(u, -20.0), 20.0)  # tanh(+-20) == +-1 in fp32; no exp overflow
+        # tanh(+-20) is +-1 in float32 already; clamping avoids exp overflow in sigmoid(2u)
+        u = tl.minimum(tl.maximum(u, -20.0), 20.0)
         t = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh(u), written with the sigmoid Triton has
         y = 0.5 * x * (1.0 + t)
-        dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x * x)
+        du = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x * x)  # d u / d x
+        dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
     else:
         cdf = 0.5 * (1.0 + tl.erf(x * INV_SQRT_2))
         y = x * cdf

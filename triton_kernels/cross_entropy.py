@@ -26,7 +26,8 @@ from ._dispatch import count_launch, custom_op, rows_2d, tl, triton, use_triton
 
 __all__ = ["cross_entropy", "cross_entropy_reference"]
 
-_NEG_BIG = tl.constexpr(-3.0e38)  # finite "minus infinity" seed of the running max: exp(NEG_BIG - m) == 0
+# Finite "minus infinity" seeding the running max: exp(_NEG_BIG - m) == 0 without inf - inf.
+_NEG_BIG = tl.constexpr(-3.0e38)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_rows, check_same, count_launch, custom_op, num_programs,
-                        rows_2d, row_block, tl, triton, use_triton)
+                        row_block, row_warps, rows_2d, tl, triton, use_triton)
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 
@@ -112,6 +112,7 @@ def _layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     mean = x.new_empty(rows, dtype=torch.float32)
     rstd = torch.empty_like(mean)
+    block = row_block(n, "hidden")
     if rows:
         count_launch("layer_norm_fwd")
         r = residual if residual is not None else x
@@ -120,7 +121,7 @@ def _layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
             x, r, weight if weight is not None else x, bias if bias is not None else x, y, hh,
             mean, rstd, x.stride(0), r.stride(0), y.stride(0), hh.stride(0), n, eps,
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK=row_block(n, "hidden"))
+            BLOCK=block, num_warps=row_warps(block))
     return y, h, mean, rstd
 
 
@@ -140,6 +141,7 @@ def _layer_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Te
     progs = num_programs(h.device, rows)
     dwp = h.new_zeros((progs, n), dtype=torch.float32)  # (programs, N) partial sums
     dbp = torch.zeros_like(dwp)
+    block = row_block(n, "hidden")
     if rows:
         count_launch("layer_norm_bwd")
         dho = dh_out if dh_out is not None else dy
@@ -147,7 +149,7 @@ def _layer_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Te
             dy, h, weight if weight is not None else h, mean, rstd, dho, dx, dwp, dbp,
             dy.stride(0), h.stride(0), dho.stride(0), dx.stride(0), rows, n,
             triton.cdiv(rows, progs), HAS_DHO=dh_out is not None, HAS_W=weight is not None,
-            BLOCK=row_block(n, "hidden"))
+            BLOCK=block, num_warps=row_warps(block))
     return dx, dwp.sum(0), dbp.sum(0)
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_rows, check_same, count_launch, custom_op, num_programs,
-                        rows_2d, row_block, tl, triton, use_triton)
+                        row_block, row_warps, rows_2d, tl, triton, use_triton)
 
 __all__ = ["rms_norm", "rms_norm_reference"]
 
@@ -89,13 +89,15 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torc
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     rstd = x.new_empty(rows, dtype=torch.float32)
+    block = row_block(n, "hidden")
     if rows:
         count_launch("rms_norm_fwd")
         r = residual if residual is not None else x
         hh = h if residual is not None else y
         _rms_norm_fwd_kernel[(rows,)](x, r, weight, y, hh, rstd, x.stride(0), r.stride(0),
                                       y.stride(0), hh.stride(0), n, eps,
-                                      HAS_RES=residual is not None, BLOCK=row_block(n, "hidden"))
+                                      HAS_RES=residual is not None, BLOCK=block,
+                                      num_warps=row_warps(block))
     return y, h, rstd
 
 
@@ -111,13 +113,14 @@ def _rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd:
     dx = torch.empty_like(h)
     progs = num_programs(h.device, rows)
     dwp = h.new_zeros((progs, n), dtype=torch.float32)  # (programs, N) partial dweight
+    block = row_block(n, "hidden")
     if rows:
         count_launch("rms_norm_bwd")
         dho = dh_out if dh_out is not None else dy
         _rms_norm_bwd_kernel[(progs,)](dy, h, weight, rstd, dho, dx, dwp, dy.stride(0),
                                        h.stride(0), dho.stride(0), dx.stride(0), rows, n,
                                        triton.cdiv(rows, progs), HAS_DHO=dh_out is not None,
-                                       BLOCK=row_block(n, "hidden"))
+                                       BLOCK=block, num_warps=row_warps(block))
     return dx, dwp.sum(0)
 
 
