@@ -14,7 +14,8 @@ from spawn import run_workers
 
 N, V, H = 6, 24, 16  # V divisible by 2 and 4: equal vocabulary slices in rank order
 CE_CONFIGS = [(0.0, 0.0, "mean"), (0.1, 1e-3, "none")]
-FLCE_CONFIG = (0.1, 1e-3, "sum")
+# "sum": gradients made in the forward; "none": logits recomputed in the backward
+FLCE_CONFIGS = [(0.1, 1e-3, "sum"), (0.0, 1e-3, "none")]
 
 
 def _inputs():
@@ -54,14 +55,14 @@ def _body(rank, world_size):
                                  group=group)
             loss.backward(torch.ones_like(loss) * 0.7)
             out[(path, "ce", eps, z, red)] = _np(loss, x.grad)
-        eps, z, red = FLCE_CONFIG
-        h = hidden.clone().requires_grad_()
-        w = weight[sl].clone().requires_grad_()
-        b = bias[sl].clone().requires_grad_()
-        loss = fused_linear_cross_entropy(h, w, target, b, label_smoothing=eps, z_loss=z,
-                                          reduction=red, group=group, chunk_size=4)
-        loss.backward()
-        out[(path, "flce")] = _np(loss, h.grad, w.grad, b.grad)
+        for eps, z, red in FLCE_CONFIGS:
+            h = hidden.clone().requires_grad_()
+            w = weight[sl].clone().requires_grad_()
+            b = bias[sl].clone().requires_grad_()
+            loss = fused_linear_cross_entropy(h, w, target, b, label_smoothing=eps, z_loss=z,
+                                              reduction=red, group=group, chunk_size=4)
+            loss.backward(torch.ones_like(loss) * 0.7)
+            out[(path, "flce", red)] = _np(loss, h.grad, w.grad, b.grad)
     out["launches"] = launch_counts()
     return out
 
@@ -77,11 +78,11 @@ def _full_reference():
         loss = cross_entropy_reference(x, target, -100, eps, z, red)
         loss.backward(torch.ones_like(loss) * 0.7)
         ref[("ce", eps, z, red)] = (loss.detach(), x.grad)
-    eps, z, red = FLCE_CONFIG
-    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    loss = cross_entropy_reference(h @ w.t() + b, target, -100, eps, z, red)
-    loss.backward()
-    ref["flce"] = (loss.detach(), h.grad, w.grad, b.grad)
+    for eps, z, red in FLCE_CONFIGS:
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        loss = cross_entropy_reference(h @ w.t() + b, target, -100, eps, z, red)
+        loss.backward(torch.ones_like(loss) * 0.7)
+        ref[("flce", red)] = (loss.detach(), h.grad, w.grad, b.grad)
     return ref
 
 
@@ -107,15 +108,16 @@ def test_vocab_parallel_equals_unsharded(world_size):
                 _close(f"{path} ce{eps, z, red} loss rank {r}", loss, want_loss)
             grad = torch.cat([res[(path, "ce", eps, z, red)][1] for res in results], dim=1)
             _close(f"{path} ce{eps, z, red} dlogits", grad, want_grad)
-        want = ref["flce"]
-        for r, res in enumerate(results):
-            loss, dh, _, _ = res[(path, "flce")]
-            _close(f"{path} flce loss rank {r}", loss, want[0])
-            _close(f"{path} flce dhidden rank {r}", dh, want[1])
-        _close(f"{path} flce dweight", torch.cat([res[(path, "flce")][2] for res in results]),
-               want[2])
-        _close(f"{path} flce dbias", torch.cat([res[(path, "flce")][3] for res in results]),
-               want[3])
+        for _, _, red in FLCE_CONFIGS:
+            want, key = ref[("flce", red)], (path, "flce", red)
+            for r, res in enumerate(results):
+                loss, dh, _, _ = res[key]
+                _close(f"{path} flce {red} loss rank {r}", loss, want[0])
+                _close(f"{path} flce {red} dhidden rank {r}", dh, want[1])
+            _close(f"{path} flce {red} dweight", torch.cat([res[key][2] for res in results]),
+                   want[2])
+            _close(f"{path} flce {red} dbias", torch.cat([res[key][3] for res in results]),
+                   want[3])
     for r, res in enumerate(results):
         launched = res["launches"]
         assert launched.get("cross_entropy_fwd", 0) > 0 and \
