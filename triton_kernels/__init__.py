@@ -14,6 +14,7 @@ from .cross_entropy import cross_entropy
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .geglu import geglu
 from .layer_norm import layer_norm
+from .ops_table import FusedOps
 from .modules import FusedBiasGeLUMLP, FusedGatedMLP, LayerNorm, RMSNorm
 from .patch import causal_lm_loss, patch_model, unpatch_rotary
 from .rms_norm import rms_norm
@@ -24,6 +25,6 @@ __all__ = [
     "rms_norm", "layer_norm", "swiglu", "geglu", "rope", "bias_gelu", "bias_dropout_add",
     "cross_entropy", "fused_linear_cross_entropy",
     "RMSNorm", "LayerNorm", "FusedGatedMLP", "FusedBiasGeLUMLP", "patch_model", "unpatch_rotary",
-    "causal_lm_loss",
+    "causal_lm_loss", "FusedOps",
     "HAS_TRITON", "use_triton", "launch_counts", "reset_launch_counts",
 ]

@@ -183,6 +183,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # Under autocast the matmuls run in the autocast dtype, as nn.Linear's would; the casts
+        # are differentiable, so float32 master weights get their gradients.
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:

@@ -66,6 +66,21 @@ def test_fused_linear_cross_entropy_no_grad_and_double_backward():
         loss.backward()
 
 
+def test_fused_linear_cross_entropy_under_autocast_float32_master_weights():
+    h = torch.randn(6, 16, requires_grad=True)
+    w = (torch.randn(30, 16) * 0.3).requires_grad_()
+    t = torch.randint(0, 30, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, t, chunk_size=4)
+    loss.backward()
+    assert loss.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    want = fused_linear_cross_entropy_reference(hb, wb, t)
+    want.backward()
+    torch.testing.assert_close(loss.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad, wb.grad.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_default_chunk_size_bounds_logits_memory():
     assert default_chunk_size(10, 50, 4) == 10
     rows = default_chunk_size(100_000, 128 * 1024, 2)
