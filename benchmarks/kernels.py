@@ -344,8 +344,10 @@ def main(argv=None):
     if args.smoke_cpu:
         rows, _ = run(args)
         print(_table(rows))
-        bad = [r for r in rows if "error" in r]
-        return 1 if bad else 0
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": "cpu (smoke)", "rows": rows}, f, indent=1)
+        return 1 if any("error" in r for r in rows) else 0
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA GPU here (torch.cuda.is_available() is False). "
               "These are GPU benchmarks; on a CPU machine run the kernel tests instead: "

@@ -49,6 +49,24 @@ def test_rms_norm_noncontiguous():
              launches=("rms_norm_fwd", "rms_norm_bwd"))
 
 
+def test_rms_norm_float32_weight_low_precision_input():
+    # mixed precision: float32 master weight, bfloat16 activations -> bfloat16 output,
+    # float32 weight gradient
+    x = torch.randn(5, 48, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(48) * 0.5 + 1).requires_grad_()
+    y = rms_norm(x, w)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn(5, 48)
+    y.backward(dy.bfloat16())
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rms_norm_reference(xd, wd).backward(dy.bfloat16().double())
+    assert w.grad.dtype == torch.float32
+    torch.testing.assert_close(y.double(), rms_norm_reference(xd, wd).detach(), rtol=1.6e-2,
+                               atol=1.6e-2)
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1.6e-2, atol=1.6e-2)
+
+
 def test_rms_norm_empty_batch():
     x = torch.randn(0, 17, requires_grad=True)
     w = torch.randn(17, requires_grad=True)
