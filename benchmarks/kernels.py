@@ -272,7 +272,9 @@ def run(args):
                 med = statistics.median(times)
                 row.update(median_ms=med * 1e3, peak_mib=_peak_bytes(torch, step) / 2**20)
                 if nbytes:
-                    row.update(gbps=nbytes / med / 1e9, pct_copy_bw=100 * nbytes / med / 1e9 / bw)
+                    row["gbps"] = nbytes / med / 1e9
+                    if bw == bw:  # not NaN (--smoke-cpu measures no copy bandwidth)
+                        row["pct_copy_bw"] = 100 * row["gbps"] / bw
             except Exception as exc:  # noqa: BLE001 - one failing baseline must not stop the run
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             finally:
@@ -361,7 +363,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "dtype": args.dtype, "copy_bandwidth_gbps": bw, "rows": rows}, f,
-                      indent=1)
+                      indent=1, allow_nan=False)
     return 0
 
 

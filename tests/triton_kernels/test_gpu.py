@@ -84,3 +84,23 @@ def test_gpu_fused_linear_cross_entropy_memory():
                                                target.cpu()[:256])
     got = tk.fused_linear_cross_entropy(hidden.detach()[:256], weight.detach(), target[:256])
     assert abs(got.float().item() - ref.item()) < 2e-2 * max(1.0, abs(ref.item()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_gelu_family_and_dropout(dtype):
+    from ichiban_comm.triton_kernels.bias_gelu import bias_gelu_reference
+    from ichiban_comm.triton_kernels.geglu import geglu_reference
+
+    g, u, b = randn(64, 5000, seed=12, scale=3), randn(64, 5000, seed=13), randn(5000, seed=14)
+    run_case(lambda g, u: tk.geglu(g, u, "tanh"), lambda g, u: F.gelu(g, approximate="tanh") * u,
+             geglu_reference, [g, u], dtype, grad=(0, 1), launches=("geglu_fwd", "geglu_bwd"),
+             device="cuda")
+    run_case(lambda x, b: tk.bias_gelu(x, b, "none"), lambda x, b: F.gelu(x + b),
+             lambda x, b: bias_gelu_reference(x, b, "none"), [g, b], dtype, grad=(0, 1),
+             launches=("bias_gelu_fwd", "bias_gelu_bwd"), device="cuda")
+    x, r = g.to("cuda", dtype), u.to("cuda", dtype)
+    y1 = tk.bias_dropout_add(x, None, r, 0.2, True, 99)
+    y2 = tk.bias_dropout_add(x, None, r, 0.2, True, 99)
+    assert torch.equal(y1, y2)
+    kept = ((y1 - r).abs() > 0).float().mean().item()
+    assert abs(kept - 0.8) < 0.01, f"kept fraction {kept}"
