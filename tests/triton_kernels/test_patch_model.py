@@ -1,5 +1,5 @@
-"""patch_model on tiny randomly initialised transformers Llama, Qwen2 and GPT-2 models: logits,
-loss and gradients are unchanged, and the fused kernels really ran.
+"""patch_model on tiny randomly initialised transformers Llama, Qwen2, Mistral and GPT-2 models:
+logits, loss and gradients are unchanged, and the fused kernels really ran.
 
 Run: python -m pytest -q tests/triton_kernels/test_patch_model.py
 """
@@ -30,6 +30,13 @@ def _qwen2():
     return transformers.Qwen2ForCausalLM(cfg)
 
 
+def _mistral():
+    cfg = transformers.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=40,
+                                     num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=1, max_position_embeddings=64)
+    return transformers.MistralForCausalLM(cfg)
+
+
 def _gpt2():
     cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -48,6 +55,8 @@ def _run(model, ids, labels):
                                                                   "rope_fwd", "rope_bwd")}),
     (_qwen2, {"norms": 3, "mlp": 1, "rotary": True, "kernels": ("rms_norm_bwd", "swiglu_bwd",
                                                                   "rope_fwd")}),
+    (_mistral, {"norms": 3, "mlp": 1, "rotary": True, "kernels": ("rms_norm_fwd", "swiglu_fwd",
+                                                                    "rope_bwd")}),
     (_gpt2, {"norms": 5, "mlp": 2, "rotary": False, "kernels": ("layer_norm_fwd",
                                                                   "bias_gelu_bwd")}),
 ])
