@@ -8,6 +8,14 @@ import torch
 from ichiban_comm import train
 from ichiban_comm.data import ByteBatches, stdlib_corpus
 
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    # Multi-step runs use the fused ops' plain-torch references (what the job runs on a CPU);
+    # Triton's interpreter is far too slow for training. test_fused_kernels_really_run_in_the_job
+    # runs the Triton kernels themselves, on a micro model.
+    monkeypatch.setenv("ICHIBAN_KERNELS", "reference")
+
+
 TINY = ["--d-model", "32", "--n-layer", "2", "--n-head", "2", "--steps", "40", "--batch-size", "8",
         "--seq-len", "32", "--data-bytes", "200000", "--log-every", "10", "--warmup", "5",
         "--eval-batches", "2", "--threads", "1"]
@@ -68,6 +76,28 @@ def test_fused_ops_are_the_default_and_match_plain(tmp_path):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-3 * max(1.0, abs(y))
+
+
+def test_fused_kernels_really_run_in_the_job(tmp_path, monkeypatch):
+    from ichiban_comm import triton_kernels as tk
+
+    monkeypatch.delenv("ICHIBAN_KERNELS")
+    if not tk.HAS_TRITON or __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")
+    micro = ["--d-model", "16", "--n-layer", "1", "--n-head", "2", "--steps", "2",
+             "--batch-size", "2", "--seq-len", "8", "--data-bytes", "20000", "--warmup", "1",
+             "--eval-batches", "1", "--threads", "1"]
+    tk.reset_launch_counts()
+    assert train.main(micro + ["--out-dir", str(tmp_path / "f")]) == 0
+    launched = tk.launch_counts()
+    for kernel in ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd",
+                   "rope_bwd"):
+        assert launched.get(kernel, 0) > 0, (kernel, launched)
+    assert any("cross_entropy" in k and n > 0 for k, n in launched.items()), launched
+    assert train.main(micro + ["--out-dir", str(tmp_path / "p"), "--ops", "plain"]) == 0
+    fused = [json.loads(x)["loss"] for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(x)["loss"] for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert len(fused) == 2 and all(abs(a - b) < 1e-4 * abs(b) for a, b in zip(fused, plain))
 
 
 def test_resume_continues_the_uninterrupted_curve(tmp_path):
