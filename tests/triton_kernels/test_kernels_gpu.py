@@ -1,7 +1,7 @@
 """The compiled Triton kernels on a CUDA GPU (run with ICHIBAN_TEST_GPU=1, which leaves the
 interpreter off), at realistic sizes, against the float64 CPU reference.
 
-Run: ICHIBAN_TEST_GPU=1 python -m pytest -q -m gpu tests/triton_kernels/test_gpu.py
+Run: ICHIBAN_TEST_GPU=1 python -m pytest -q -m gpu tests/triton_kernels/test_kernels_gpu.py
 """
 
 import pytest

@@ -3,7 +3,7 @@
 The aot_eager backend is used: it runs Dynamo and AOTAutograd (where a graph break or an
 untraceable op would fail) without compiling C++ on this CPU-only machine.
 
-Run: python -m pytest -q tests/triton_kernels/test_compile.py
+Run: python -m pytest -q tests/triton_kernels/test_kernels_torch_compile.py
 """
 
 import torch
