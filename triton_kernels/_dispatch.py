@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import types
 import warnings
@@ -142,7 +143,7 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor,
 
 def rows_2d(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` as (rows, last_dim) with unit stride on the last dim (copies only if needed)."""
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x
     if x2.numel() and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return x2
@@ -181,6 +182,11 @@ def check_approximate(approximate: str) -> bool:
     if approximate not in ("tanh", "none"):
         raise ValueError(f'approximate must be "tanh" or "none", got {approximate!r}')
     return approximate == "tanh"
+
+
+def col_block(device: torch.device, cols: int) -> int:
+    """Columns per program of a (rows, column-blocks) elementwise grid."""
+    return max(16, min(triton.next_power_of_2(max(cols, 1)), elementwise_block(device)))
 
 
 def elementwise_block(device: torch.device) -> int:
