@@ -2,7 +2,7 @@
 
 The interpreter checks what the kernels compute; this checks that the real compiler accepts
 them (types, loop-carried values, constexpr branches). Runs kernels_aot_check.py in a fresh
-process because the test session has the interpreter switched on.
+process because the test run has the interpreter switched on.
 
 Run: python -m pytest -q tests/triton_kernels/test_kernels_aot_compile.py
 """
