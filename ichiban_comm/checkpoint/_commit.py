@@ -117,6 +117,6 @@ def merge_fragments(fragments: list[dict], header: dict) -> dict:
 def _commit_files(root, step, tmp, fragments, header, keep_last) -> str:
     manifest = merge_fragments(fragments, header)
     layout.write_manifest(tmp, manifest)
-    path = layout.commit(root, step, tmp)
+    path = layout.commit(root, step)
     layout.prune(root, keep_last)
     return path

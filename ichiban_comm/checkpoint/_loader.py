@@ -64,11 +64,9 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def _local_region(target, shape):
     """(offsets, shape) of the part of a saved tensor that target holds on this rank."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        DTensor = ()
-    if isinstance(target, DTensor):
+    from ._plan import _is_dtensor
+
+    if _is_dtensor(target):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         lshape, offsets = compute_local_shape_and_global_offset(target.shape, target.device_mesh,

@@ -10,6 +10,7 @@ spread over the ranks by size.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -58,11 +59,9 @@ def _plane_width(dtype: torch.dtype) -> int:
 
 
 def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
+    # No DTensor exists unless its module was imported; importing it here costs seconds.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _check_tensor(path: str, t: torch.Tensor) -> None:

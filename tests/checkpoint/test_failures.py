@@ -106,7 +106,7 @@ def test_truncated_file_and_missing_file(tmp_path):
     fname = _first_chunk(root, 3, "model.w")[0]
     os.truncate(os.path.join(d, fname), os.path.getsize(os.path.join(d, fname)) - 100)
     ck = AsyncCheckpointer(root)
-    with pytest.raises(CheckpointCorruptError, match=rf"step 3: file {fname}: tensor '.*': .*truncated"):
+    with pytest.raises(CheckpointCorruptError, match=rf"step 3: file {fname}: tensor '.*' chunk \d+: .*truncated"):
         ck.load()
     d2 = layout.step_dir(root, 2)
     os.unlink(os.path.join(d2, _first_chunk(root, 2, "model.w")[0]))
@@ -169,33 +169,48 @@ def test_background_write_error_surfaces_and_partial_step_removed(tmp_path):
     assert torch.equal(ck.load()["w"], small["w"])
 
 
-_NOBODY = """
-import sys, torch
-from ichiban_comm.checkpoint import AsyncCheckpointer
-ck = AsyncCheckpointer(sys.argv[1])
+_NO_DAC = """
+import os, sys, torch
+from ichiban_comm.checkpoint import AsyncCheckpointer, CheckpointError
+from ichiban_comm.checkpoint import _layout as layout
+root = sys.argv[1]
+ck = AsyncCheckpointer(root)
+tmp = layout.tmp_dir(root, 2)
+os.makedirs(tmp)
+os.chmod(tmp, 0o555)                  # files cannot be created: fails on the writer threads
+h = ck.save(2, {"w": torch.randn(10)})
 try:
-    ck.save(2, {"w": torch.randn(10)})
+    h.wait()
+except CheckpointError as e:
+    print("BACKGROUND", e)
+print("TMP_LEFT", os.path.exists(tmp))
+os.chmod(root, 0o555)                 # the step directory itself cannot be created
+try:
+    ck.save(3, {"w": torch.randn(10)})
 except PermissionError as e:
-    print("PERMISSION", e)
+    print("AT_CALL", e)
+os.chmod(root, 0o755)
+print("STEPS", ck.steps())
 print("LOADED", repr(ck.load()["w"].tolist()))
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
 def test_permission_denied_is_a_clear_error(tmp_path):
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE (root ignores permissions)")
     root = tmp_path / "ck"
     w = torch.randn(10)
     with AsyncCheckpointer(root) as ck:
         ck.save(1, {"w": w}).wait()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(root, 0o755)               # owned by root: another user cannot create a step dir
-    for d in (layout.step_dir(str(root), 1),):
-        os.chmod(d, 0o755)
-    out = subprocess.run([sys.executable, "-c", _NOBODY, str(root)], capture_output=True, text=True,
-                         timeout=120, preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)),
-                         env=dict(os.environ, HOME="/tmp"))
-    if "No module named" in out.stderr or "Permission denied: '/work" in out.stderr:
-        pytest.skip("the package is not readable by the unprivileged user on this machine")
+    caps = "-dac_override,-dac_read_search"
+    out = subprocess.run([setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", sys.executable, "-c",
+                          _NO_DAC, str(root)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "PERMISSION" in out.stdout and "step_000000000002.tmp" in out.stdout
+    assert "BACKGROUND checkpoint step 2 failed" in out.stdout and "Permission denied" in out.stdout, out.stdout
+    assert "TMP_LEFT False" in out.stdout
+    assert "AT_CALL" in out.stdout and "step_000000000003.tmp" in out.stdout
+    assert "STEPS [1]" in out.stdout
     assert "LOADED " + repr(w.tolist()) in out.stdout
