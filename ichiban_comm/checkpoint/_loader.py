@@ -22,8 +22,9 @@ from .errors import CheckpointCorruptError
 
 
 class _ReadBatch:
-    def __init__(self, step: int, directory: str):
+    def __init__(self, step, directory: str, what: str | None = None):
         self.step, self.dir = step, directory
+        self.what = what or f"checkpoint step {step}"
         self.specs: list[tuple] = []
         self.dsts: list[torch.Tensor] = []
         self.labels: dict[str, tuple[str, str]] = {}
@@ -34,14 +35,14 @@ class _ReadBatch:
         self.dsts.append(dst)
         off = 0
         for k, (fname, foff, stored, raw, crc, codec, planes) in enumerate(chunks):
-            label = f"checkpoint step {self.step}: file {fname}: tensor {tensor_name!r} chunk {k}"
+            label = f"{self.what}: file {fname}: tensor {tensor_name!r} chunk {k}"
             self.labels[label] = (fname, tensor_name)
             self.specs.append((os.path.join(self.dir, fname), int(foff), int(stored), int(raw), int(crc),
                                int(codec), int(planes), idx, off, label))
             off += int(raw)
         if off != expected or dst.numel() != expected:
             raise CheckpointCorruptError(
-                f"checkpoint step {self.step}: file {layout.MANIFEST}: tensor {tensor_name!r} has chunks "
+                f"{self.what}: file {layout.MANIFEST}: tensor {tensor_name!r} has chunks "
                 f"of {off} bytes in all but needs {expected}", step=self.step, file=layout.MANIFEST,
                 tensor=tensor_name)
 
@@ -55,7 +56,7 @@ class _ReadBatch:
             for label, (fname, tname) in self.labels.items():
                 if msg.startswith(label + ":"):
                     raise CheckpointCorruptError(msg, step=self.step, file=fname, tensor=tname) from None
-            raise CheckpointCorruptError(f"checkpoint step {self.step}: {msg}", step=self.step) from None
+            raise CheckpointCorruptError(f"{self.what}: {msg}", step=self.step) from None
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:

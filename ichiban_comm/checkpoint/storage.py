@@ -154,7 +154,7 @@ class StorageReader(_DcpReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        batch = _ReadBatch("dcp", self.path)
+        batch = _ReadBatch(None, self.path, what=f"checkpoint {self.path}")
         bufs: dict = {}
         for item in plan.items:
             key = item.storage_index
