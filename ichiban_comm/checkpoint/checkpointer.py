@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import threading
 import time
@@ -104,7 +105,11 @@ class AsyncCheckpointer:
         self._group = CommitGroup(process_group, commit_timeout_s)
         self._pool = StagingPool()
         self._inflight: SaveHandle | None = None
-        self._thread: threading.Thread | None = None
+        # One long-lived thread runs every save's tail (wait for the writers, commit): starting a
+        # thread per save would put its start-up latency on the caller.
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._background, name="ichiban-ckpt-commit", daemon=True)
+        self._thread.start()
         self._pending_error: BaseException | None = None
         self._closed = False
         if self._group.rank == 0:
@@ -144,15 +149,15 @@ class AsyncCheckpointer:
             last = None
             if waves:
                 self._pool.copy_in(waves[-1])
-                last = (waves[-1], self._start_job(tmp, len(waves) - 1, waves[-1], pool, plan))
+                # The background thread starts the writers: spawning them here would let them
+                # compete with the caller before save() has returned.
+                last = (len(waves) - 1, waves[-1], pool)
         except BaseException:
             self._discard(tmp)
             raise
-        handle.blocking_s = time.perf_counter() - t0
         self._inflight = handle
-        self._thread = threading.Thread(target=self._persist, name=f"ichiban-ckpt-{step}", daemon=True,
-                                        args=(handle, plan, tree, tmp, records, last, t0))
-        self._thread.start()
+        self._work.put((handle, plan, tree, tmp, records, last, t0))
+        handle.blocking_s = time.perf_counter() - t0
         return handle
 
     def _start_job(self, tmp, wave_index, wave, pool, plan):
@@ -161,12 +166,21 @@ class AsyncCheckpointer:
         blobs = [(p.pool_offset, p.nbytes, plan.blobs[p.blob].plane_width) for p in wave]
         return _C.checkpoint.WriteJob(pool, blobs, paths, self.chunk_bytes, self.codec, self.level)
 
+    def _background(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            self._persist(*item)
+
     def _persist(self, handle, plan, tree, tmp, records, last, t0):
         fragment, local_error = None, None
         try:
             if last is not None:
-                last[1].wait()  # GIL released while the writer threads finish
-                records.append(last)
+                index, wave, pool = last
+                job = self._start_job(tmp, index, wave, pool, plan)
+                job.wait()  # GIL released while the writer threads finish
+                records.append((wave, job))
             _attach_chunks(plan, records, self._group.rank, self.writer_threads)
             handle.bytes_written = sum(j.bytes_stored() for _, j in records)
             fragment = {"entries": plan.entries, "storages": plan.storages, "tree": tree}
@@ -192,10 +206,10 @@ class AsyncCheckpointer:
                 "torch": torch.__version__}
 
     def _finish_inflight(self) -> None:
-        h, th = self._inflight, self._thread
-        if th is not None:
-            th.join()
-        self._inflight, self._thread = None, None
+        h = self._inflight
+        if h is not None:
+            h._done.wait()
+        self._inflight = None
         if h is not None and h.error is not None and not h._reported:
             self._pending_error = h.error
             self._pending_step = h.step
@@ -225,6 +239,8 @@ class AsyncCheckpointer:
             self._raise_pending()
         finally:
             self._closed = True
+            self._work.put(None)
+            self._thread.join()
             self._pool.release()
             self._group.close()
 
