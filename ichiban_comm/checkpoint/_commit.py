@@ -91,9 +91,9 @@ def merge_fragments(fragments: list[dict], header: dict) -> dict:
     tree_text = json.dumps(base["tree"], sort_keys=True)
     for r, f in enumerate(fragments[1:], start=1):
         if json.dumps(f["tree"], sort_keys=True) != tree_text:
-            raise CheckpointError(f"rank {r} saved a state with a different structure than rank 0; "
-                                  f"every rank must save the same keys (rank-specific values belong "
-                                  f"in DTensors or in keys present on every rank)")
+            raise CheckpointError(f"rank {r} saved a state whose keys or plain values differ from rank "
+                                  f"0's; values that differ between ranks belong in save(rank_state=...) "
+                                  f"(or in DTensors)")
     entries = []
     for i, e0 in enumerate(base["entries"]):
         e = {k: v for k, v in e0.items() if k != "shards"}
@@ -111,7 +111,10 @@ def merge_fragments(fragments: list[dict], header: dict) -> dict:
         if len(written) != 1:
             raise CheckpointError(f"shared storage {sid} was written by {len(written)} ranks, expected 1")
         storages.append(written[0])
-    return dict(header, tree=base["tree"], tensors=entries, storages=storages)
+    manifest = dict(header, tree=base["tree"], tensors=entries, storages=storages)
+    if any(f.get("rank") is not None for f in fragments):
+        manifest["ranks"] = [f.get("rank") for f in fragments]
+    return manifest
 
 
 def _commit_files(root, step, tmp, fragments, header, keep_last) -> str:

@@ -92,7 +92,22 @@ def _narrow(t, start, lo, hi):
 
 def load_step(root: str, step: int, into=None):
     manifest = layout.read_manifest(root, step)
-    directory = layout.step_dir(root, step)
+    return load_tree(step, layout.step_dir(root, step), manifest, into)
+
+
+def load_rank_step(root: str, step: int, rank: int):
+    """The rank-local state that `rank` saved with the step (None when it saved none)."""
+    manifest = layout.read_manifest(root, step)
+    ranks = manifest.get("ranks") or []
+    if not 0 <= rank < manifest["world_size"]:
+        raise ValueError(f"rank must be in [0, {manifest['world_size']}) for checkpoint step {step} "
+                         f"(saved by {manifest['world_size']} ranks), got {rank}")
+    part = ranks[rank] if rank < len(ranks) else None
+    return None if part is None else load_tree(step, layout.step_dir(root, step), part, None)
+
+
+def load_tree(step: int, directory: str, manifest: dict, into=None):
+    """Rebuild manifest["tree"] from manifest["tensors"] / manifest["storages"]."""
     entries, storages = manifest["tensors"], manifest["storages"]
     targets: dict[str, torch.Tensor] = {}
     if into is not None:

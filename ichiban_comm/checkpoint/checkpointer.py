@@ -14,7 +14,7 @@ import torch
 from .._native import _C
 from . import _layout as layout
 from ._commit import CommitGroup
-from ._loader import load_step
+from ._loader import load_rank_step, load_step
 from ._plan import build_plan, split_pieces, staging_bytes
 from ._stager import StagingPool
 from ._tree import flatten
@@ -122,16 +122,27 @@ class AsyncCheckpointer:
     def rank(self) -> int:
         return self._group.rank
 
-    def save(self, step: int, state) -> SaveHandle:
-        """Snapshot state into the staging pool and persist it in the background."""
+    def save(self, step: int, state, *, rank_state=None) -> SaveHandle:
+        """Snapshot state into the staging pool and persist it in the background.
+
+        In a distributed save, ``state`` must have the same keys and plain values on every rank:
+        DTensors are saved by shard, plain tensors as replicated (written once). What differs
+        between ranks (a data loader's position, a per-rank RNG) goes in ``rank_state``, saved
+        per rank and read back with ``load_rank_state()``.
+        """
         t0 = time.perf_counter()
         self._check_open()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         tree, leaves = flatten(state)  # refuses unsupported objects before anything else happens
+        rank_part = flatten(rank_state) if rank_state is not None else None
         self._finish_inflight()
         self._raise_pending()
         plan = build_plan(leaves, self._group.rank, self._group.world)
+        rank_plan = None
+        if rank_part is not None:
+            rank_plan = build_plan(rank_part[1], 0, 1)   # everything in it is this rank's own
+            plan.blobs.extend(rank_plan.blobs)
         need = staging_bytes(plan)
         budget = min(need, self.budget) if self.budget is not None else need
         pool = self._pool.reserve(budget)
@@ -156,7 +167,9 @@ class AsyncCheckpointer:
             self._discard(tmp)
             raise
         self._inflight = handle
-        self._work.put((handle, plan, tree, tmp, records, last, t0))
+        rank_fragment = None if rank_plan is None else {
+            "tree": rank_part[0], "tensors": rank_plan.entries, "storages": rank_plan.storages}
+        self._work.put((handle, plan, tree, rank_fragment, tmp, records, last, t0))
         handle.blocking_s = time.perf_counter() - t0
         return handle
 
@@ -173,7 +186,7 @@ class AsyncCheckpointer:
                 return
             self._persist(*item)
 
-    def _persist(self, handle, plan, tree, tmp, records, last, t0):
+    def _persist(self, handle, plan, tree, rank_fragment, tmp, records, last, t0):
         fragment, local_error = None, None
         try:
             if last is not None:
@@ -183,7 +196,8 @@ class AsyncCheckpointer:
                 records.append((wave, job))
             _attach_chunks(plan, records, self._group.rank, self.writer_threads)
             handle.bytes_written = sum(j.bytes_stored() for _, j in records)
-            fragment = {"entries": plan.entries, "storages": plan.storages, "tree": tree}
+            fragment = {"entries": plan.entries, "storages": plan.storages, "tree": tree,
+                        "rank": rank_fragment}
         except BaseException as e:  # noqa: BLE001 - every rank must still take part in the commit
             local_error = e
         try:
@@ -258,6 +272,17 @@ class AsyncCheckpointer:
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
         return layout.committed_steps(self.root)
+
+    def load_rank_state(self, step: int | None = None, rank: int | None = None):
+        """The rank_state that ``rank`` (default: this rank) passed to save() at step (default:
+        the newest committed step); None when it passed none."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no committed checkpoint in {self.root}")
+        elif step not in self.steps():
+            raise CheckpointError(f"no committed checkpoint for step {step} in {self.root}")
+        return load_rank_step(self.root, step, self._group.rank if rank is None else rank)
 
     def latest_step(self) -> int | None:
         s = self.steps()

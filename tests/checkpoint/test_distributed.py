@@ -61,7 +61,8 @@ def _dstate(world, fill=None):
 
 def _save_body(rank, world, root):
     ck = AsyncCheckpointer(root, writer_threads=2, chunk_bytes=4096, commit_timeout_s=30)
-    path = ck.save(7, _dstate(world)).wait()
+    rank_state = {"loader": {"position": 100 + rank}, "rng": torch.full((3,), float(rank) + 0.5)}
+    path = ck.save(7, _dstate(world), rank_state=rank_state).wait()
     ck.close()
     mine = [f for f in os.listdir(path) if f.startswith(f"r{rank}_")]
     return path, sum(os.path.getsize(os.path.join(path, f)) for f in mine)
@@ -97,13 +98,19 @@ def test_four_ranks_write_their_shards_once(saved_by_four):
     assert len(by["model.dp_tp"]["shards"]) == 2           # 2 tp shards, dp copies written once
     assert len(by["plain"]["shards"]) == 1
     total = sum(n for _, n in results)
-    expect = sum(global_tensor(n).numel() * global_tensor(n).element_size() for n in SPECS) + 2 * 20 * 8
+    expect = sum(global_tensor(n).numel() * global_tensor(n).element_size() for n in SPECS) + 2 * 20 * 8 + 4 * 3 * 4  # + rank_state rng
     assert total == expect
 
 
 def test_load_saved_by_four_in_one_process(saved_by_four):
     root, _ = saved_by_four
-    out = AsyncCheckpointer(root).load()
+    ck = AsyncCheckpointer(root)
+    for r in range(4):
+        rs = ck.load_rank_state(rank=r)
+        assert rs["loader"] == {"position": 100 + r} and torch.equal(rs["rng"], torch.full((3,), r + 0.5))
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 4\)"):
+        ck.load_rank_state(rank=4)
+    out = ck.load()
     for name in SPECS:
         assert bits_equal(out["model"][name], global_tensor(name)), name
     assert out["step"] == 7
@@ -119,6 +126,12 @@ def _failing_rank_body(rank, world, root):
     ck = AsyncCheckpointer(root, writer_threads=1, chunk_bytes=65536, commit_timeout_s=30)
     state = {"w": torch.randn(256, 256), "r": torch.randn(256, 256)}
     ck.save(1, {"ok": torch.ones(3) * 2}).wait()
+    try:
+        ck.save(2, {"lr": 0.1 * (rank + 1)}).wait()   # plain values that differ between ranks
+        mismatch = "committed"
+    except CheckpointError as e:
+        mismatch = str(e)
+    assert "differ from rank 0's" in mismatch and "rank_state" in mismatch, mismatch
     if rank == 1:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))

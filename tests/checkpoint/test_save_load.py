@@ -163,3 +163,15 @@ def test_stale_tmp_swept_on_start(tmp_path):
     os.makedirs(tmp_path / "step_000000000003.del")
     AsyncCheckpointer(tmp_path).close()
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_rank_state_single_process(tmp_path):
+    g = torch.randn(4)
+    with AsyncCheckpointer(tmp_path) as ck:
+        ck.save(1, {"w": torch.randn(3)}).wait()
+        ck.save(2, {"w": torch.randn(3)}, rank_state={"pos": 5, "g": g}).wait()
+        assert ck.load_rank_state(step=1) is None
+        rs = ck.load_rank_state()
+        assert rs["pos"] == 5 and bits_equal(rs["g"], g)
+        with pytest.raises(CheckpointError, match="no committed checkpoint for step 9"):
+            ck.load_rank_state(step=9)
