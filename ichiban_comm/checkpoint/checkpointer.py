@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import shutil
 import threading
 import time
 import warnings
+import weakref
 
 import torch
 
@@ -50,6 +52,20 @@ class SaveHandle:
         if self.error is not None:
             raise CheckpointError(f"checkpoint step {self.step} failed: {self.error}") from self.error
         return self.path
+
+
+_LIVE: "weakref.WeakSet[AsyncCheckpointer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_saves_at_exit() -> None:
+    """A save in flight when the interpreter exits is finished, not silently dropped."""
+    for ck in list(_LIVE):
+        h = ck._inflight
+        if h is not None and not h.done():
+            h._done.wait()
+            if h.error is not None:
+                warnings.warn(f"checkpoint step {h.step} failed at exit: {h.error}", RuntimeWarning)
 
 
 class AsyncCheckpointer:
@@ -110,6 +126,7 @@ class AsyncCheckpointer:
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._background, name="ichiban-ckpt-commit", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
         self._pending_error: BaseException | None = None
         self._closed = False
         if self._group.rank == 0:

@@ -175,3 +175,17 @@ def test_rank_state_single_process(tmp_path):
         assert rs["pos"] == 5 and bits_equal(rs["g"], g)
         with pytest.raises(CheckpointError, match="no committed checkpoint for step 9"):
             ck.load_rank_state(step=9)
+
+
+def test_save_in_flight_at_exit_is_finished(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom ichiban_comm.checkpoint import AsyncCheckpointer\n"
+            "ck = AsyncCheckpointer(sys.argv[1])\n"
+            "ck.save(3, {'w': torch.arange(1 << 20, dtype=torch.float32)})\n")   # no wait, no close
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    with AsyncCheckpointer(tmp_path) as ck:
+        assert ck.latest_step() == 3
+        assert torch.equal(ck.load()["w"], torch.arange(1 << 20, dtype=torch.float32))
