@@ -23,8 +23,11 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def transformer_state(total_bytes: int, d: int = 1024, seed: int = 0):
@@ -156,12 +159,22 @@ def bench_dcp(state, directory):
     out["async_blocking_s"] = time.perf_counter() - t0
     fut.result()
     out["async_total_s"] = time.perf_counter() - t0
+    from ichiban_comm.checkpoint import StorageReader, StorageWriter
+
+    d3 = os.path.join(directory, "dcp_ichiban")
+    t0 = time.perf_counter()
+    dcp.save(state, storage_writer=StorageWriter(d3))
+    out["ichiban_writer_save_s"] = time.perf_counter() - t0
+    shutil.rmtree(d2)
     target = {"model": {k: torch.empty_like(v) for k, v in state["model"].items()},
               "optim": {g: {k: torch.empty_like(v) for k, v in grp.items()} for g, grp in state["optim"].items()},
               "step": 0}
     t0 = time.perf_counter()
     dcp.load(target, checkpoint_id=d1)
     out["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dcp.load(target, storage_reader=StorageReader(d3))
+    out["ichiban_reader_load_s"] = time.perf_counter() - t0
     return out
 
 
@@ -287,6 +300,8 @@ def print_table(r) -> None:
             ("dcp.async_save blocking", f"{d['async_blocking_s'] * 1e3:.0f} ms",
              f"ichiban steady is {ib['steady']['blocking_s'] / d['async_blocking_s']:.2f} x this"),
             ("dcp.async_save total", f"{d['async_total_s']:.2f} s", ""),
+            ("dcp.save with ichiban StorageWriter", f"{d['ichiban_writer_save_s']:.2f} s",
+             f"load with StorageReader {d['ichiban_reader_load_s']:.2f} s"),
         ]
     if "training" in r:
         t = r["training"]

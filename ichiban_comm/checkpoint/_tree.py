@@ -72,6 +72,14 @@ def _encode_plain(x, where: str):
     return None
 
 
+def _encode_key(k):
+    """A dict key: a plain value or a tuple of them (never a tensor)."""
+    if isinstance(k, tuple) and not hasattr(k, "_fields"):
+        parts = [_encode_key(x) for x in k]
+        return None if any(p is None for p in parts) else {"u": parts}
+    return _encode_plain(k, "")
+
+
 def _join(prefix: str, key) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
@@ -96,9 +104,7 @@ def flatten(state):
                 if isinstance(x, dict):
                     items = []
                     for k, v in x.items():
-                        kenc = _encode_plain(k, path)
-                        if kenc is None and isinstance(k, tuple):
-                            kenc = enc(k, _join(path, "<key>"))
+                        kenc = _encode_key(k)
                         if kenc is None:
                             raise TypeError(f"state[{path or '<root>'}] has a key of type "
                                             f"{type(k).__name__}; keys must be plain values ({SUPPORTED})")

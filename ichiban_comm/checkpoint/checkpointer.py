@@ -190,6 +190,15 @@ class AsyncCheckpointer:
         handle.blocking_s = time.perf_counter() - t0
         return handle
 
+    def reserve(self, state) -> int:
+        """Allocate (and prefault) the staging pool for a state like this one now, so the first
+        save() does not pay for it. Returns the pool size in bytes."""
+        self._check_open()
+        _, leaves = flatten(state)
+        need = staging_bytes(build_plan(leaves, self._group.rank, self._group.world))
+        self._finish_inflight()
+        return self._pool.reserve(min(need, self.budget) if self.budget is not None else need).numel()
+
     def _start_job(self, tmp, wave_index, wave, pool, plan):
         paths = [os.path.join(tmp, layout.chunk_file(self._group.rank, wave_index, k))
                  for k in range(self.writer_threads)]

@@ -71,8 +71,12 @@ def test_keep_last_prunes_after_commit_and_pool_is_reused(tmp_path):
 def test_staging_pool_allocated_once_and_reused(tmp_path):
     with AsyncCheckpointer(tmp_path) as ck:
         s = make_state(3)
-        ck.save(1, s).wait()
+        size = ck.reserve(s)
         buf = ck._pool.buffer
+        assert size == buf.numel() >= sum(t.numel() * t.element_size() for t in s["model"].values()
+                                          if t is not s["model"]["emb_tied"])
+        ck.save(1, s).wait()
+        assert ck._pool.buffer is buf
         ck.save(2, make_state(4)).wait()
         assert ck._pool.buffer is buf
 
@@ -135,6 +139,8 @@ def test_bad_arguments(tmp_path):
             ck.save(-1, {})
         with pytest.raises(TypeError, match="sparse"):
             ck.save(1, {"s": torch.eye(3).to_sparse()})
+        with pytest.raises(TypeError, match=r"state\[k\] has a key of type Tensor"):
+            ck.save(1, {"k": {torch.zeros(1): 1}})
         loop = {}
         loop["self"] = loop
         with pytest.raises(ValueError, match="contains itself"):
@@ -151,9 +157,10 @@ def test_bad_arguments(tmp_path):
 def test_plain_values_only_and_resave_same_step(tmp_path):
     with AsyncCheckpointer(tmp_path) as ck:
         ck.save(1, {"a": 1}).wait()
-        ck.save(1, {"a": 2, "t": torch.arange(5)}).wait()
+        ck.save(1, {"a": 2, "t": torch.arange(5), (1, "x"): {3.5: "f", None: 0}}).wait()
         out = ck.load(step=1)
     assert out["a"] == 2 and torch.equal(out["t"], torch.arange(5))
+    assert out[(1, "x")] == {3.5: "f", None: 0}
     assert layout.committed_steps(str(tmp_path)) == [1]
 
 
