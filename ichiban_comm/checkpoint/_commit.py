@@ -53,12 +53,12 @@ class CommitGroup:
                 pass
             self.pg = None
 
-    def commit(self, root, step, tmp, fragment, local_error, header, keep_last) -> str:
+    def commit(self, root, step, tmp, fragment, local_error, header) -> str:
         """Every rank calls this after writing its files; returns the step directory or raises."""
         if self.pg is None:
             if local_error is not None:
                 raise local_error
-            return _commit_files(root, step, tmp, [fragment], header, keep_last)
+            return _commit_files(root, step, tmp, [fragment], header)
         import torch.distributed as dist
 
         mine = ("error", f"rank {self.rank}: {local_error}") if local_error is not None else ("ok", fragment)
@@ -72,7 +72,7 @@ class CommitGroup:
                 else:
                     try:
                         result = ("ok", _commit_files(root, step, tmp, [g[1] for g in gathered],
-                                                      header, keep_last))
+                                                      header))
                     except Exception as e:  # noqa: BLE001 - every rank must hear about it
                         result = ("error", f"rank 0 commit: {e}")
             box = [result if self.rank == 0 else None]
@@ -117,9 +117,7 @@ def merge_fragments(fragments: list[dict], header: dict) -> dict:
     return manifest
 
 
-def _commit_files(root, step, tmp, fragments, header, keep_last) -> str:
+def _commit_files(root, step, tmp, fragments, header) -> str:
     manifest = merge_fragments(fragments, header)
     layout.write_manifest(tmp, manifest)
-    path = layout.commit(root, step)
-    layout.prune(root, keep_last)
-    return path
+    return layout.commit(root, step)

@@ -214,6 +214,10 @@ class AsyncCheckpointer:
 
     def _persist(self, handle, plan, tree, rank_fragment, tmp, records, last, t0):
         fragment, local_error = None, None
+        if self._group.rank == 0:
+            # Steps left unpruned by a process that died between a commit and its prune: trimmed
+            # to keep_last before this commit, so a directory never holds more than keep_last + 1.
+            self._prune_quietly()
         try:
             if last is not None:
                 index, wave, pool = last
@@ -228,12 +232,22 @@ class AsyncCheckpointer:
             local_error = e
         try:
             handle.path = self._group.commit(self.root, handle.step, tmp, fragment, local_error,
-                                             self.manifest_header(handle.step), self.keep_last)
+                                             self.manifest_header(handle.step))
         except BaseException as e:  # noqa: BLE001 - surfaced to the caller on wait/save/close
             handle.error = e
             self._discard(tmp)
         handle.total_s = time.perf_counter() - t0
         handle._done.set()
+        if handle.error is None and self._group.rank == 0:
+            # After the commit, off the handle's critical path; the next save's commit runs on
+            # this same thread, so it never overtakes the prune.
+            self._prune_quietly()
+
+    def _prune_quietly(self) -> None:
+        try:
+            layout.prune(self.root, self.keep_last)
+        except OSError as e:
+            warnings.warn(f"could not prune old checkpoints in {self.root}: {e}", RuntimeWarning)
 
     def _discard(self, tmp: str) -> None:
         if self._group.rank == 0 or self._group.world == 1:
