@@ -8,7 +8,8 @@ whose target is ``ignore_index`` give 0 and do not count in the mean.)
 With ``group``, ``logits`` is this rank's slice ``(N, V/tp)`` of the vocabulary (rank order) and
 ``target`` holds global ids. Each rank reduces its slice to four numbers per row — max, sum of
 exp, target logit (0 unless the target is in the slice) and, only with label smoothing, the row
-sum — and only those cross the group (one MAX and one SUM all-reduce of ``(N,)``/``(3, N)``).
+sum — and only those cross the group (one MAX all-reduce of ``(N,)``, one SUM all-reduce of
+``(2, N)``, ``(3, N)`` with label smoothing).
 The gradient of the slice is then local: ``softmax - onehot`` needs nothing more than the global
 ``lse``.
 
@@ -177,15 +178,19 @@ def row_grad(logits, target, lse, coef, vocab_start, vocab_total, smoothing, z_l
 
 
 # ----------------------------------------------------------------------------- shared row math
-def combine_stats(stats, group):
-    """(4, N) local stats -> global (lse, target logit, row sum), all (N,) float32."""
+def combine_stats(stats, group, smooth=True):
+    """(4, N) local stats -> global (lse, target logit, row sum), all (N,) float32.
+
+    The row sum crosses the group only when ``smooth`` (label smoothing needs it)."""
     m, s, xt, sx = stats
     if group is not None:
         gm = m.clone()
         dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=group)
-        rest = torch.stack([s * torch.exp(m - gm), xt, sx])  # (3, N)
+        parts = [s * torch.exp(m - gm), xt] + ([sx] if smooth else [])
+        rest = torch.stack(parts)  # (2 or 3, N)
         dist.all_reduce(rest, op=dist.ReduceOp.SUM, group=group)
-        m, (s, xt, sx) = gm, rest
+        m, s, xt = gm, rest[0], rest[1]
+        sx = rest[2] if smooth else sx
     return m + torch.log(s), xt, sx
 
 
@@ -250,7 +255,7 @@ class _CrossEntropyFn(torch.autograd.Function):
         valid = t != ignore_index
         assert_targets_in_range(t, valid, total)
         stats = row_stats(lg, t, start, smoothing > 0, triton_path)
-        lse, xt, sx = combine_stats(stats, group)
+        lse, xt, sx = combine_stats(stats, group, smoothing > 0)
         loss = row_loss(lse, xt, sx, valid, total, smoothing, z_loss)
         ctx.save_for_backward(lg, t, lse, valid)
         ctx.args = (start, total, smoothing, z_loss, reduction, triton_path, logits.shape)

@@ -113,7 +113,7 @@ class _FusedLinearCEFn(torch.autograd.Function):
                 hc = h2[sl]
                 lg = _logits(hc, weight, bias)  # (c, V/tp)
                 lse, xt, sx = combine_stats(row_stats(lg, t[sl], start, smoothing > 0,
-                                                      triton_path), group)
+                                                      triton_path), group, smoothing > 0)
                 loss[sl] = row_loss(lse, xt, sx, valid[sl], total, smoothing, z_loss)
                 dlg = row_grad(lg, t[sl], lse, coef[sl], start, total, smoothing, z_loss,
                                triton_path)
@@ -132,7 +132,7 @@ class _FusedLinearCEFn(torch.autograd.Function):
             stats[:, c0:c0 + chunk] = row_stats(lg, t[c0:c0 + chunk], start, smoothing > 0,
                                                 triton_path)
             del lg
-        lse, xt, sx = combine_stats(stats, group)  # one exchange for all chunks
+        lse, xt, sx = combine_stats(stats, group, smoothing > 0)  # one exchange, all chunks
         loss = row_loss(lse, xt, sx, valid, total, smoothing, z_loss)
         ctx.save_for_backward(h2, weight, bias, t, lse, valid)
         return _reduce(loss, valid, reduction, target.shape).to(hidden.dtype)

@@ -12,6 +12,10 @@ Modules are matched by type and structure, not by model name:
     by the fused ``rope`` (module-wide: every model of that family in the process is affected;
     ``unpatch_rotary()`` restores it)
   * ``model.loss_function`` (causal LM)                    -> the fused ``cross_entropy``
+  * opt-in ``fused_linear_loss=True``: the causal LM's ``forward`` (this instance only), when
+    called with ``labels``, feeds the last hidden states and ``lm_head.weight`` to
+    ``fused_linear_cross_entropy`` and returns ``logits=None`` — the ``(tokens, vocab)`` logits
+    are never built. Without ``labels`` it is the original forward.
 Parameters are shared, never copied: the state dict and any optimizer stay valid.
 """
 
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from .cross_entropy import cross_entropy
+from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .modules import FusedBiasGeLUMLP, FusedGatedMLP, LayerNorm, RMSNorm
 from .rope import rope
 
@@ -128,8 +133,7 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     """transformers' causal-LM loss contract (shift by one, mean or sum / num_items_in_batch)
     on the fused cross-entropy. Logits are upcast to float32 as transformers does."""
     if shift_labels is None:
-        labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
-        shift_labels = labels[..., 1:]
+        shift_labels = _shift_labels(labels, ignore_index)
     logits = logits.float().reshape(-1, vocab_size)  # (tokens, vocab)
     target = shift_labels.reshape(-1).to(logits.device)
     reduction = "sum" if num_items_in_batch is not None else "mean"
@@ -141,19 +145,65 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     return loss
 
 
+def _shift_labels(labels, ignore_index):
+    # (B, T) -> (B, T): position t is scored against token t + 1, the last one is ignored
+    return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _fused_linear_forward(model):
+    """A causal-LM forward that never builds the logits when given labels."""
+    original = model.forward
+    base = model.base_model
+    head = model.lm_head
+
+    def forward(*args, labels=None, **kwargs):
+        if labels is None or args or kwargs.get("return_dict") is False:
+            return original(*args, labels=labels, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        num_items = kwargs.pop("num_items_in_batch", None)
+        ignore_index = kwargs.pop("ignore_index", -100)
+        shift = kwargs.pop("shift_labels", None)
+        kwargs.pop("logits_to_keep", None)
+        out = base(**kwargs)
+        h = out.last_hidden_state  # (B, T, H)
+        target = shift if shift is not None else _shift_labels(labels, ignore_index)
+        loss = fused_linear_cross_entropy(
+            h, head.weight, target.to(h.device), bias=head.bias, ignore_index=ignore_index,
+            reduction="sum" if num_items is not None else "mean")
+        if num_items is not None:
+            loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+        return CausalLMOutputWithPast(loss=loss, logits=None,
+                                      past_key_values=getattr(out, "past_key_values", None),
+                                      hidden_states=getattr(out, "hidden_states", None),
+                                      attentions=getattr(out, "attentions", None))
+
+    forward.ichiban_original = original
+    return forward
+
+
 def patch_model(model: nn.Module, norms: bool = True, mlp: bool = True, rotary: bool = True,
-                loss: bool = True) -> dict:
+                loss: bool = True, fused_linear_loss: bool = False) -> dict:
     """Swap fusable parts of ``model`` in place; returns what was swapped, e.g.
     ``{"norms": 5, "mlp": 2, "rotary": ["transformers.models.llama.modeling_llama"],
-    "loss": True}``."""
-    report = {"norms": 0, "mlp": 0, "rotary": [], "loss": False}
+    "loss": True, "fused_linear_loss": False}``."""
+    report = {"norms": 0, "mlp": 0, "rotary": [], "loss": False, "fused_linear_loss": False}
     if norms:
         report["norms"] = _swap(model, _pick_norm)
     if mlp:
         report["mlp"] = _swap(model, _pick_mlp)
     if rotary:
         report["rotary"] = _patch_rotary(model)
-    if loss and hasattr(model, "loss_function") and hasattr(model, "lm_head"):
+    is_causal_lm = hasattr(model, "loss_function") and isinstance(
+        getattr(model, "lm_head", None), nn.Linear)
+    if loss and is_causal_lm:
         model.loss_function = causal_lm_loss
         report["loss"] = True
+    if fused_linear_loss:
+        if not is_causal_lm or getattr(model, "base_model", model) is model:
+            raise ValueError("fused_linear_loss=True needs a transformers causal LM (a model "
+                             "with a base model, an nn.Linear lm_head and loss_function)")
+        if not hasattr(model.forward, "ichiban_original"):
+            model.forward = _fused_linear_forward(model)
+        report["fused_linear_loss"] = True
     return report

@@ -77,6 +77,7 @@ def _apply(x, cos, sin, backward):
         _rope_kernel[(bsz * seq,)](
             x, y, cos, sin, seq, heads, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
             y.stride(1), y.stride(2), cos.stride(0), cos.stride(1), half, BACKWARD=backward,
+            # 16 heads x 64 pairs = 1024 values per loop step; more heads loop
             BLOCK_H=min(16, triton.next_power_of_2(heads)),
             BLOCK_D=max(16, triton.next_power_of_2(half)))
     return y

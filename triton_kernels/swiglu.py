@@ -1,13 +1,15 @@
 """SwiGLU gate: ``silu(gate) * up`` (the Llama-family MLP activation), forward and backward.
 
-The backward recomputes ``silu(gate)`` from the saved inputs instead of storing it.
+``gate`` and ``up`` are read through their row strides, so the two halves of a fused
+``gate_up`` projection (``gate_up(x).chunk(2, -1)``) are used in place, without a copy. The
+backward recomputes ``silu(gate)`` from the saved inputs instead of storing it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import (check_float, check_same, count_launch, custom_op, elementwise_block, flat,
+from ._dispatch import (check_float, check_same, col_block, count_launch, custom_op, rows_2d,
                         tl, triton, use_triton)
 
 __all__ = ["swiglu", "swiglu_reference"]
@@ -20,56 +22,67 @@ def swiglu_reference(gate, up):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G, U, Y, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
+def _swiglu_fwd_kernel(G, U, Y, cols, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
+    # grid: (rows, column blocks)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < cols
+    g = tl.load(G + row * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + c, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_bwd_kernel(DY, G, U, DG, DU, cols, stride_dy, stride_g, stride_u, stride_d,
+                       BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < cols
+    dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + row * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + c, mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
-    silu = g * s
     # d silu / dg = s * (1 + g * (1 - s))
-    tl.store(DG + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + offs, (dy * silu).to(DU.dtype.element_ty), mask=mask)
+    dg = dy * u * s * (1.0 + g * (1.0 - s))
+    tl.store(DG + row * stride_d + c, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * stride_d + c, (dy * g * s).to(DU.dtype.element_ty), mask=mask)
 
 
-@custom_op("swiglu_fwd", lambda gate, up: torch.empty_like(gate))
+def _out_like(x):
+    return x.new_empty(x.shape)  # (rows, cols), contiguous
+
+
+@custom_op("swiglu_fwd", lambda gate, up: _out_like(gate))
 def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    # gate, up: (n,) contiguous
-    y = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
+    # gate, up: (rows, cols) with unit column stride, any row stride -> (rows, cols) contiguous
+    rows, cols = gate.shape
+    y = _out_like(gate)
+    if y.numel():
         count_launch("swiglu_fwd")
-        block = elementwise_block(gate.device)
-        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, y, n, BLOCK=block)
+        block = col_block(gate.device, cols)
+        _swiglu_fwd_kernel[(rows, triton.cdiv(cols, block))](
+            gate, up, y, cols, gate.stride(0), up.stride(0), y.stride(0), BLOCK=block)
     return y
 
 
-@custom_op("swiglu_bwd", lambda dy, gate, up: (torch.empty_like(gate), torch.empty_like(up)))
+@custom_op("swiglu_bwd", lambda dy, gate, up: (_out_like(gate), _out_like(up)))
 def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dg, du = torch.empty_like(gate), torch.empty_like(up)
-    n = gate.numel()
-    if n:
+    rows, cols = gate.shape
+    dg, du = _out_like(gate), _out_like(up)
+    if dg.numel():
         count_launch("swiglu_bwd")
-        block = elementwise_block(gate.device)
-        _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dy, gate, up, dg, du, n, BLOCK=block)
+        block = col_block(gate.device, cols)
+        _swiglu_bwd_kernel[(rows, triton.cdiv(cols, block))](
+            dy, gate, up, dg, du, cols, dy.stride(0), gate.stride(0), up.stride(0), dg.stride(0),
+            BLOCK=block)
     return dg, du
 
 
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        g, u = flat(gate), flat(up)  # (n,)
+        g, u = rows_2d(gate), rows_2d(up)  # (rows, cols), views when the rows are strided
         ctx.save_for_backward(g, u)
         ctx.shape = gate.shape
         return torch.ops.ichiban_tk.swiglu_fwd(g, u).view(gate.shape)
@@ -77,7 +90,7 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
-        dg, du = torch.ops.ichiban_tk.swiglu_bwd(flat(dy), g, u)
+        dg, du = torch.ops.ichiban_tk.swiglu_bwd(rows_2d(dy), g, u)
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 
@@ -87,6 +100,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_same("up", up, "gate", gate)
     if up.dtype != gate.dtype:
         raise TypeError(f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
+    if gate.dim() == 0:
+        raise ValueError("gate must have at least one dimension, got a scalar")
     if not use_triton(gate):
         return swiglu_reference(gate, up)
     return _SwiGLUFn.apply(gate, up)

@@ -25,6 +25,14 @@ def noncontig(t: torch.Tensor) -> torch.Tensor:
     return u
 
 
+def row_strided(t: torch.Tensor) -> torch.Tensor:
+    """Same values as ``t``, unit last stride but rows twice as far apart (like one half of
+    ``gate_up(x).chunk(2, -1)``)."""
+    u = torch.cat([t, torch.zeros_like(t)], dim=-1)[..., :t.shape[-1]]
+    assert u.stride(-1) == 1 and (u.dim() < 2 or u.stride(-2) == 2 * t.shape[-1])
+    return u
+
+
 def assert_bound(what, ours, lowp, ref, dtype):
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     if ref.numel() == 0:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ichiban_comm.triton_kernels import geglu
 from ichiban_comm.triton_kernels.geglu import geglu_reference
-from kernels_testlib import DTYPES, noncontig, randn, run_case
+from kernels_testlib import DTYPES, noncontig, randn, row_strided, run_case
 
 LAUNCHES = ("geglu_fwd", "geglu_bwd")
 
@@ -41,3 +41,12 @@ def test_geglu_bad_arguments():
         geglu(torch.randn(3), torch.randn(3), approximate="sigmoid")
     with pytest.raises(ValueError, match="up must have the shape of gate"):
         geglu(torch.randn(3, 4), torch.randn(4, 3))
+
+
+def test_geglu_halves_of_a_fused_projection_and_zero_width():
+    # gate/up as gate_up(x).chunk(2, -1): row-strided views, read in place
+    g, u = randn(3, 5, 37, seed=20), randn(3, 5, 37, seed=21)
+    run_case(geglu, lambda g, u: F.gelu(g, approximate="tanh") * u,
+             geglu_reference, [g, u], torch.float32, grad=(0, 1), transform=row_strided,
+             launches=LAUNCHES)
+    assert geglu(torch.randn(3, 0), torch.randn(3, 0)).shape == (3, 0)

@@ -100,3 +100,35 @@ def test_unpatch_rotary_restores_the_original():
     assert mod.apply_rotary_pos_emb is not original
     unpatch_rotary()
     assert mod.apply_rotary_pos_emb is original
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2])
+def test_patch_model_fused_linear_loss_never_builds_logits(build):
+    torch.manual_seed(0)
+    model = build().float().eval()
+    patched = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 96, (2, 7), generator=gen)
+    labels = ids.clone()
+    labels[1, 3] = -100
+    try:
+        report = patch_model(patched, fused_linear_loss=True)
+        assert report["fused_linear_loss"] is True
+        out = patched(input_ids=ids, labels=labels)
+        assert out.logits is None
+        out.loss.backward()
+        got = {n: p.grad.clone() for n, p in patched.named_parameters() if p.grad is not None}
+        no_labels = patched(input_ids=ids)  # the original forward: logits, no loss
+        assert no_labels.logits.shape == (2, 7, 96) and no_labels.loss is None
+    finally:
+        unpatch_rotary()
+    _, want_loss, want = _run(model, ids, labels)
+    torch.testing.assert_close(out.loss.detach(), want_loss, rtol=1e-5, atol=1e-6)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_patch_model_fused_linear_loss_needs_a_causal_lm():
+    with pytest.raises(ValueError, match="needs a transformers causal LM"):
+        patch_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), fused_linear_loss=True)

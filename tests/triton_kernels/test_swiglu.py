@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ichiban_comm.triton_kernels import swiglu
 from ichiban_comm.triton_kernels.swiglu import swiglu_reference
-from kernels_testlib import DTYPES, noncontig, randn, run_case
+from kernels_testlib import DTYPES, noncontig, randn, row_strided, run_case
 
 LAUNCHES = ("swiglu_fwd", "swiglu_bwd")
 
@@ -42,3 +42,12 @@ def test_swiglu_bad_arguments():
         swiglu(torch.randn(3, 4), torch.randn(3, 4).half())
     with pytest.raises(TypeError, match="gate must be float16"):
         swiglu(torch.ones(3, dtype=torch.int64), torch.randn(3))
+
+
+def test_swiglu_halves_of_a_fused_projection_and_zero_width():
+    # gate/up as gate_up(x).chunk(2, -1): row-strided views, read in place
+    g, u = randn(3, 5, 37, seed=20), randn(3, 5, 37, seed=21)
+    run_case(swiglu, lambda g, u: F.silu(g) * u,
+             swiglu_reference, [g, u], torch.float32, grad=(0, 1), transform=row_strided,
+             launches=LAUNCHES)
+    assert swiglu(torch.randn(3, 0), torch.randn(3, 0)).shape == (3, 0)

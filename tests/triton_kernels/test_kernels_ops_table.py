@@ -1,7 +1,7 @@
 """FusedOps (the ops table the main job's model takes) matches the plain-torch formulas of the
 same contract, forward and backward, through the Triton interpreter.
 
-Run: python -m pytest -q tests/triton_kernels/test_ops_table.py
+Run: python -m pytest -q tests/triton_kernels/test_kernels_ops_table.py
 """
 
 import torch

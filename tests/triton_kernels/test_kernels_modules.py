@@ -1,6 +1,6 @@
 """RMSNorm / LayerNorm modules: state-dict compatible with torch.nn, same outputs.
 
-Run: python -m pytest -q tests/triton_kernels/test_modules.py
+Run: python -m pytest -q tests/triton_kernels/test_kernels_modules.py
 """
 
 import pytest

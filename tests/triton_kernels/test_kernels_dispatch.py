@@ -2,7 +2,7 @@
 interpreter runs the kernels, ICHIBAN_KERNELS=reference forces the reference, and importing
 the package needs no GPU or driver.
 
-Run: python -m pytest -q tests/triton_kernels/test_dispatch.py
+Run: python -m pytest -q tests/triton_kernels/test_kernels_dispatch.py
 """
 
 import os
