@@ -29,7 +29,11 @@ setup_venv() {
   if [ "$(cat "$VENV/.req-stamp" 2>/dev/null)" != "$req_hash" ]; then
     log "installing requirements-dev.txt into $VENV (torch 2.14.1 comes from local disk where it lies there)"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+    if ! "$VENV/bin/python" -m pip install -q -r requirements-dev.txt > "$VENV/pip.log" 2>&1; then
+      grep -v "^WARNING: Location" "$VENV/pip.log" | tail -30 >&2
+      log "installing requirements failed; the full log is $VENV/pip.log"
+      exit 1
+    fi
     echo "$req_hash" > "$VENV/.req-stamp"
   fi
   local src_hash
