@@ -47,7 +47,7 @@ setup_venv() {
       log "build failed; the full log is $VENV/build.log"
       exit 1
     fi
-    grep -E "^\[ichiban_comm setup\]" "$VENV/build.log" >&2 || true
+    grep -E "^ *\[ichiban_comm setup\]" "$VENV/build.log" | sed "s/^ *//" >&2 || true
     "$VENV/bin/python" -c "import ichiban_comm" || { log "the build finished but ichiban_comm does not import"; exit 1; }
     echo "$src_hash" > "$VENV/.build-stamp"
     log "built in $((SECONDS - t0)) s: $("$VENV/bin/python" -m ichiban_comm --version | sed -n 3p | xargs)"
