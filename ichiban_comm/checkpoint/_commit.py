@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import shutil
 
 from . import _layout as layout
 from .errors import CheckpointError
@@ -75,9 +76,15 @@ class CommitGroup:
                                                       header))
                     except Exception as e:  # noqa: BLE001 - every rank must hear about it
                         result = ("error", f"rank 0 commit: {e}")
+                if result[0] != "ok":
+                    # Removed before anyone hears of the failure: a rank that retries the same
+                    # step at once must not have its new files swept away.
+                    shutil.rmtree(tmp, ignore_errors=True)
             box = [result if self.rank == 0 else None]
             dist.broadcast_object_list(box, src=self.root_rank, group=self.pg)
         except Exception as e:  # a rank died or timed out
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint step {step}: commit coordination failed ({e})") from e
         status, payload = box[0]
         if status != "ok":

@@ -180,13 +180,19 @@ class AsyncCheckpointer:
                 # The background thread starts the writers: spawning them here would let them
                 # compete with the caller before save() has returned.
                 last = (len(waves) - 1, waves[-1], pool)
-        except BaseException:
+        except BaseException as e:
             self._discard(tmp)
+            if self._group.world > 1:
+                # The other ranks are (or will be) waiting in the commit: tell them now rather
+                # than letting them time out.
+                handle._reported = True
+                self._inflight = handle
+                self._work.put((handle, plan, tree, None, tmp, [], None, t0, e))
             raise
         self._inflight = handle
         rank_fragment = None if rank_plan is None else {
             "tree": rank_part[0], "tensors": rank_plan.entries, "storages": rank_plan.storages}
-        self._work.put((handle, plan, tree, rank_fragment, tmp, records, last, t0))
+        self._work.put((handle, plan, tree, rank_fragment, tmp, records, last, t0, None))
         handle.blocking_s = time.perf_counter() - t0
         return handle
 
@@ -212,13 +218,15 @@ class AsyncCheckpointer:
                 return
             self._persist(*item)
 
-    def _persist(self, handle, plan, tree, rank_fragment, tmp, records, last, t0):
-        fragment, local_error = None, None
+    def _persist(self, handle, plan, tree, rank_fragment, tmp, records, last, t0, failed=None):
+        fragment, local_error = None, failed
         if self._group.rank == 0:
             # Steps left unpruned by a process that died between a commit and its prune: trimmed
             # to keep_last before this commit, so a directory never holds more than keep_last + 1.
             self._prune_quietly()
         try:
+            if failed is not None:
+                raise failed
             if last is not None:
                 index, wave, pool = last
                 job = self._start_job(tmp, index, wave, pool, plan)
@@ -250,7 +258,9 @@ class AsyncCheckpointer:
             warnings.warn(f"could not prune old checkpoints in {self.root}: {e}", RuntimeWarning)
 
     def _discard(self, tmp: str) -> None:
-        if self._group.rank == 0 or self._group.world == 1:
+        # Distributed: rank 0 removes a failed step inside the commit protocol, before the other
+        # ranks learn of the failure (see CommitGroup.commit).
+        if self._group.world == 1:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def manifest_header(self, step: int) -> dict:
