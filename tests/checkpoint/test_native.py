@@ -131,3 +131,22 @@ def test_stage_copy_matches_reference():
         assert torch.equal(pool[o:o + n].view(t.dtype).view(t.shape), t)
     with pytest.raises(ValueError, match="pool of"):
         ck.stage_copy([a], pool, [(1 << 16) - 8])
+
+
+def test_staging_memory_is_not_inherited_by_fork():
+    import faulthandler
+    import signal
+
+    pool = ck.alloc_staging(1 << 20)
+    pool.fill_(7)
+    pid = os.fork()
+    if pid == 0:  # the child: the staging pages must not be mapped here
+        faulthandler.disable()
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        try:
+            ok = int(pool[12345]) == 7
+        finally:
+            os._exit(3 if ok else 4)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGSEGV, signal.SIGBUS), status
+    assert int(pool[12345]) == 7
