@@ -71,30 +71,29 @@ class StorageWriter(_DcpWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         prefix = plan.storage_data or "r0"
-        sources, infos = [], []
+        sources, infos, widths = [], [], []
         for item in plan.items:
             data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
                 raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
                 t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
                 infos.append({"kind": "bytes"})
+                widths.append(1)
             else:
                 t = data.detach()
                 if t.device.type != "cpu":
                     t = t.cpu()
+                if t.is_conj() or t.is_neg():
+                    t = t.resolve_conj().resolve_neg()
                 infos.append({"kind": "tensor", "dtype": str(t.dtype).removeprefix("torch."),
                               "shape": list(t.shape)})
-            sources.append(t)
-        sizes = [t.numel() * t.element_size() for t in sources]
-        offsets, total = [], 0
-        for n in sizes:
-            offsets.append(total)
-            total += -(-n // 64) * 64
-        pool = _C.checkpoint.alloc_staging(max(64, total))
-        _C.checkpoint.stage_copy(sources, pool, offsets)
-        widths = [t.element_size() if info["kind"] == "tensor" else 1 for t, info in zip(sources, infos)]
+                widths.append(t.element_size())
+            # Written in place from the tensor's memory: DCP has already staged it (async_save)
+            # or the caller is waiting (save); only strided tensors are packed first.
+            sources.append(t.contiguous().reshape(-1).view(torch.uint8))
+        sizes = [t.numel() for t in sources]
         names = [f"{prefix}_w{k}.bin" for k in range(self.threads)]
-        job = _C.checkpoint.WriteJob(pool, [(o, n, w) for o, n, w in zip(offsets, sizes, widths)],
+        job = _C.checkpoint.WriteJob(sources, [(i, 0, n, w) for i, (n, w) in enumerate(zip(sizes, widths))],
                                      [os.path.join(self.path, n) for n in names], self.chunk_bytes,
                                      self.codec, self.level)
         job.wait()
