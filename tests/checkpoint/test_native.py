@@ -150,3 +150,18 @@ def test_staging_memory_is_not_inherited_by_fork():
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGSEGV, signal.SIGBUS), status
     assert int(pool[12345]) == 7
+
+
+def test_write_job_several_sources(tmp_path):
+    a = torch.randint(0, 256, (10000,), dtype=torch.uint8)
+    b = torch.randn(3000).view(torch.uint8).clone()
+    paths = [str(tmp_path / f"w{k}.bin") for k in range(2)]
+    job = ck.WriteJob([a, b], [(1, 0, b.numel(), 4), (0, 100, 9000, 1)], paths, 4096, 0, 1)
+    job.wait()
+    outs = [torch.empty(b.numel(), dtype=torch.uint8), torch.empty(9000, dtype=torch.uint8)]
+    specs = [(paths[f], foff, stored, rl, crc, c, pl, blob, roff, f"blob {blob}")
+             for (blob, i, roff, rl, f, foff, stored, crc, c, pl) in job.records()]
+    ck.read_chunks(specs, outs)
+    assert torch.equal(outs[0], b) and torch.equal(outs[1], a[100:9100])
+    with pytest.raises(ValueError, match="names source 2 of 2"):
+        ck.WriteJob([a, b], [(2, 0, 8, 1)], paths, 4096, 0, 1)
