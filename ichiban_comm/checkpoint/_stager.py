@@ -58,11 +58,11 @@ class StagingPool:
             stream = self._stream
             # The side stream first waits for the work that produced the tensors.
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), torch.no_grad():
                 for p in gpu:
                     src = p.source
                     dst = buf[p.pool_offset:p.pool_offset + p.nbytes].view(src.dtype).view(src.shape)
-                    dst.copy_(src, non_blocking=True)
+                    dst.copy_(src.detach(), non_blocking=True)
             event = stream.record_event()
         if cpu:
             _C.checkpoint.stage_copy([_resolved(p.source) for p in cpu], buf, [p.pool_offset for p in cpu])
