@@ -65,6 +65,7 @@ class WriteJob {
   std::vector<std::string> paths_;
   int codec_;
   int level_;
+  int nice_ = 0;  // ICHIBAN_CKPT_WRITER_NICE: niceness of the writer threads (default 10)
   std::vector<ChunkRecord> records_;  // one per chunk, filled by whichever thread wrote it
   std::atomic<int64_t> next_{0};
   std::atomic<int64_t> bytes_stored_{0};

@@ -165,3 +165,10 @@ def test_write_job_several_sources(tmp_path):
     assert torch.equal(outs[0], b) and torch.equal(outs[1], a[100:9100])
     with pytest.raises(ValueError, match="names source 2 of 2"):
         ck.WriteJob([a, b], [(2, 0, 8, 1)], paths, 4096, 0, 1)
+
+
+def test_writer_nice_env_is_validated(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICHIBAN_CKPT_WRITER_NICE", "low")
+    pool = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="ICHIBAN_CKPT_WRITER_NICE='low' is not an integer"):
+        ck.WriteJob(pool, [(0, 4096, 1)], [str(tmp_path / "a")], 4096, 0, 1)
