@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import queue
 import shutil
@@ -147,6 +148,17 @@ class AsyncCheckpointer:
         between ranks (a data loader's position, a per-rank RNG) goes in ``rank_state``, saved
         per rank and read back with ``load_rank_state()``.
         """
+        # The cyclic GC is paused while save() walks the state: a collection triggered by the
+        # many small objects it creates would otherwise scan the whole heap on the caller's time.
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return self._save(step, state, rank_state)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _save(self, step: int, state, rank_state) -> SaveHandle:
         t0 = time.perf_counter()
         self._check_open()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
