@@ -247,7 +247,7 @@ class AsyncCheckpointer:
             _attach_chunks(plan, records, self._group.rank, self.writer_threads)
             handle.bytes_written = sum(j.bytes_stored() for _, j in records)
             fragment = {"entries": plan.entries, "storages": plan.storages, "tree": tree,
-                        "rank": rank_fragment}
+                        "rank": rank_fragment, "step": handle.step}
         except BaseException as e:  # noqa: BLE001 - every rank must still take part in the commit
             local_error = e
         try:
