@@ -130,6 +130,7 @@ class AsyncCheckpointer:
         _LIVE.add(self)
         self._pending_error: BaseException | None = None
         self._closed = False
+        self._pid = os.getpid()
         if self._group.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             layout.sweep_stale(self.root)
@@ -329,6 +330,10 @@ class AsyncCheckpointer:
     def _check_open(self):
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
+        if os.getpid() != self._pid:
+            # Its staging memory is not mapped in a forked child and its threads did not follow.
+            raise CheckpointError(f"this AsyncCheckpointer was created in process {self._pid}; "
+                                  f"create a new one in process {os.getpid()}")
 
     # ------------------------------------------------------------------ load
     def steps(self) -> list[int]:

@@ -196,3 +196,22 @@ def test_save_in_flight_at_exit_is_finished(tmp_path):
     with AsyncCheckpointer(tmp_path) as ck:
         assert ck.latest_step() == 3
         assert torch.equal(ck.load()["w"], torch.arange(1 << 20, dtype=torch.float32))
+
+
+def test_save_in_forked_child_is_refused(tmp_path):
+    ck = AsyncCheckpointer(tmp_path)
+    ck.reserve({"w": torch.randn(10)})
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ck.save(1, {"w": torch.randn(10)})
+            code = 3
+        except CheckpointError as e:
+            code = 0 if "create a new one in process" in str(e) else 4
+        except BaseException:  # noqa: BLE001
+            code = 5
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    ck.save(1, {"w": torch.randn(10)}).wait()
+    ck.close()
