@@ -81,11 +81,12 @@ def test_staging_pool_allocated_once_and_reused(tmp_path):
         assert ck._pool.buffer is buf
 
 
-@pytest.mark.parametrize("budget", [4096, 20000])
-def test_waves_when_state_exceeds_budget(tmp_path, budget):
+@pytest.mark.parametrize("budget,compression", [(4096, None), (20000, None), (8192, "zstd")])
+def test_waves_when_state_exceeds_budget(tmp_path, budget, compression):
     state = make_state(7, scale=3)
     state["big_view"] = torch.randn(96, 80).t()        # non-contiguous, larger than the budget
-    with AsyncCheckpointer(tmp_path, staging_budget_bytes=budget, chunk_bytes=4096, writer_threads=2) as ck:
+    with AsyncCheckpointer(tmp_path, staging_budget_bytes=budget, chunk_bytes=4096, writer_threads=2,
+                           compression=compression) as ck:
         ck.save(3, state).wait()
         assert ck._pool.nbytes <= budget
         files = os.listdir(layout.step_dir(str(tmp_path), 3))
