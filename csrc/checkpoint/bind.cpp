@@ -17,7 +17,8 @@ namespace ichiban {
 
 namespace {
 
-using BlobTuple = std::tuple<int64_t, int64_t, int>;
+// (offset, length, plane_width) into source 0, or (source, offset, length, plane_width)
+using BlobTuple = std::vector<int64_t>;
 // (path, file_offset, stored_length, raw_length, crc, codec, planes, dst_index, dst_offset, label)
 using ReadTuple = std::tuple<std::string, int64_t, int64_t, int64_t, uint32_t, int, int, int64_t,
                              int64_t, std::string>;
@@ -79,21 +80,33 @@ void bind_checkpoint(py::module_& m) {
         "raw_length, crc, codec, planes, dst_index, dst_offset, label).");
 
   py::class_<WriteJob>(m, "WriteJob")
-      .def(py::init([](at::Tensor source, const std::vector<BlobTuple>& blobs,
+      .def(py::init([](py::object source, const std::vector<BlobTuple>& blobs,
                        std::vector<std::string> paths, int64_t chunk_bytes, int codec, int level) {
+             std::vector<at::Tensor> sources;
+             if (THPVariable_Check(source.ptr()))
+               sources.push_back(source.cast<at::Tensor>());
+             else
+               sources = source.cast<std::vector<at::Tensor>>();
              std::vector<BlobSpec> specs;
              specs.reserve(blobs.size());
              for (const auto& b : blobs) {
+               TORCH_CHECK_VALUE(b.size() == 3 || b.size() == 4, "WriteJob: a blob is (offset, length, "
+                                 "plane_width) or (source, offset, length, plane_width)");
                BlobSpec s;
-               std::tie(s.offset, s.length, s.plane_width) = b;
+               size_t k = 0;
+               if (b.size() == 4) s.source = b[k++];
+               s.offset = b[k];
+               s.length = b[k + 1];
+               s.plane_width = static_cast<int>(b[k + 2]);
                specs.push_back(s);
              }
-             return std::make_unique<WriteJob>(std::move(source), std::move(specs), std::move(paths),
+             return std::make_unique<WriteJob>(std::move(sources), std::move(specs), std::move(paths),
                                                chunk_bytes, codec, level);
            }),
            py::arg("source"), py::arg("blobs"), py::arg("paths"), py::arg("chunk_bytes"),
            py::arg("codec"), py::arg("level"),
-           "Start writer threads (one per path) persisting blobs = [(offset, length, plane_width)] of source.")
+           "Start writer threads (one per path) persisting blobs of source (a uint8 tensor or a list "
+           "of them): [(offset, length, plane_width)] or [(source, offset, length, plane_width)].")
       .def("done", &WriteJob::done)
       .def("wait", &WriteJob::wait, py::call_guard<py::gil_scoped_release>())
       .def("wait_for", &WriteJob::wait_for, py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())

@@ -1,6 +1,8 @@
 #include "checkpoint/writer.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -9,24 +11,28 @@
 #include "checkpoint/crc32c.h"
 #include "checkpoint/file_io.h"
 #include "checkpoint/zstd_lib.h"
+#include "common/env.h"
 #include "common/errors.h"
 
 namespace ichiban {
 
-WriteJob::WriteJob(at::Tensor source, std::vector<BlobSpec> blobs, std::vector<std::string> paths,
-                   int64_t chunk_bytes, int codec, int level)
-    : source_(std::move(source)), blobs_(std::move(blobs)), paths_(std::move(paths)),
+WriteJob::WriteJob(std::vector<at::Tensor> sources, std::vector<BlobSpec> blobs,
+                   std::vector<std::string> paths, int64_t chunk_bytes, int codec, int level)
+    : sources_(std::move(sources)), blobs_(std::move(blobs)), paths_(std::move(paths)),
       codec_(codec), level_(level) {
-  ICHIBAN_CHECK_ARG(source_.device().is_cpu() && source_.scalar_type() == at::kByte &&
-                        source_.dim() == 1 && source_.is_contiguous(),
-                    "WriteJob: source must be a contiguous 1-D uint8 CPU tensor");
+  for (const auto& src : sources_)
+    ICHIBAN_CHECK_ARG(src.device().is_cpu() && src.scalar_type() == at::kByte && src.dim() == 1 &&
+                          src.is_contiguous(),
+                      "WriteJob: every source must be a contiguous 1-D uint8 CPU tensor");
   ICHIBAN_CHECK_ARG(!paths_.empty(), "WriteJob: paths must name at least one file");
   ICHIBAN_CHECK_ARG(chunk_bytes >= 64 && chunk_bytes % 8 == 0,
                     "WriteJob: chunk_bytes must be a multiple of 8 and >= 64, got ", chunk_bytes);
   ICHIBAN_CHECK_ARG(codec == kCodecRaw || codec == kCodecZstd, "WriteJob: codec must be 0 or 1");
-  const int64_t size = source_.numel();
   for (size_t b = 0; b < blobs_.size(); ++b) {
     const BlobSpec& s = blobs_[b];
+    ICHIBAN_CHECK_ARG(s.source >= 0 && s.source < static_cast<int64_t>(sources_.size()),
+                      "WriteJob: blob ", b, " names source ", s.source, " of ", sources_.size());
+    const int64_t size = sources_[s.source].numel();
     ICHIBAN_CHECK_ARG(s.offset >= 0 && s.length >= 0 && s.offset + s.length <= size,
                       "WriteJob: blob ", b, " [", s.offset, ", +", s.length,
                       ") is outside the source of ", size, " bytes");
@@ -44,6 +50,7 @@ WriteJob::WriteJob(at::Tensor source, std::vector<BlobSpec> blobs, std::vector<s
     }
   }
   if (codec_ == kCodecZstd) (void)zstd_require();  // a missing libzstd fails here, at the call
+  nice_ = static_cast<int>(env_int("ICHIBAN_CKPT_WRITER_NICE", 10));
   running_ = static_cast<int>(paths_.size());
   threads_.reserve(paths_.size());
   for (size_t t = 0; t < paths_.size(); ++t) threads_.emplace_back([this, t] { run(static_cast<int>(t)); });
@@ -58,11 +65,15 @@ WriteJob::~WriteJob() {
 void WriteJob::run(int ti) {
   const std::string& path = paths_[ti];
   int fd = -1;
+  // Writers yield the CPU to training: per-thread nice (Linux). Raising one's own nice value
+  // needs no privilege; a failure only means normal priority.
+  if (nice_ > 0) (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::syscall(SYS_gettid)), nice_);
   try {
     fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     ICHIBAN_CHECK(fd >= 0, sys_error("open " + path + " for writing"));
     ChunkCodecContext ctx;
-    const uint8_t* base = source_.data_ptr<uint8_t>();
+    std::vector<const uint8_t*> bases;
+    for (const auto& src : sources_) bases.push_back(src.data_ptr<uint8_t>());
     int64_t file_offset = 0;
     const int64_t n = static_cast<int64_t>(records_.size());
     for (;;) {
@@ -71,7 +82,7 @@ void WriteJob::run(int ti) {
       if (k >= n) break;
       ChunkRecord& r = records_[k];
       const BlobSpec& s = blobs_[r.blob];
-      const uint8_t* raw = base + s.offset + r.raw_offset;
+      const uint8_t* raw = bases[s.source] + s.offset + r.raw_offset;
       const uint8_t* stored = raw;
       size_t stored_n = static_cast<size_t>(r.raw_length);
       int codec = kCodecRaw, planes = 1;

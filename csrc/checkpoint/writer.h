@@ -18,7 +18,8 @@
 namespace ichiban {
 
 struct BlobSpec {
-  int64_t offset = 0;    // bytes into the source buffer
+  int64_t source = 0;    // which source buffer
+  int64_t offset = 0;    // bytes into it
   int64_t length = 0;    // bytes
   int plane_width = 1;   // element size for byte planes (used only with compression)
 };
@@ -38,10 +39,11 @@ struct ChunkRecord {
 
 class WriteJob {
  public:
-  // Starts one thread per path. source is a 1-D uint8 CPU tensor (the staging
-  // pool) kept alive until the job ends; codec 0 = none, 1 = zstd.
-  WriteJob(at::Tensor source, std::vector<BlobSpec> blobs, std::vector<std::string> paths,
-           int64_t chunk_bytes, int codec, int level);
+  // Starts one thread per path. sources are 1-D uint8 CPU tensors (the staging
+  // pool, or tensors written in place) kept alive until the job ends; codec 0 =
+  // none, 1 = zstd.
+  WriteJob(std::vector<at::Tensor> sources, std::vector<BlobSpec> blobs,
+           std::vector<std::string> paths, int64_t chunk_bytes, int codec, int level);
   ~WriteJob();
   WriteJob(const WriteJob&) = delete;
   WriteJob& operator=(const WriteJob&) = delete;
@@ -58,11 +60,12 @@ class WriteJob {
   void run(int thread_index);
   void fail(const std::string& msg);
 
-  at::Tensor source_;
+  std::vector<at::Tensor> sources_;
   std::vector<BlobSpec> blobs_;
   std::vector<std::string> paths_;
   int codec_;
   int level_;
+  int nice_ = 0;  // ICHIBAN_CKPT_WRITER_NICE: niceness of the writer threads (default 10)
   std::vector<ChunkRecord> records_;  // one per chunk, filled by whichever thread wrote it
   std::atomic<int64_t> next_{0};
   std::atomic<int64_t> bytes_stored_{0};

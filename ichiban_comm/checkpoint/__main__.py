@@ -64,7 +64,9 @@ def _describe(root: str, step: int) -> dict:
         tensors.append(row)
     storages = [{"nbytes": s["nbytes"], "stored_bytes": sum(c[2] for c in s["chunks"])} for s in m["storages"]]
     plain = unflatten(m["tree"], [f"<tensor {p}>" for _, p in sorted(leaf_paths(m["tree"]).items())])
+    ranks = [r is not None for r in m.get("ranks") or []]
     return {"step": step, "world_size": m["world_size"], "compression": m["compression"],
+            "ranks_with_rank_state": [i for i, has in enumerate(ranks) if has],
             "created_unix": m["created_unix"], "tensors": tensors, "storages": storages,
             "state": _jsonable(plain)}
 
@@ -100,9 +102,14 @@ def cmd_inspect(args) -> int:
     w = max([len(t["name"]) for t in info["tensors"]] + [4])
     print(f"  {'name':<{w}}  {'dtype':<9} {'shape':<18} shards  stored")
     for t in info["tensors"]:
-        shards = f"view of storage {t['view_of_storage']}" if "view_of_storage" in t else str(t["shards"])
+        shards = f"view:{t['view_of_storage']}" if "view_of_storage" in t else str(t["shards"])
         print(f"  {t['name']:<{w}}  {t['dtype']:<9} {str(tuple(t['shape'])):<18} {shards:<6}  "
               f"{_fmt_bytes(t['stored_bytes'])}")
+    for sid, st in enumerate(info["storages"]):
+        print(f"  shared storage {sid}: {_fmt_bytes(st['nbytes'])}, {_fmt_bytes(st['stored_bytes'])} on disk "
+              f"(the view:{sid} tensors above)")
+    if info["ranks_with_rank_state"]:
+        print(f"rank_state saved by ranks {info['ranks_with_rank_state']}")
     print("state:", json.dumps(info["state"])[:2000])
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import shutil
 
 from . import _layout as layout
 from .errors import CheckpointError
@@ -75,11 +76,19 @@ class CommitGroup:
                                                       header))
                     except Exception as e:  # noqa: BLE001 - every rank must hear about it
                         result = ("error", f"rank 0 commit: {e}")
-            box = [result if self.rank == 0 else None]
+                if result[0] != "ok":
+                    # Removed before anyone hears of the failure: a rank that retries the same
+                    # step at once must not have its new files swept away.
+                    shutil.rmtree(tmp, ignore_errors=True)
+            box = [(result, step) if self.rank == 0 else None]
             dist.broadcast_object_list(box, src=self.root_rank, group=self.pg)
         except Exception as e:  # a rank died or timed out
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint step {step}: commit coordination failed ({e})") from e
-        status, payload = box[0]
+        (status, payload), root_step = box[0]
+        if status != "ok" and root_step != step:
+            shutil.rmtree(tmp, ignore_errors=True)  # a directory rank 0 does not know about
         if status != "ok":
             raise CheckpointError(f"checkpoint step {step} was not committed: {payload}")
         return payload
@@ -88,6 +97,10 @@ class CommitGroup:
 def merge_fragments(fragments: list[dict], header: dict) -> dict:
     """The global manifest from every rank's entries (same tree on every rank)."""
     base = fragments[0]
+    steps = [f.get("step", header["step"]) for f in fragments]
+    if any(s != header["step"] for s in steps):
+        raise CheckpointError(f"the ranks saved different steps {steps}; every rank must call "
+                              f"save() with the same step")
     tree_text = json.dumps(base["tree"], sort_keys=True)
     for r, f in enumerate(fragments[1:], start=1):
         if json.dumps(f["tree"], sort_keys=True) != tree_text:

@@ -54,8 +54,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _plane_width(dtype: torch.dtype) -> int:
-    size = torch.empty((), dtype=dtype).element_size()
-    return size // 2 if dtype.is_complex else size
+    return dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize
 
 
 def _is_dtensor(t) -> bool:
@@ -65,6 +64,9 @@ def _is_dtensor(t) -> bool:
 
 
 def _check_tensor(path: str, t: torch.Tensor) -> None:
+    if t.layout == torch.strided and (t.is_cpu or t.is_cuda):  # the common case, cheaply
+        dtype_name(t.dtype)
+        return
     if t.layout != torch.strided:
         raise TypeError(f"state[{path}] is a {t.layout} tensor; only dense tensors can be checkpointed "
                         f"(convert with .to_dense())")
@@ -98,6 +100,8 @@ def _dtensor_shard(path: str, dt):
 
 def _owner(sizes: list[tuple[int, str]], world: int) -> list[int]:
     """Greedy balance of replicated blobs over ranks; identical on every rank."""
+    if world == 1:
+        return [0] * len(sizes)
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][0], sizes[i][1]))
     load = [0] * world
     owner = [0] * len(sizes)
@@ -110,16 +114,19 @@ def _owner(sizes: list[tuple[int, str]], world: int) -> list[int]:
 
 def build_plan(leaves: list, rank: int = 0, world: int = 1) -> Plan:
     plan = Plan()
-    for path, t in leaves:
-        _check_tensor(path, t.to_local() if _is_dtensor(t) else t)
+    is_dt = [_is_dtensor(t) for _, t in leaves]
+    for (path, t), dt in zip(leaves, is_dt):
+        _check_tensor(path, t.to_local() if dt else t)
 
     # Plain leaves that share a storage with another leaf: one storage span blob.
-    groups: dict[tuple, list[int]] = {}
+    # (Storage addresses are unique across CPU and CUDA devices: one virtual address space.)
+    groups: dict[int, list[int]] = {}
     for i, (path, t) in enumerate(leaves):
-        if _is_dtensor(t) or t.untyped_storage().nbytes() == 0:
+        if is_dt[i]:
             continue
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        groups.setdefault(key, []).append(i)
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            groups.setdefault(storage.data_ptr(), []).append(i)
     view_of: dict[int, tuple[int, int]] = {}  # leaf -> (storage id, byte offset in span)
     replicated: list[tuple[int, str, torch.Tensor, int, dict]] = []  # (nbytes, name, source, width, target)
     for members in groups.values():
@@ -149,7 +156,7 @@ def build_plan(leaves: list, rank: int = 0, world: int = 1) -> Plan:
     for i, (path, t) in enumerate(leaves):
         entry = {"name": path, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
         plan.entries.append(entry)
-        if _is_dtensor(t):
+        if is_dt[i]:
             local, offsets, writes = _dtensor_shard(path, t)
             entry["dtensor"] = True
             entry["shards"] = []

@@ -25,7 +25,7 @@ class StagingPool:
     def __init__(self):
         self.buffer: torch.Tensor | None = None
         self.pinned = False
-        self._stream = None
+        self._streams: dict[int, torch.cuda.Stream] = {}   # device index -> side stream
 
     @property
     def nbytes(self) -> int:
@@ -52,21 +52,25 @@ class StagingPool:
         buf = self.buffer
         cpu = [p for p in pieces if p.source.device.type == "cpu"]
         gpu = [p for p in pieces if p.source.device.type == "cuda"]
-        if gpu:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()
-            stream = self._stream
-            # The side stream first waits for the work that produced the tensors.
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for p in gpu:
-                    src = p.source
-                    dst = buf[p.pool_offset:p.pool_offset + p.nbytes].view(src.dtype).view(src.shape)
-                    dst.copy_(src, non_blocking=True)
-            event = stream.record_event()
-        if cpu:
+        events = []
+        for index in sorted({p.source.device.index for p in gpu}):
+            with torch.cuda.device(index):
+                stream = self._streams.get(index)
+                if stream is None:
+                    stream = self._streams[index] = torch.cuda.Stream()
+                # The side stream first waits for the work that produced the tensors.
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream), torch.no_grad():
+                    for p in gpu:
+                        if p.source.device.index != index:
+                            continue
+                        src = p.source
+                        dst = buf[p.pool_offset:p.pool_offset + p.nbytes].view(src.dtype).view(src.shape)
+                        dst.copy_(src.detach(), non_blocking=True)
+                events.append(stream.record_event())
+        if cpu:  # overlaps with the device copies
             _C.checkpoint.stage_copy([_resolved(p.source) for p in cpu], buf, [p.pool_offset for p in cpu])
-        if gpu:
+        for event in events:
             event.synchronize()  # save() returns only once the device copies have landed
 
 

@@ -26,11 +26,14 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 )}
 
 
+_NAMES = {d: n for n, d in _DTYPES.items()}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise TypeError(f"tensors of dtype {dtype} cannot be checkpointed")
-    return name
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"tensors of dtype {dtype} cannot be checkpointed") from None
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import queue
 import shutil
@@ -129,6 +130,7 @@ class AsyncCheckpointer:
         _LIVE.add(self)
         self._pending_error: BaseException | None = None
         self._closed = False
+        self._pid = os.getpid()
         if self._group.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             layout.sweep_stale(self.root)
@@ -147,6 +149,17 @@ class AsyncCheckpointer:
         between ranks (a data loader's position, a per-rank RNG) goes in ``rank_state``, saved
         per rank and read back with ``load_rank_state()``.
         """
+        # The cyclic GC is paused while save() walks the state: a collection triggered by the
+        # many small objects it creates would otherwise scan the whole heap on the caller's time.
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return self._save(step, state, rank_state)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _save(self, step: int, state, rank_state) -> SaveHandle:
         t0 = time.perf_counter()
         self._check_open()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -180,13 +193,19 @@ class AsyncCheckpointer:
                 # The background thread starts the writers: spawning them here would let them
                 # compete with the caller before save() has returned.
                 last = (len(waves) - 1, waves[-1], pool)
-        except BaseException:
+        except BaseException as e:
             self._discard(tmp)
+            if self._group.world > 1:
+                # The other ranks are (or will be) waiting in the commit: tell them now rather
+                # than letting them time out.
+                handle._reported = True
+                self._inflight = handle
+                self._work.put((handle, plan, tree, None, tmp, [], None, t0, e))
             raise
         self._inflight = handle
         rank_fragment = None if rank_plan is None else {
             "tree": rank_part[0], "tensors": rank_plan.entries, "storages": rank_plan.storages}
-        self._work.put((handle, plan, tree, rank_fragment, tmp, records, last, t0))
+        self._work.put((handle, plan, tree, rank_fragment, tmp, records, last, t0, None))
         handle.blocking_s = time.perf_counter() - t0
         return handle
 
@@ -212,13 +231,15 @@ class AsyncCheckpointer:
                 return
             self._persist(*item)
 
-    def _persist(self, handle, plan, tree, rank_fragment, tmp, records, last, t0):
-        fragment, local_error = None, None
+    def _persist(self, handle, plan, tree, rank_fragment, tmp, records, last, t0, failed=None):
+        fragment, local_error = None, failed
         if self._group.rank == 0:
             # Steps left unpruned by a process that died between a commit and its prune: trimmed
             # to keep_last before this commit, so a directory never holds more than keep_last + 1.
             self._prune_quietly()
         try:
+            if failed is not None:
+                raise failed
             if last is not None:
                 index, wave, pool = last
                 job = self._start_job(tmp, index, wave, pool, plan)
@@ -227,7 +248,7 @@ class AsyncCheckpointer:
             _attach_chunks(plan, records, self._group.rank, self.writer_threads)
             handle.bytes_written = sum(j.bytes_stored() for _, j in records)
             fragment = {"entries": plan.entries, "storages": plan.storages, "tree": tree,
-                        "rank": rank_fragment}
+                        "rank": rank_fragment, "step": handle.step}
         except BaseException as e:  # noqa: BLE001 - every rank must still take part in the commit
             local_error = e
         try:
@@ -250,7 +271,9 @@ class AsyncCheckpointer:
             warnings.warn(f"could not prune old checkpoints in {self.root}: {e}", RuntimeWarning)
 
     def _discard(self, tmp: str) -> None:
-        if self._group.rank == 0 or self._group.world == 1:
+        # Distributed: rank 0 removes a failed step inside the commit protocol, before the other
+        # ranks learn of the failure (see CommitGroup.commit).
+        if self._group.world == 1:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def manifest_header(self, step: int) -> dict:
@@ -307,6 +330,10 @@ class AsyncCheckpointer:
     def _check_open(self):
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
+        if os.getpid() != self._pid:
+            # Its staging memory is not mapped in a forked child and its threads did not follow.
+            raise CheckpointError(f"this AsyncCheckpointer was created in process {self._pid}; "
+                                  f"create a new one in process {os.getpid()}")
 
     # ------------------------------------------------------------------ load
     def steps(self) -> list[int]:

@@ -29,9 +29,15 @@ from .._native import _C
 from . import _layout as layout
 from ._loader import _ReadBatch
 from .checkpointer import _CODECS, DEFAULT_CHUNK_BYTES
+from ._plan import Piece, _is_dtensor
+from ._stager import StagingPool
 from .errors import CheckpointCorruptError
 
 METADATA = ".metadata"
+
+
+class _DeviceMeshNotCpu(Exception):
+    pass
 
 
 def _done(value) -> Future:
@@ -41,7 +47,16 @@ def _done(value) -> Future:
 
 
 class StorageWriter(_DcpWriter):
-    """Writes a DCP checkpoint into directory ``path`` with ichiban_comm's writer threads."""
+    """Writes a DCP checkpoint into directory ``path`` with ichiban_comm's writer threads.
+
+    It is also ``dcp.async_save``'s stager: tensors are copied into a staging pool
+    (C++ threads for CPU tensors, a side stream for CUDA ones) that this writer
+    keeps and reuses for its next ``async_save`` once the previous one has been
+    written, so the caller waits only for that copy.
+    """
+
+    # AsyncStager protocol: stage() returns a finished copy, nothing to synchronize later.
+    _synchronize_after_execute = False
 
     def __init__(self, path, *, compression: str | None = None, compression_level: int = 1,
                  writer_threads: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
@@ -54,6 +69,83 @@ class StorageWriter(_DcpWriter):
         self.codec, self.level = _CODECS[compression], compression_level
         self.threads, self.chunk_bytes = writer_threads, chunk_bytes
         self.prefix = "r0"
+        self._pool: StagingPool | None = None
+        self._pool_free = True
+
+    def __getstate__(self):  # a process-based async_save pickles the writer: not its pool
+        state = dict(self.__dict__)
+        state["_pool"], state["_pool_free"] = None, True
+        return state
+
+    # ------------------------------------------------------------------ staging
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._pool is not None and self._pool_free:
+            self._pool.release()
+        self._pool = None
+
+    def stage(self, state_dict):
+        """A copy of state_dict whose tensors live in this writer's staging pool."""
+        leaves: list[torch.Tensor] = []
+
+        def collect(x):
+            if _is_dtensor(x):
+                if x.device_mesh.device_type != "cpu":
+                    raise _DeviceMeshNotCpu
+                leaves.append(x.to_local())
+            elif isinstance(x, torch.Tensor):
+                leaves.append(x)
+            elif isinstance(x, dict):
+                for v in x.values():
+                    collect(v)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    collect(v)
+
+        try:
+            collect(state_dict)
+        except _DeviceMeshNotCpu:
+            # A DTensor on a device mesh cannot hold a CPU local tensor: torch's own CPU copy.
+            from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+            return _copy_state_dict(state_dict, _create_cpu_state_dict(state_dict))
+        pieces, used = [], 0
+        for i, t in enumerate(leaves):
+            n = t.numel() * t.element_size()
+            pieces.append(Piece(i, t.detach(), 0, n, used))
+            used += -(-n // 64) * 64
+        # Reuse the pool only once the previous async_save has written it out.
+        if self._pool is None or not self._pool_free:
+            self._pool = StagingPool()
+        self._pool_free = False
+        buf = self._pool.reserve(max(64, used))
+        self._pool.copy_in([p for p in pieces if p.nbytes])
+        staged = iter(buf[p.pool_offset:p.pool_offset + p.nbytes].view(p.source.dtype).view(p.source.shape)
+                      for p in pieces)
+
+        def rebuild(x):
+            if _is_dtensor(x):
+                from torch.distributed.tensor import DTensor
+
+                return DTensor.from_local(next(staged), x.device_mesh, x.placements, run_check=False,
+                                          shape=x.shape, stride=x.stride())
+            if isinstance(x, torch.Tensor):
+                return next(staged)
+            if isinstance(x, dict):
+                return type(x)((k, rebuild(v)) for k, v in x.items())
+            if isinstance(x, list):
+                return [rebuild(v) for v in x]
+            if isinstance(x, tuple):
+                return tuple(rebuild(v) for v in x)
+            return x
+
+        return rebuild(state_dict)
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id is not None:
@@ -71,33 +163,35 @@ class StorageWriter(_DcpWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         prefix = plan.storage_data or "r0"
-        sources, infos = [], []
+        sources, infos, widths = [], [], []
         for item in plan.items:
             data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
                 raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
                 t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
                 infos.append({"kind": "bytes"})
+                widths.append(1)
             else:
                 t = data.detach()
                 if t.device.type != "cpu":
                     t = t.cpu()
+                if t.is_conj() or t.is_neg():
+                    t = t.resolve_conj().resolve_neg()
                 infos.append({"kind": "tensor", "dtype": str(t.dtype).removeprefix("torch."),
                               "shape": list(t.shape)})
-            sources.append(t)
-        sizes = [t.numel() * t.element_size() for t in sources]
-        offsets, total = [], 0
-        for n in sizes:
-            offsets.append(total)
-            total += -(-n // 64) * 64
-        pool = _C.checkpoint.alloc_staging(max(64, total))
-        _C.checkpoint.stage_copy(sources, pool, offsets)
-        widths = [t.element_size() if info["kind"] == "tensor" else 1 for t, info in zip(sources, infos)]
+                widths.append(t.element_size())
+            # Written in place from the tensor's memory: DCP has already staged it (async_save)
+            # or the caller is waiting (save); only strided tensors are packed first.
+            sources.append(t.contiguous().reshape(-1).view(torch.uint8))
+        sizes = [t.numel() for t in sources]
         names = [f"{prefix}_w{k}.bin" for k in range(self.threads)]
-        job = _C.checkpoint.WriteJob(pool, [(o, n, w) for o, n, w in zip(offsets, sizes, widths)],
+        job = _C.checkpoint.WriteJob(sources, [(i, 0, n, w) for i, (n, w) in enumerate(zip(sizes, widths))],
                                      [os.path.join(self.path, n) for n in names], self.chunk_bytes,
                                      self.codec, self.level)
-        job.wait()
+        try:
+            job.wait()
+        finally:
+            self._pool_free = True  # the staged tensors have been written (or never will be)
         chunks: dict[int, list] = {}
         for (b, _i, raw_off, raw_len, f, f_off, stored, crc, codec, planes) in job.records():
             chunks.setdefault(b, []).append((raw_off, [names[f], f_off, stored, raw_len, crc, codec, planes]))

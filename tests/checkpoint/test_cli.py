@@ -72,3 +72,13 @@ def test_export_safetensors(saved, tmp_path):
     loaded = load_file(out)
     assert torch.equal(loaded["model.w"], states[2]["model"]["w"])
     assert torch.equal(loaded["views.rows"], states[2]["views"]["rows"])
+
+
+def test_module_entry_point(saved):
+    import subprocess
+    import sys
+
+    root, _ = saved
+    out = subprocess.run([sys.executable, "-m", "ichiban_comm.checkpoint", "verify", root, "--all"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.count(": OK") == 2, out.stdout + out.stderr

@@ -74,3 +74,25 @@ def test_dcp_two_ranks_then_one(tmp_path):
     target = {"w": torch.randn(10, 6), "r": torch.randn(3, 6)}
     dcp.load(target, storage_reader=StorageReader(tmp_path))
     assert torch.equal(target["w"], full) and torch.equal(target["r"], full[:3])
+
+
+def test_dcp_async_save_stages_through_the_writer_pool(tmp_path):
+    state = _model_state(6)
+    expect = {k: state[k].clone() for k in ("w", "b", "t")}
+    writer = StorageWriter(tmp_path / "a", chunk_bytes=4096)
+    resp = dcp.async_save(state, storage_writer=writer)
+    state["w"].add_(1)                 # training goes on: must not leak into the checkpoint
+    state["t"].mul_(3)
+    (resp.result(timeout=60) if hasattr(resp, "result") else resp.upload_completion.result(timeout=60))
+    pool = writer._pool.buffer
+    target = _model_state(7)
+    dcp.load(target, storage_reader=StorageReader(tmp_path / "a"))
+    for k in expect:
+        assert bits_equal(target[k], expect[k]), k
+    # the same writer reuses its pool for the next save
+    fut = dcp.async_save(state, storage_writer=writer, checkpoint_id=str(tmp_path / "b"))
+    (fut.result(timeout=60) if hasattr(fut, "result") else fut.upload_completion.result(timeout=60))
+    assert writer._pool.buffer is pool
+    dcp.load(target, storage_reader=StorageReader(tmp_path / "b"))
+    assert bits_equal(target["w"], state["w"]) and bits_equal(target["t"], state["t"])
+    writer.close()

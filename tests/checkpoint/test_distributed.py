@@ -132,6 +132,12 @@ def _failing_rank_body(rank, world, root):
     except CheckpointError as e:
         mismatch = str(e)
     assert "differ from rank 0's" in mismatch and "rank_state" in mismatch, mismatch
+    try:
+        ck.save(3 + rank, {"ok": torch.ones(3)}).wait()   # ranks disagree on the step
+        mismatch = "committed"
+    except CheckpointError as e:
+        mismatch = str(e)
+    assert "different steps" in mismatch or "coordination failed" in mismatch, mismatch
     if rank == 1:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))

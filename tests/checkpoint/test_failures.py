@@ -35,11 +35,13 @@ def test_sigkill_at_random_instants_leaves_newest_complete_checkpoint(tmp_path):
         parent, child = ctx.Pipe()
         p = ctx.Process(target=save_forever, args=(root, child, "zstd" if kill % 3 == 2 else None))
         p.start()
-        assert parent.poll(60), "checkpointing child did not start"
-        assert parent.recv()[0] == "ready"
-        time.sleep(rng.uniform(0.0, 0.25))
-        p.kill()
-        p.join(10)
+        try:
+            assert parent.poll(60), "checkpointing child did not start"
+            assert parent.recv()[0] == "ready"
+            time.sleep(rng.uniform(0.0, 0.25))
+        finally:
+            p.kill()
+            p.join(10)
         while parent.poll():
             kind, step = parent.recv()
             if kind == "committed":

@@ -131,3 +131,44 @@ def test_stage_copy_matches_reference():
         assert torch.equal(pool[o:o + n].view(t.dtype).view(t.shape), t)
     with pytest.raises(ValueError, match="pool of"):
         ck.stage_copy([a], pool, [(1 << 16) - 8])
+
+
+def test_staging_memory_is_not_inherited_by_fork():
+    import faulthandler
+    import signal
+
+    pool = ck.alloc_staging(1 << 20)
+    pool.fill_(7)
+    pid = os.fork()
+    if pid == 0:  # the child: the staging pages must not be mapped here
+        faulthandler.disable()
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        try:
+            ok = int(pool[12345]) == 7
+        finally:
+            os._exit(3 if ok else 4)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGSEGV, signal.SIGBUS), status
+    assert int(pool[12345]) == 7
+
+
+def test_write_job_several_sources(tmp_path):
+    a = torch.randint(0, 256, (10000,), dtype=torch.uint8)
+    b = torch.randn(3000).view(torch.uint8).clone()
+    paths = [str(tmp_path / f"w{k}.bin") for k in range(2)]
+    job = ck.WriteJob([a, b], [(1, 0, b.numel(), 4), (0, 100, 9000, 1)], paths, 4096, 0, 1)
+    job.wait()
+    outs = [torch.empty(b.numel(), dtype=torch.uint8), torch.empty(9000, dtype=torch.uint8)]
+    specs = [(paths[f], foff, stored, rl, crc, c, pl, blob, roff, f"blob {blob}")
+             for (blob, i, roff, rl, f, foff, stored, crc, c, pl) in job.records()]
+    ck.read_chunks(specs, outs)
+    assert torch.equal(outs[0], b) and torch.equal(outs[1], a[100:9100])
+    with pytest.raises(ValueError, match="names source 2 of 2"):
+        ck.WriteJob([a, b], [(2, 0, 8, 1)], paths, 4096, 0, 1)
+
+
+def test_writer_nice_env_is_validated(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICHIBAN_CKPT_WRITER_NICE", "low")
+    pool = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="ICHIBAN_CKPT_WRITER_NICE='low' is not an integer"):
+        ck.WriteJob(pool, [(0, 4096, 1)], [str(tmp_path / "a")], 4096, 0, 1)

@@ -81,11 +81,12 @@ def test_staging_pool_allocated_once_and_reused(tmp_path):
         assert ck._pool.buffer is buf
 
 
-@pytest.mark.parametrize("budget", [4096, 20000])
-def test_waves_when_state_exceeds_budget(tmp_path, budget):
+@pytest.mark.parametrize("budget,compression", [(4096, None), (20000, None), (8192, "zstd")])
+def test_waves_when_state_exceeds_budget(tmp_path, budget, compression):
     state = make_state(7, scale=3)
     state["big_view"] = torch.randn(96, 80).t()        # non-contiguous, larger than the budget
-    with AsyncCheckpointer(tmp_path, staging_budget_bytes=budget, chunk_bytes=4096, writer_threads=2) as ck:
+    with AsyncCheckpointer(tmp_path, staging_budget_bytes=budget, chunk_bytes=4096, writer_threads=2,
+                           compression=compression) as ck:
         ck.save(3, state).wait()
         assert ck._pool.nbytes <= budget
         files = os.listdir(layout.step_dir(str(tmp_path), 3))
@@ -196,3 +197,22 @@ def test_save_in_flight_at_exit_is_finished(tmp_path):
     with AsyncCheckpointer(tmp_path) as ck:
         assert ck.latest_step() == 3
         assert torch.equal(ck.load()["w"], torch.arange(1 << 20, dtype=torch.float32))
+
+
+def test_save_in_forked_child_is_refused(tmp_path):
+    ck = AsyncCheckpointer(tmp_path)
+    ck.reserve({"w": torch.randn(10)})
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ck.save(1, {"w": torch.randn(10)})
+            code = 3
+        except CheckpointError as e:
+            code = 0 if "create a new one in process" in str(e) else 4
+        except BaseException:  # noqa: BLE001
+            code = 5
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    ck.save(1, {"w": torch.randn(10)}).wait()
+    ck.close()
