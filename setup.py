@@ -213,7 +213,7 @@ def extension():
     cxx_flags = ["-O3", "-fvisibility=hidden", "-pthread"] + warn + system_includes
     define_macros = [("ICHIBAN_VERSION", f'"{VERSION}"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    libraries = ["rt"]
+    libraries = ["rt", "dl"]  # shm_open (older glibc), dlopen of libzstd
     if WITH_CUDA:
         define_macros.append(("ICHIBAN_WITH_CUDA", "1"))
         include_dirs += find_nvidia_wheel_includes()
@@ -251,7 +251,6 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "topology": ["nvidia-ml-py"],
-        "compress": ["zstandard"],
         "test": ["pytest", "pytest-timeout"],
         "bench": ["mpi4py"],
     },

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             state = ckpt.load(step=latest)
             core.load_state_dict(state["model"])
             opt.load_state_dict(state["optim"])
-            torch.set_rng_state(state["rng"])
+            torch.set_rng_state(ckpt.load_rank_state()["rng"])
             start = int(state["step"])
             say(f"resumed from {args.ckpt_dir} at step {start}")
     if start >= args.steps:
@@ -212,7 +212,8 @@ def main(argv=None) -> int:
         losses.append(loss_f)
         if ckpt is not None and args.ckpt_every and (step + 1) % args.ckpt_every == 0:
             saves.append(ckpt.save(step + 1, {"model": core.state_dict(), "optim": opt.state_dict(),
-                                              "step": step + 1, "rng": torch.get_rng_state()}))
+                                              "step": step + 1},
+                                   rank_state={"rng": torch.get_rng_state()}))
         if metrics is not None:
             metrics.write(json.dumps({"step": step, "loss": loss_f, "lr": lr,
                                       "grad_norm": float(grad_norm)}) + "\n")
