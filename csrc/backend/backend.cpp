@@ -1,6 +1,7 @@
 #include "backend/backend.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -79,7 +80,22 @@ IchibanBackend::IchibanBackend(const c10::intrusive_ptr<c10d::Store>& store, int
   worker_ = std::thread([this] { loop(); });
 }
 
-IchibanBackend::~IchibanBackend() { shutdown(); }
+IchibanBackend::~IchibanBackend() {
+  shutdown();
+  // Gloo's destructor joins threads that may need the GIL to drop tensors
+  // that have Python objects: release it while our engines go away.
+  auto drop = [this] {
+    fallback_.reset();
+    inter_.reset();
+    cuda_.reset();
+  };
+  if (Py_IsInitialized() && PyGILState_Check()) {
+    pybind11::gil_scoped_release no_gil;
+    drop();
+  } else {
+    drop();
+  }
+}
 
 c10::intrusive_ptr<c10d::Backend::Options> IchibanBackend::getBackendOptions() {
   auto o = c10::make_intrusive<Options>("ichiban", cfg_.timeout);
@@ -93,7 +109,19 @@ void IchibanBackend::shutdown() {
     stop_ = true;
   }
   cv_.notify_all();
-  if (worker_.joinable() && worker_.get_id() != std::this_thread::get_id()) worker_.join();
+  if (!worker_.joinable()) return;
+  if (worker_.get_id() == std::this_thread::get_id()) {
+    worker_.detach();  // the last reference was dropped by our own job
+    return;
+  }
+  // The worker may need the GIL to finish (dropping a tensor that has a Python
+  // object does): never hold it while joining.
+  if (Py_IsInitialized() && PyGILState_Check()) {
+    pybind11::gil_scoped_release no_gil;
+    worker_.join();
+  } else {
+    worker_.join();
+  }
 }
 
 void IchibanBackend::abort() { shutdown(); }

@@ -32,17 +32,6 @@ void flat_split_into(const at::Tensor& flat, std::vector<at::Tensor>& outs) {
   }
 }
 
-void check_list(const std::vector<at::Tensor>& list, const at::Tensor& like, int n, const char* op,
-                const char* arg) {
-  ICHIBAN_CHECK_ARG(static_cast<int>(list.size()) == n, "ichiban: ", op, ": ", arg, " must hold ", n,
-                    " tensors (one per rank), got ", list.size());
-  for (const auto& t : list) {
-    check_cpu(t, op, arg);
-    check_same(like, t, op, arg);
-    ICHIBAN_CHECK_ARG(t.numel() == like.numel(), "ichiban: ", op, ": every tensor in ", arg, " must have ",
-                      like.numel(), " elements, got ", t.numel());
-  }
-}
 
 }  // namespace
 

@@ -32,6 +32,19 @@ inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* op,
                     b.scalar_type(), ", expected ", a.scalar_type());
 }
 
+// A list of n tensors (one per rank), each like `like`.
+inline void check_list(const std::vector<at::Tensor>& list, const at::Tensor& like, int n, const char* op,
+                const char* arg) {
+  ICHIBAN_CHECK_ARG(static_cast<int>(list.size()) == n, "ichiban: ", op, ": ", arg, " must hold ", n,
+                    " tensors (one per rank), got ", list.size());
+  for (const auto& t : list) {
+    check_cpu(t, op, arg);
+    check_same(like, t, op, arg);
+    ICHIBAN_CHECK_ARG(t.numel() == like.numel(), "ichiban: ", op, ": every tensor in ", arg, " must have ",
+                      like.numel(), " elements, got ", t.numel());
+  }
+}
+
 inline at::Tensor contig(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 // Copies a contiguous staging tensor back into a (possibly strided) destination.

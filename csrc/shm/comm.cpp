@@ -8,6 +8,8 @@
 #include <cstring>
 #include <sstream>
 
+#include <c10/core/ScalarType.h>
+
 #include "common/errors.h"
 
 namespace ichiban {

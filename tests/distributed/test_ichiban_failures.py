@@ -110,13 +110,13 @@ def _bad_args_body(rank, ws):
     expect(lambda: dist.all_reduce(torch.ones(3, dtype=torch.int32), op=dist.ReduceOp.AVG),
            "allreduce", "AVG", "Int")
     expect(lambda: dist.all_reduce(torch.ones(3, dtype=torch.complex64), op=dist.ReduceOp.MAX),
-           "allreduce", "MAX", "ComplexFloat")
+           "MAX", "complex")
     expect(lambda: dist.all_gather_into_tensor(torch.empty(5), torch.ones(3)),
            "all_gather_into_tensor", "elements")
     expect(lambda: dist.reduce_scatter_tensor(torch.empty(3), torch.ones(5)),
            "reduce_scatter_tensor", "elements")
     expect(lambda: dist.all_to_all_single(torch.empty(3), torch.ones(3)), "all_to_all_single", "divisible")
-    expect(lambda: dist.all_reduce(torch.ones(2).to_sparse()), "sparse")
+    expect(lambda: dist.all_reduce(torch.ones(2).to_sparse()), "allreduce", "dense")
     dist.barrier()
     return errs
 

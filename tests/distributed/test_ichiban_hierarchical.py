@@ -43,7 +43,9 @@ def _hier_body(rank, ws):
                 if m:
                     fails.append(m)
                 if dtype != torch.bool:
-                    sent += (n + 1) // 2 * t.element_size()  # my shard of the padded message
+                    # my shard of the padded message; complex travels as (n, 2) reals
+                    k = 2 * n if t.is_complex() else n
+                    sent += (k + 1) // 2 * (t.element_size() // (2 if t.is_complex() else 1))
                 u = ins[rank].clone()
                 dist.all_reduce(u, op=op, group=flat)
                 if dtype in (torch.float32, torch.float64) and not torch.allclose(t, u, rtol=1e-6, atol=1e-6):

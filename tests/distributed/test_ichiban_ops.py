@@ -248,7 +248,7 @@ def _large_body(rank, ws):
     fails = []
     for algo in ALGOS:
         g = _group(algo)
-        for dtype, n in [(torch.float32, (3 << 18) + 5), (torch.bfloat16, (1 << 20) + 3)]:
+        for dtype, n in [(torch.float32, (3 << 17) + 5), (torch.bfloat16, (1 << 19) + 3)]:
             ins = [make(n + 1, r, (n,), dtype) for r in range(ws)]
             t = ins[rank].clone()
             dist.all_reduce(t, group=g)
@@ -261,7 +261,7 @@ def _large_body(rank, ws):
             if not all(torch.equal(a, allt[0]) for a in allt):
                 fails.append(f"large all_reduce[{algo}] {dtype}: ranks disagree bitwise")
         dist.destroy_process_group(g)
-    out = torch.empty((3 << 18) + 1)
+    out = torch.empty((3 << 17) + 1)
     ins = [make(9, r, (ws * out.numel(),), torch.float32) for r in range(ws)]
     dist.reduce_scatter_tensor(out, ins[rank])
     m = mismatch(out, [x[rank * out.numel():(rank + 1) * out.numel()] for x in ins], R.SUM,
