@@ -8,6 +8,14 @@ torch.distributed backend ``"ichiban"``. Nothing here needs a GPU or a driver.
 __version__ = "0.1.0"
 
 from ._native import NativeModuleError, _C, build_info  # noqa: E402
-from . import topology  # noqa: E402
+
+
+def __getattr__(name):
+    # Submodules load on first use, so `python -m ichiban_comm.<module>` runs cleanly.
+    if name in ("topology", "train", "triton_kernels", "checkpoint"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["__version__", "build_info", "topology", "NativeModuleError", "_C"]

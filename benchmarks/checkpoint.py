@@ -1,0 +1,321 @@
+"""Checkpoint benchmark: ichiban_comm.checkpoint against torch.save and torch.distributed.checkpoint.
+
+One run, one state (transformer-shaped bf16 weights + fp32 optimizer moments,
+random normal), every contender and the machine's own limits measured side by side:
+
+    python benchmarks/checkpoint.py                 # ~1 GiB state, table
+    python benchmarks/checkpoint.py --size 0.25 --json out.json
+
+Rows: memcpy bandwidth and `dd conv=fsync` write bandwidth (the bounds);
+ichiban save blocking time (first save, which allocates the staging pool, and
+steady state) and time to commit; zstd ratio; torch.save; dcp.save;
+dcp.async_save blocking and total; load times; training step time while a save
+persists in the background vs with no save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def transformer_state(total_bytes: int, d: int = 1024, seed: int = 0):
+    """bf16 weights + two fp32 Adam moments per weight, shaped like a GPT's layers."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc": (4 * d, d), "mlp.proj": (d, 4 * d),
+              "ln1": (d,), "ln2": (d,)}
+    per_layer = sum(torch.Size(s).numel() for s in shapes.values()) * (2 + 4 + 4)
+    layers = max(1, round(total_bytes / per_layer))
+    model, m1, m2 = {}, {}, {}
+    for i in range(layers):
+        for k, s in shapes.items():
+            name = f"layers.{i}.{k}"
+            model[name] = (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
+            m1[name] = torch.randn(s, generator=g) * 1e-3
+            m2[name] = torch.rand(s, generator=g) * 1e-6
+    return {"model": model, "optim": {"exp_avg": m1, "exp_avg_sq": m2}, "step": 1000}
+
+
+def nbytes(state) -> int:
+    n = 0
+    for v in state["model"].values():
+        n += v.numel() * v.element_size()
+    for group in state["optim"].values():
+        for v in group.values():
+            n += v.numel() * v.element_size()
+    return n
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def memcpy_bandwidth(n: int) -> dict:
+    from ichiban_comm import _C
+
+    src = torch.empty(n, dtype=torch.uint8).fill_(7)
+    dst = torch.empty(n, dtype=torch.uint8).fill_(0)   # prefaulted: measure the copy, not page faults
+    best_torch = best_ours = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best_torch = min(best_torch, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _C.checkpoint.copy_bytes(dst, src)
+        best_ours = min(best_ours, time.perf_counter() - t0)
+    del src, dst
+    return {"torch_copy_s": best_torch, "pool_copy_s": best_ours, "GBps": n / min(best_torch, best_ours) / 1e9}
+
+
+def dd_bandwidth(directory: str, n: int) -> float:
+    path = os.path.join(directory, "dd.bin")
+    count = max(1, n // (4 << 20))
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={count}", "conv=fsync"],
+                   check=True, capture_output=True)
+    dt = time.perf_counter() - t0
+    os.unlink(path)
+    return count * (4 << 20) / dt / 1e9
+
+
+def stored_bytes(directory: str) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def bench_ichiban(state, directory, compression=None):
+    from ichiban_comm.checkpoint import AsyncCheckpointer
+
+    ck = AsyncCheckpointer(directory, keep_last=1, compression=compression)
+    out = {}
+    for label, step in (("first", 1), ("steady", 2)):
+        t0 = time.perf_counter()
+        h = ck.save(step, state)
+        blocking = time.perf_counter() - t0
+        h.wait()
+        out[label] = {"blocking_s": blocking, "total_s": time.perf_counter() - t0}
+    out["stored_bytes"] = stored_bytes(os.path.join(directory, sorted(os.listdir(directory))[-1])) \
+        if compression else None
+    t0 = time.perf_counter()
+    loaded = ck.load()
+    out["load_s"] = time.perf_counter() - t0
+    if compression:
+        from ichiban_comm.checkpoint import _layout as layout
+
+        m = layout.read_manifest(directory, 2)
+        raw = st = 0
+        for e in m["tensors"]:
+            if e["dtype"] == "bfloat16":
+                for s in e["shards"]:
+                    raw += sum(c[3] for c in s["chunks"])
+                    st += sum(c[2] for c in s["chunks"])
+        out["bf16_ratio"] = st / raw
+    del loaded
+    ck.close()
+    return out
+
+
+def bench_torch_save(state, directory):
+    path = os.path.join(directory, "state.pt")
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    save_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch.load(path, weights_only=True)
+    return {"save_s": save_s, "load_s": time.perf_counter() - t0}
+
+
+def bench_dcp(state, directory):
+    import torch.distributed.checkpoint as dcp
+
+    out = {}
+    d1 = os.path.join(directory, "dcp_sync")
+    t0 = time.perf_counter()
+    dcp.save(state, checkpoint_id=d1)
+    out["save_s"] = time.perf_counter() - t0
+    d2 = os.path.join(directory, "dcp_async")
+    t0 = time.perf_counter()
+    fut = dcp.async_save(state, checkpoint_id=d2)
+    out["async_blocking_s"] = time.perf_counter() - t0
+    fut.result()
+    out["async_total_s"] = time.perf_counter() - t0
+    from ichiban_comm.checkpoint import StorageReader, StorageWriter
+
+    d3 = os.path.join(directory, "dcp_ichiban")
+    t0 = time.perf_counter()
+    dcp.save(state, storage_writer=StorageWriter(d3))
+    out["ichiban_writer_save_s"] = time.perf_counter() - t0
+    shutil.rmtree(d2)
+    target = {"model": {k: torch.empty_like(v) for k, v in state["model"].items()},
+              "optim": {g: {k: torch.empty_like(v) for k, v in grp.items()} for g, grp in state["optim"].items()},
+              "step": 0}
+    t0 = time.perf_counter()
+    dcp.load(target, checkpoint_id=d1)
+    out["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dcp.load(target, storage_reader=StorageReader(d3))
+    out["ichiban_reader_load_s"] = time.perf_counter() - t0
+    return out
+
+
+def bench_training(state, directory, steps: int = 12):
+    """Step time of a small MLP with no save vs while an ichiban save persists."""
+    from ichiban_comm.checkpoint import AsyncCheckpointer
+
+    torch.manual_seed(0)
+    # ~10-50 ms steps on a small CPU: several steps fit inside one persist.
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(128, 512)
+
+    def step():
+        t0 = time.perf_counter()
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step()
+    base = sorted(step() for _ in range(steps))[steps // 2]
+    ck = AsyncCheckpointer(directory, keep_last=1)
+    ck.save(1, state).wait()  # allocate the pool outside the measurement
+    h = ck.save(2, state)
+    during = []
+    while not h.done():
+        during.append(step())
+    persist_s = h.wait() and h.total_s
+    ck.close()
+    med = sorted(during)[len(during) // 2] if during else float("nan")
+    return {"step_s": base, "step_during_persist_s": med, "steps_during_persist": len(during),
+            "slowdown": med / base, "persist_s": persist_s}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_GiB": round(mem / 2**30, 1), "torch": torch.__version__,
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=float, default=1.0, help="state size in GiB (default 1)")
+    p.add_argument("--dir", default="runs/bench_checkpoint", help="scratch directory (removed afterwards)")
+    p.add_argument("--json", help="write the results as JSON to this path")
+    p.add_argument("--skip-dcp", action="store_true", help="skip the torch.distributed.checkpoint rows")
+    p.add_argument("--skip-training", action="store_true", help="skip the training-loop rows")
+    args = p.parse_args(argv)
+    os.makedirs(args.dir, exist_ok=True)
+    target = int(args.size * 2**30)
+    print(f"building a ~{args.size:g} GiB transformer-shaped state ...", file=sys.stderr)
+    state = transformer_state(target)
+    n = nbytes(state)
+    res = {"machine": machine(), "state_bytes": n}
+
+    def scratch(name):
+        d = os.path.join(args.dir, name)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        return d
+
+    print("memcpy / dd ...", file=sys.stderr)
+    res["memcpy"] = memcpy_bandwidth(n)
+    res["dd_GBps"] = dd_bandwidth(scratch("dd"), n)
+    print("ichiban ...", file=sys.stderr)
+    res["ichiban"] = bench_ichiban(state, scratch("ichiban"))
+    shutil.rmtree(os.path.join(args.dir, "ichiban"))
+    res["ichiban_zstd"] = bench_ichiban(state, scratch("ichiban_zstd"), compression="zstd")
+    shutil.rmtree(os.path.join(args.dir, "ichiban_zstd"))
+    print("torch.save ...", file=sys.stderr)
+    res["torch_save"] = bench_torch_save(state, scratch("torch_save"))
+    shutil.rmtree(os.path.join(args.dir, "torch_save"))
+    if not args.skip_dcp:
+        print("dcp ...", file=sys.stderr)
+        res["dcp"] = bench_dcp(state, scratch("dcp"))
+        shutil.rmtree(os.path.join(args.dir, "dcp"))
+    if not args.skip_training:
+        print("training loop ...", file=sys.stderr)
+        res["training"] = bench_training(state, scratch("train"))
+        shutil.rmtree(os.path.join(args.dir, "train"))
+    shutil.rmtree(args.dir, ignore_errors=True)
+    print_table(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def print_table(r) -> None:
+    n = r["state_bytes"]
+    gb = n / 1e9
+    mc = n / (r["memcpy"]["GBps"] * 1e9)
+    ib, iz = r["ichiban"], r["ichiban_zstd"]
+    rows = [
+        ("state", f"{n / 2**30:.2f} GiB", ""),
+        ("memcpy bandwidth", f"{r['memcpy']['GBps']:.2f} GB/s", f"state copy bound {mc * 1e3:.0f} ms"),
+        ("dd conv=fsync write", f"{r['dd_GBps']:.2f} GB/s", f"state bound {gb / r['dd_GBps']:.2f} s"),
+        ("ichiban save blocking (first, allocates pool)", f"{ib['first']['blocking_s'] * 1e3:.0f} ms", ""),
+        ("ichiban save blocking (steady)", f"{ib['steady']['blocking_s'] * 1e3:.0f} ms",
+         f"{ib['steady']['blocking_s'] / mc:.2f} x memcpy bound"),
+        ("ichiban save to commit (steady)", f"{ib['steady']['total_s']:.2f} s",
+         f"{gb / ib['steady']['total_s']:.2f} GB/s = {gb / ib['steady']['total_s'] / r['dd_GBps']:.0%} of dd"),
+        ("ichiban load", f"{ib['load_s']:.2f} s", ""),
+        ("ichiban zstd save to commit", f"{iz['steady']['total_s']:.2f} s",
+         f"blocking {iz['steady']['blocking_s'] * 1e3:.0f} ms"),
+        ("ichiban zstd size", f"{iz['stored_bytes'] / n:.1%} of raw", f"bf16 weights: {iz['bf16_ratio']:.1%} of raw"),
+        ("ichiban zstd load", f"{iz['load_s']:.2f} s", ""),
+        ("torch.save (+fsync)", f"{r['torch_save']['save_s']:.2f} s", f"load {r['torch_save']['load_s']:.2f} s"),
+    ]
+    if "dcp" in r:
+        d = r["dcp"]
+        rows += [
+            ("dcp.save", f"{d['save_s']:.2f} s", f"load {d['load_s']:.2f} s"),
+            ("dcp.async_save blocking", f"{d['async_blocking_s'] * 1e3:.0f} ms",
+             f"ichiban steady is {ib['steady']['blocking_s'] / d['async_blocking_s']:.2f} x this"),
+            ("dcp.async_save total", f"{d['async_total_s']:.2f} s", ""),
+            ("dcp.save with ichiban StorageWriter", f"{d['ichiban_writer_save_s']:.2f} s",
+             f"load with StorageReader {d['ichiban_reader_load_s']:.2f} s"),
+        ]
+    if "training" in r:
+        t = r["training"]
+        rows += [
+            ("train step, no save", f"{t['step_s'] * 1e3:.1f} ms", ""),
+            ("train step while persisting", f"{t['step_during_persist_s'] * 1e3:.1f} ms",
+             f"{t['slowdown']:.2f} x ({t['steps_during_persist']} steps)"),
+        ]
+    w = max(len(a) for a, _, _ in rows)
+    m = r["machine"]
+    print(f"# checkpoint benchmark: {m['cpu']}, {m['cores']} cores, {m['mem_GiB']} GiB, torch {m['torch']}")
+    for a, b, c in rows:
+        print(f"{a:<{w}}  {b:>16}  {c}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

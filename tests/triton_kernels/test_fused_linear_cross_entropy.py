@@ -1,0 +1,101 @@
+"""Fused linear + cross-entropy (chunked over tokens) through the Triton interpreter vs a
+float64 reference that materialises the logits. The group path is in
+test_parallel_cross_entropy.py.
+
+Run: python -m pytest -q tests/triton_kernels/test_fused_linear_cross_entropy.py
+"""
+
+import pytest
+import torch
+
+from ichiban_comm.triton_kernels import fused_linear_cross_entropy
+from ichiban_comm.triton_kernels.fused_linear_cross_entropy import (
+    default_chunk_size, fused_linear_cross_entropy_reference)
+from kernels_testlib import DTYPES, expect_launches, randn, run_case
+from test_cross_entropy import lowp_cross_entropy, targets
+
+# The gradient kernel runs in the forward for "mean"/"sum" and in the backward for "none", so
+# run_case checks the statistics kernel in the forward and each test the gradient kernel overall.
+LAUNCHES = ("cross_entropy_fwd",)
+
+
+def _lowp(h, w, b, t, eps, z, red):
+    logits = h.reshape(-1, h.shape[-1]) @ w.t() + b
+    return lowp_cross_entropy(logits, t.reshape(-1), eps, z, red).reshape(
+        t.shape if red == "none" else ())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps,z,red", [(0.0, 0.0, "mean"), (0.1, 1e-3, "sum"),
+                                       (0.1, 0.0, "none")])
+def test_fused_linear_cross_entropy(dtype, eps, z, red):
+    h, w, b = randn(2, 5, 24, seed=1), randn(37, 24, seed=2, scale=0.3), randn(37, seed=3)
+    t = targets((2, 5), 37, 4, ignore=(2, 7))
+    with expect_launches("cross_entropy_bwd"):
+        run_case(lambda h, w, b: fused_linear_cross_entropy(
+                     h, w, t, b, label_smoothing=eps, z_loss=z, reduction=red, chunk_size=4),
+                 lambda h, w, b: _lowp(h, w, b, t, eps, z, red),
+                 lambda h, w, b: fused_linear_cross_entropy_reference(h, w, t, b, -100, eps, z,
+                                                                      red),
+                 [h, w, b], dtype, grad=(0, 1, 2), launches=LAUNCHES)
+
+
+def test_fused_linear_cross_entropy_no_bias_one_chunk_and_frozen_weight():
+    h, w = randn(3, 16, seed=5), randn(50, 16, seed=6, scale=0.5)
+    t = targets((3,), 50, 7, ignore=())
+    with expect_launches("cross_entropy_bwd"):
+        run_case(lambda h, w: fused_linear_cross_entropy(h, w, t),
+                 lambda h, w: lowp_cross_entropy(h @ w.t(), t, 0.0, 0.0, "mean"),
+                 lambda h, w: fused_linear_cross_entropy_reference(h, w, t), [h, w],
+                 torch.float32, grad=(0, 1), launches=LAUNCHES)
+    hh = h.float().requires_grad_()
+    fused_linear_cross_entropy(hh, w.float(), t).backward()  # weight needs no grad
+    assert hh.grad is not None and hh.grad.abs().sum() > 0
+
+
+def test_fused_linear_cross_entropy_no_grad_and_double_backward():
+    h, w = torch.randn(5, 8), torch.randn(12, 8)
+    t = torch.randint(0, 12, (5,))
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy(h, w, t, chunk_size=2),
+                                   fused_linear_cross_entropy_reference(h, w, t))
+    hh = h.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hh, w, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice is not supported"):
+        loss.backward()
+
+
+def test_fused_linear_cross_entropy_under_autocast_float32_master_weights():
+    h = torch.randn(6, 16, requires_grad=True)
+    w = (torch.randn(30, 16) * 0.3).requires_grad_()
+    t = torch.randint(0, 30, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, t, chunk_size=4)
+    loss.backward()
+    assert loss.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    want = fused_linear_cross_entropy_reference(hb, wb, t)
+    want.backward()
+    torch.testing.assert_close(loss.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad, wb.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_default_chunk_size_bounds_logits_memory():
+    assert default_chunk_size(10, 50, 4) == 10
+    rows = default_chunk_size(100_000, 128 * 1024, 2)
+    assert rows * 128 * 1024 * 2 <= (1 << 28) and rows >= 512
+
+
+def test_fused_linear_cross_entropy_bad_arguments():
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_linear_cross_entropy(h, torch.randn(10, 7), t)
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        fused_linear_cross_entropy(h, w.half(), t)
+    with pytest.raises(ValueError, match="bias must be"):
+        fused_linear_cross_entropy(h, w, t, bias=torch.randn(9))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        fused_linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="target must hold one id per row"):
+        fused_linear_cross_entropy(h, w, t[:2])

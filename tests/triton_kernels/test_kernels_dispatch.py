@@ -1,0 +1,47 @@
+"""The dispatch rule: CPU without the interpreter runs the reference (no launches), the
+interpreter runs the kernels, ICHIBAN_KERNELS=reference forces the reference, and importing
+the package needs no GPU or driver.
+
+Run: python -m pytest -q tests/triton_kernels/test_kernels_dispatch.py
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from ichiban_comm.triton_kernels import launch_counts, rms_norm, swiglu, use_triton
+from ichiban_comm.triton_kernels.rms_norm import rms_norm_reference
+
+
+def test_interpreter_runs_the_kernels():
+    x = torch.randn(3, 20)
+    assert use_triton(x)
+    before = launch_counts().get("swiglu_fwd", 0)
+    swiglu(x, x)
+    assert launch_counts().get("swiglu_fwd", 0) == before + 1
+
+
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    x, w = torch.randn(3, 20), torch.randn(20)
+    for env in ({"TRITON_INTERPRET": "0"}, {"ICHIBAN_KERNELS": "reference"}):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert not use_triton(x)
+            before = launch_counts()
+            y = rms_norm(x, w)
+            assert launch_counts() == before, "a kernel ran on the reference path"
+            torch.testing.assert_close(y, rms_norm_reference(x, w))
+
+
+def test_import_needs_no_gpu_or_driver():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    code = ("import torch, ichiban_comm.triton_kernels as tk; x = torch.randn(2, 8); "
+            "y = tk.rms_norm(x, torch.ones(8)); assert not tk.use_triton(x); "
+            "assert tk.launch_counts() == {}; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

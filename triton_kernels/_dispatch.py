@@ -1,0 +1,203 @@
+"""Shared plumbing for every fused op: where it runs, how it is registered, how it is checked.
+
+Dispatch rule (one place, used by every op):
+  * CUDA tensor                      -> Triton kernels.
+  * CPU tensor, ``TRITON_INTERPRET=1`` -> the same Triton kernels through Triton's interpreter
+                                         (slow; this is how the kernels are tested without a GPU).
+  * CPU tensor otherwise             -> the plain-torch reference of the op.
+  ``ICHIBAN_KERNELS=reference`` forces the reference everywhere (debugging a numerical difference).
+
+Every kernel launch bumps a per-op counter (``launch_counts()``), so a test can prove that the
+Triton path really ran instead of silently falling back to the reference.
+
+Nothing here touches a GPU driver at import: Triton is imported lazily-safe (a missing Triton only
+disables the fast path, loudly, once).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import os
+import types
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    _TRITON_ERROR = ""
+except Exception as exc:  # noqa: BLE001 - any import failure only disables the fast path
+    HAS_TRITON = False
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+    def _jit(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    def _cdiv(a, b):
+        return -(-a // b)
+
+    def _next_power_of_2(n):
+        return 1 << max(0, int(n) - 1).bit_length()
+
+    triton = types.SimpleNamespace(jit=_jit, cdiv=_cdiv, next_power_of_2=_next_power_of_2)
+    tl = types.SimpleNamespace(constexpr=lambda v=None: v)
+
+__all__ = ["triton", "tl", "HAS_TRITON", "use_triton", "launch_counts", "reset_launch_counts",
+           "count_launch", "custom_op", "check_float", "check_same", "LIB"]
+
+LIB = "ichiban_tk"  # torch.library namespace of every op: torch.ops.ichiban_tk.<name>
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_LAUNCHES: collections.Counter = collections.Counter()
+_WARNED: set = set()
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the op on ``t`` should run the Triton kernels (see the module docstring)."""
+    if os.environ.get("ICHIBAN_KERNELS", "") == "reference":
+        return False
+    if t.is_cuda:
+        if not HAS_TRITON:
+            _warn_once("no-triton", "ichiban_comm.triton_kernels: Triton could not be imported "
+                       f"({_TRITON_ERROR}); CUDA tensors use the plain-torch reference ops. "
+                       "HINT: pip install triton")
+            return False
+        return True
+    return t.device.type == "cpu" and HAS_TRITON and interpreter_on()
+
+
+def count_launch(name: str) -> None:
+    _LAUNCHES[name] += 1
+
+
+def launch_counts() -> dict:
+    """Number of Triton kernel launches per kernel name since the last reset."""
+    return dict(_LAUNCHES)
+
+
+def reset_launch_counts() -> None:
+    _LAUNCHES.clear()
+
+
+@contextlib.contextmanager
+def expect_launches(*names: str):
+    """Fail unless every kernel named was launched at least once inside the block (tests)."""
+    before = launch_counts()
+    yield
+    after = launch_counts()
+    missing = [n for n in names if after.get(n, 0) <= before.get(n, 0)]
+    if missing:
+        raise AssertionError(f"Triton kernels {missing} were not launched (the op fell back to "
+                             f"the reference); launches now: {after}")
+
+
+def custom_op(name: str, fake):
+    """Register the decorated launcher as ``torch.ops.ichiban_tk.<name>`` with a fake (meta) impl.
+
+    The op is opaque to torch.compile: it traces through it without a graph break using ``fake``
+    for shapes, and calls the launcher at run time.
+    """
+
+    def deco(fn):
+        op = torch.library.custom_op(f"{LIB}::{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+
+    return deco
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor,
+               shape: bool = True) -> None:
+    """``t`` must live on ``ref``'s device (and have its shape when ``shape``)."""
+    check_float(name, t)
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         "move both to the same device")
+    if shape and t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, "
+                         f"got {tuple(t.shape)}")
+
+
+def rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` as (rows, last_dim) with unit stride on the last dim (copies only if needed)."""
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x
+    if x2.numel() and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """1-D contiguous view of ``x`` (copies only if ``x`` is not contiguous)."""
+    return x.contiguous().view(-1)
+
+
+def num_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
+    """Programs for a persistent row-loop kernel: a few per SM on a GPU, a handful elsewhere.
+
+    4 per SM: enough resident programs to hide load latency, while the (programs, N) float32
+    partial sums of a weight gradient stay small (132 SMs x 4 x 8192 x 4 B = 17 MiB)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(rows, sms * per_sm))
+    return max(1, min(rows, 4))  # interpreter: few programs keeps the Python loop short
+
+
+def row_block(n: int, what: str, limit: int = 1 << 16) -> int:
+    """Power-of-two block holding a whole row of ``n`` elements (one program per row)."""
+    if n > limit:
+        # A row lives in registers; beyond this it would spill (64Ki fp32 = 256 KiB per row).
+        raise ValueError(f"{what} of size {n} is larger than the supported {limit}")
+    return max(16, triton.next_power_of_2(n))  # >= 16: the smallest block worth a program
+
+
+def check_rows(name: str, x: torch.Tensor) -> None:
+    """Row-wise ops need a float tensor with at least one dim (the normalised / vocab dim)."""
+    check_float(name, x)
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+
+
+def check_approximate(approximate: str) -> bool:
+    """GELU flavour: True for "tanh", False for "none" (the exact erf form)."""
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f'approximate must be "tanh" or "none", got {approximate!r}')
+    return approximate == "tanh"
+
+
+def col_block(device: torch.device, cols: int) -> int:
+    """Columns per program of a (rows, column-blocks) elementwise grid."""
+    return max(16, min(triton.next_power_of_2(max(cols, 1)), elementwise_block(device)))
+
+
+def elementwise_block(device: torch.device) -> int:
+    # 1024 elements per program keeps loads wide on a GPU; the interpreter runs one program per
+    # Python iteration, so a bigger block there just means fewer iterations.
+    return 1024 if device.type == "cuda" else 4096
+
+
+def row_warps(block: int) -> int:
+    # One row per program: ~8 fp32 values per thread keeps registers low without idle lanes.
+    return max(1, min(16, block // 256))

@@ -1,0 +1,221 @@
+"""Cross-entropy of ``hidden @ weight.T (+ bias)`` without ever holding the full logits.
+
+The tokens are processed in chunks: a chunk's logits ``(chunk, V/tp)`` are made by one matmul,
+reduced to per-row statistics by the cross-entropy kernel, turned into ``dlogits`` by the
+gradient kernel and fed straight into the two gradient matmuls (``dhidden = dlogits @ W`` and
+``dW += dlogits.T @ hidden``) before the next chunk. Peak extra memory is two chunks of logits,
+not ``N x V``.
+
+For a scalar loss (reduction "mean"/"sum") that needs a gradient, this happens in the forward,
+while the chunk's logits exist (the backward only multiplies the finished gradients by the
+incoming scalar); for reduction "none" the backward recomputes each chunk's logits instead
+(one extra matmul per chunk, exact for any per-row incoming gradient). See ``_FusedLinearCEFn``.
+
+With ``group``, ``weight`` (and ``bias``) are this rank's vocabulary slice in rank order, and
+``hidden`` is the same on every rank (the input of a column-parallel head). Only the per-row
+max / sum-exp / target logit (plus the row sum with label smoothing) cross the group, and
+``dhidden`` is all-reduced (the sum of every slice's contribution), exactly as the
+identity-forward / all-reduce-backward of a parallel input.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ._dispatch import check_float, rows_2d, use_triton
+from .cross_entropy import (assert_targets_in_range, check_ce_args, combine_stats,
+                            cross_entropy_reference, grad_coef, row_grad, row_loss, row_stats,
+                            vocab_layout, _reduce)
+
+__all__ = ["fused_linear_cross_entropy", "fused_linear_cross_entropy_reference"]
+
+# Logits bytes per chunk. 256 MiB is ~1k tokens at a 128k bf16 vocabulary: a matmul big enough
+# to keep a GPU busy, while two chunks stay far below the N x V logits of the unfused loss.
+_CHUNK_BYTES = 1 << 28
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, ignore_index=-100,
+                                         label_smoothing=0.0, z_loss=0.0, reduction="mean"):
+    """Plain torch, unsharded, materialising the logits: the test oracle."""
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return cross_entropy_reference(logits, target.reshape(-1), ignore_index, label_smoothing,
+                                   z_loss, reduction).reshape(
+        target.shape if reduction == "none" else ())
+
+
+def default_chunk_size(rows: int, v_local: int, elem_size: int) -> int:
+    return max(1, min(rows, _CHUNK_BYTES // max(1, v_local * elem_size)))
+
+
+def _logits(h, weight, bias):
+    # (c, H) @ (H, V/tp) -> (c, V/tp) in the input dtype
+    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+
+def _grad_buffers(h2, weight, bias, need):
+    need_h, need_w, need_b = need
+    dh = torch.empty_like(h2) if need_h else None  # (N, H)
+    dw = torch.zeros_like(weight) if need_w else None  # (V/tp, H)
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+        if (need_b and bias is not None) else None
+    return dh, dw, db
+
+
+def _accumulate(dlg, hc, weight, sl, dh, dw, db):
+    # dlg (c, V/tp), hc (c, H): dhidden rows of this chunk, dweight/dbias summed over chunks
+    if dh is not None:
+        torch.mm(dlg, weight, out=dh[sl])
+    if dw is not None:
+        dw.addmm_(dlg.t(), hc)  # accumulates in the weight dtype, one rounding per chunk
+    if db is not None:
+        db += dlg.sum(0, dtype=torch.float32)
+
+
+class _FusedLinearCEFn(torch.autograd.Function):
+    """Two schedules:
+
+    * ``grad_in_forward`` (reduction "mean"/"sum" with a gradient wanted): each chunk's dlogits
+      are made right after its loss, while its logits are still there, and folded into the
+      gradient buffers in the forward; the backward only scales them by the (scalar) incoming
+      gradient. Three matmuls per chunk; the collectives run per chunk (the chunk's lse must be
+      global before its dlogits exist).
+    * otherwise (reduction "none", or no gradient): the forward keeps only per-row statistics
+      and the backward recomputes each chunk's logits (one extra matmul per chunk), which keeps
+      any per-row incoming gradient exact.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, reduction,
+                group, chunk, triton_path, need):
+        h2 = rows_2d(hidden)  # (N, H)
+        t = target.reshape(-1)  # (N,)
+        n = h2.shape[0]
+        start, total = vocab_layout(weight.shape[0], group)
+        valid = t != ignore_index
+        assert_targets_in_range(t, valid, total)
+        ctx.grad_in_forward = reduction != "none" and any(need)
+        ctx.args = (start, total, smoothing, z_loss, reduction, group, chunk, triton_path,
+                    hidden.shape)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if ctx.grad_in_forward:
+            coef = valid.float()  # d loss / d loss_i before the incoming gradient
+            if reduction == "mean":
+                coef = coef / valid.sum()
+            dh, dw, db = _grad_buffers(h2, weight, bias, need)
+            loss = h2.new_empty(n, dtype=torch.float32)
+            for c0 in range(0, n, chunk):
+                sl = slice(c0, c0 + chunk)
+                hc = h2[sl]
+                lg = _logits(hc, weight, bias)  # (c, V/tp)
+                lse, xt, sx = combine_stats(row_stats(lg, t[sl], start, smoothing > 0,
+                                                      triton_path), group, smoothing > 0)
+                loss[sl] = row_loss(lse, xt, sx, valid[sl], total, smoothing, z_loss)
+                dlg = row_grad(lg, t[sl], lse, coef[sl], start, total, smoothing, z_loss,
+                               triton_path)
+                del lg
+                _accumulate(dlg, hc, weight, sl, dh, dw, db)
+                del dlg
+            if dh is not None and group is not None:
+                dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
+            ctx.save_for_backward(dh, dw, db)
+            ctx.used = False
+            return _reduce(loss, valid, reduction, target.shape).to(hidden.dtype)
+
+        stats = h2.new_empty((4, n), dtype=torch.float32)  # local per-row stats, all chunks
+        for c0 in range(0, n, chunk):
+            lg = _logits(h2[c0:c0 + chunk], weight, bias)  # (c, V/tp), freed each step
+            stats[:, c0:c0 + chunk] = row_stats(lg, t[c0:c0 + chunk], start, smoothing > 0,
+                                                triton_path)
+            del lg
+        lse, xt, sx = combine_stats(stats, group, smoothing > 0)  # one exchange, all chunks
+        loss = row_loss(lse, xt, sx, valid, total, smoothing, z_loss)
+        ctx.save_for_backward(h2, weight, bias, t, lse, valid)
+        return _reduce(loss, valid, reduction, target.shape).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        start, total, smoothing, z_loss, reduction, group, chunk, triton_path, shape = ctx.args
+        if ctx.grad_in_forward:
+            if ctx.used:
+                raise RuntimeError("fused_linear_cross_entropy: backward through the same loss "
+                                   "twice is not supported (its gradients are scaled in place)")
+            ctx.used = True
+            dh, dw, db = ctx.saved_tensors
+            g = grad_out.float()  # scalar
+            dh = (dh * g).to(dh.dtype).view(shape) if dh is not None else None
+            if dw is not None:
+                dw.mul_(g)  # in place: a second (V/tp, H) buffer is what this op avoids
+            db = (db * g).to(ctx.bias_dtype) if db is not None else None
+            return dh, dw, db, None, None, None, None, None, None, None, None, None
+        h2, weight, bias, t, lse, valid = ctx.saved_tensors
+        coef = grad_coef(grad_out, valid, reduction)  # (N,)
+        dh, dw, db = _grad_buffers(h2, weight, bias, ctx.needs_input_grad[:3])
+        for c0 in range(0, h2.shape[0], chunk):
+            sl = slice(c0, c0 + chunk)
+            lg = _logits(h2[sl], weight, bias)
+            dlg = row_grad(lg, t[sl], lse[sl], coef[sl], start, total, smoothing, z_loss,
+                           triton_path)  # (c, V/tp)
+            del lg
+            _accumulate(dlg, h2[sl], weight, sl, dh, dw, db)
+            del dlg
+        if dh is not None and group is not None:
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
+        dh = dh.view(shape) if dh is not None else None
+        db = db.to(bias.dtype) if db is not None else None
+        return dh, dw, db, None, None, None, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                               label_smoothing: float = 0.0, z_loss: float = 0.0,
+                               reduction: str = "mean",
+                               group: Optional[dist.ProcessGroup] = None,
+                               chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Cross-entropy of ``hidden (..., H) @ weight (V or V/tp, H).T + bias`` against ``target
+    (...)`` without materialising the logits; arguments as in ``cross_entropy``.
+
+    ``chunk_size``: tokens per chunk (default: ~256 MiB of logits per chunk).
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # Under autocast the matmuls run in the autocast dtype, as nn.Linear's would; the casts
+        # are differentiable, so float32 master weights get their gradients.
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (vocab, hidden) with hidden = {hidden.shape[-1]} "
+                         f"(last dim of hidden), got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (0 rows)")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        check_float("bias", bias)
+        if bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype or \
+                bias.device != hidden.device:
+            raise ValueError(f"bias must be ({weight.shape[0]},) {hidden.dtype} on "
+                             f"{hidden.device}, got {tuple(bias.shape)} {bias.dtype} on "
+                             f"{bias.device}")
+    rows = hidden.numel() // hidden.shape[-1] if hidden.shape[-1] else 0
+    check_ce_args("hidden", hidden, target, ignore_index, label_smoothing, z_loss, reduction,
+                  rows)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(rows, weight.shape[0], hidden.element_size())
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    need = (torch.is_grad_enabled() and hidden.requires_grad,
+            torch.is_grad_enabled() and weight.requires_grad,
+            torch.is_grad_enabled() and bias is not None and bias.requires_grad)
+    return _FusedLinearCEFn.apply(hidden, weight, bias, target, ignore_index,
+                                  float(label_smoothing), float(z_loss), reduction, group,
+                                  chunk_size, use_triton(hidden), need)
