@@ -112,7 +112,8 @@ def _make_op(op: str, nbytes: int, n: int, rank: int, group):
 def _time_op(fn, group, timer_group, reps: int, budget_s: float) -> list[float]:
     import torch.distributed as dist
 
-    fn()
+    for _ in range(3):  # first touch of buffers and shared slots
+        fn()
     dist.barrier(group=timer_group)
     t0 = time.perf_counter()
     fn()
@@ -324,6 +325,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-ms", type=float, default=30.0, help="time per repetition")
     ap.add_argument("--no-gloo", action="store_true")
+    ap.add_argument("--algos", default="",
+                    help="also run ichiban with these forced algorithms as extra columns (e.g. oneshot,twoshot)")
     ap.add_argument("--json", help="write rows and machine facts here")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--_mpi-worker", dest="mpi_worker", help=argparse.SUPPRESS)
@@ -336,7 +339,8 @@ def main(argv=None) -> None:
     bad = [o for o in ops if o not in OPS]
     if bad:
         ap.error(f"--ops: unknown {bad}; expected some of {OPS}")
-    backends = ["ichiban"] + ([] if args.no_gloo else ["gloo"])
+    backends = ["ichiban"] + [f"ichiban:{a.strip()}" for a in args.algos.split(",") if a.strip()]
+    backends += [] if args.no_gloo else ["gloo"]
     cfg = {"ops": ops, "sizes": sizes(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes)),
            "backends": backends, "reps": args.reps, "budget_s": args.budget_ms / 1e3, "timeout_s": 7200}
     cores = os.cpu_count() or 1
