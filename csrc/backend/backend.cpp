@@ -131,17 +131,22 @@ void IchibanBackend::loop() {
     std::function<void()> job;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+      cv_.wait(lk, [&] { return (stop_ && !busy_) || (!queue_.empty() && !busy_); });
       if (queue_.empty()) return;  // stop_ and drained
       job = std::move(queue_.front());
       queue_.pop_front();
+      busy_ = true;
     }
     job();
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      busy_ = false;
+    }
   }
 }
 
-IchibanBackend::WorkPtr IchibanBackend::enqueue(c10d::OpType type, const char* name,
-                                                std::vector<at::Tensor> outputs, std::function<void()> body) {
+IchibanBackend::WorkPtr IchibanBackend::submit(bool may_inline, c10d::OpType type, const char* name,
+                                               std::vector<at::Tensor> outputs, std::function<void()> body) {
   auto work = c10::make_intrusive<IchibanWork>(rank_, type, ++seq_, std::move(outputs));
   auto job = [work, body = std::move(body)]() {
     std::exception_ptr err;
@@ -154,11 +159,22 @@ IchibanBackend::WorkPtr IchibanBackend::enqueue(c10d::OpType type, const char* n
     work->complete(err);
   };
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    std::unique_lock<std::mutex> lk(mu_);
     ICHIBAN_CHECK(!stop_, "ichiban: ", name, " on group '", cfg_.group_name, "' after the group was shut down");
-    queue_.push_back(std::move(job));
+    if (!(may_inline && queue_.empty() && !busy_)) {
+      queue_.push_back(std::move(job));
+      lk.unlock();
+      cv_.notify_one();
+      return work;
+    }
+    busy_ = true;
   }
-  cv_.notify_one();
+  job();
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    busy_ = false;
+  }
+  cv_.notify_all();  // the worker may hold ops queued meanwhile by other threads
   return work;
 }
 

@@ -42,7 +42,7 @@ WorkPtr IchibanBackend::allreduce(std::vector<at::Tensor>& tensors, const c10d::
   const RedOp op = to_redop(opts.reduceOp, "allreduce");
   check_reduction(tensors[0].scalar_type(), op, "allreduce");
   at::Tensor t = tensors[0];
-  return enqueue(OpType::ALLREDUCE, "allreduce", tensors, [this, t, op]() mutable {
+  return submit(!opts.asyncOp, OpType::ALLREDUCE, "allreduce", tensors, [this, t, op]() mutable {
     at::Tensor c = contig(t);
     allreduce_now(c, op, "allreduce");
     write_back(t, c);
@@ -74,7 +74,7 @@ WorkPtr IchibanBackend::reduce(std::vector<at::Tensor>& tensors, const c10d::Red
   const RedOp op = to_redop(opts.reduceOp, "reduce");
   check_reduction(tensors[0].scalar_type(), op, "reduce");
   at::Tensor t = tensors[0];
-  return enqueue(OpType::REDUCE, "reduce", tensors, [this, t, op, root]() mutable {
+  return submit(!opts.asyncOp, OpType::REDUCE, "reduce", tensors, [this, t, op, root]() mutable {
     // Non-roots keep their input: they reduce a copy.
     at::Tensor c = rank_ == root ? contig(t) : t.contiguous().clone();
     allreduce_now(c, op, "reduce");
@@ -93,7 +93,7 @@ WorkPtr IchibanBackend::broadcast(std::vector<at::Tensor>& tensors, const c10d::
       fallback_->broadcast(tensors, opts)->wait();
     });
   }
-  return enqueue(OpType::BROADCAST, "broadcast", tensors, [this, t, root]() mutable {
+  return submit(!opts.asyncOp, OpType::BROADCAST, "broadcast", tensors, [this, t, root]() mutable {
     const auto t0 = std::chrono::steady_clock::now();
     at::Tensor c = contig(t);
     // Root's rank within this host's segment equals its group rank on one host.
@@ -114,7 +114,7 @@ WorkPtr IchibanBackend::_allgather_base(at::Tensor& output, at::Tensor& input, c
     return enqueue(OpType::_ALLGATHER_BASE, "all_gather_into_tensor", {output},
                    [this, output, input, opts]() mutable { fallback_->_allgather_base(output, input, opts)->wait(); });
   }
-  return enqueue(OpType::_ALLGATHER_BASE, "all_gather_into_tensor", {output}, [this, output, input]() mutable {
+  return submit(!opts.asyncOp, OpType::_ALLGATHER_BASE, "all_gather_into_tensor", {output}, [this, output, input]() mutable {
     const auto t0 = std::chrono::steady_clock::now();
     at::Tensor in = contig(input);
     at::Tensor out = contig(output);
@@ -137,7 +137,7 @@ WorkPtr IchibanBackend::allgather(std::vector<std::vector<at::Tensor>>& outputs,
   }
   at::Tensor input = inputs[0];
   std::vector<at::Tensor> outs = outputs[0];
-  return enqueue(OpType::ALLGATHER, "allgather", outs, [this, input, outs]() mutable {
+  return submit(!opts.asyncOp, OpType::ALLGATHER, "allgather", outs, [this, input, outs]() mutable {
     at::Tensor in = contig(input);
     at::Tensor flat = at::empty({in.numel() * size_}, in.options());
     shm_allgather(*comm_, in.data_ptr(), flat.data_ptr(), in.numel() * in.element_size(), deadline());
@@ -219,7 +219,7 @@ WorkPtr IchibanBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& inp
                      if (op == RedOp::kAvg) output.div_(size_);
                    });
   }
-  return enqueue(OpType::_REDUCE_SCATTER_BASE, "reduce_scatter_tensor", {output},
+  return submit(!opts.asyncOp, OpType::_REDUCE_SCATTER_BASE, "reduce_scatter_tensor", {output},
                  [this, output, input, op]() mutable {
                    const auto t0 = std::chrono::steady_clock::now();
                    at::Tensor in = contig(input);

@@ -67,7 +67,7 @@ WorkPtr IchibanBackend::alltoall_base(at::Tensor& output, at::Tensor& input, std
                      fallback_->alltoall_base(output, input, output_splits, input_splits, opts)->wait();
                    });
   }
-  return enqueue(OpType::ALLTOALL_BASE, "all_to_all_single", {output},
+  return submit(!opts.asyncOp, OpType::ALLTOALL_BASE, "all_to_all_single", {output},
                  [this, output, input, in_off, in_len, out_off, out_len]() mutable {
                    at::Tensor in = contig(input);
                    at::Tensor out = contig(output);
@@ -188,7 +188,7 @@ WorkPtr IchibanBackend::scatter(std::vector<at::Tensor>& outputs, std::vector<st
 WorkPtr IchibanBackend::barrier(const c10d::BarrierOptions& opts) {
   // A group bound to a GPU synchronises through NCCL, as c10d users expect.
   if (cuda_ && opts.device.has_value() && opts.device->is_cuda()) return cuda_->barrier(opts);
-  return enqueue(OpType::BARRIER, "barrier", {}, [this, opts]() {
+  return submit(!opts.asyncOp, OpType::BARRIER, "barrier", {}, [this, opts]() {
     if (multi_host()) {
       require_fallback("barrier");
       fallback_->barrier(opts)->wait();

@@ -85,13 +85,24 @@ def _sweep_stale_segments() -> None:
 
 
 def _spin_policy(local_size: int) -> tuple[int, int]:
-    """(spin iterations, sched_yield iterations) before a waiter sleeps on the futex."""
+    """(busy polls, sched_yield polls) before a waiter sleeps on the futex.
+
+    Short on purpose: measured on a loaded 2-core box, 200 polls (a few
+    microseconds) then 2 yields gave 17 us all-reduce latency at 2 ranks where
+    20000 polls and 100 yields gave 600 us: a long spin holds the core the peer
+    needs, and a futex wake-up schedules the sleeper promptly.
+    ICHIBAN_SPIN="polls[,yields]" overrides.
+    """
     spin = os.environ.get("ICHIBAN_SPIN")
     if spin:
-        return int(spin), 100
+        try:
+            parts = [int(x) for x in spin.split(",")]
+        except ValueError:
+            raise ValueError(f"ICHIBAN_SPIN={spin!r}: expected 'polls' or 'polls,yields'") from None
+        return parts[0], parts[1] if len(parts) > 1 else 2
     if cost.oversubscribed(local_size):
-        return 0, 200  # a spinning waiter would hold the core its peer needs
-    return 20000, 100
+        return 50, 2
+    return 200, 2
 
 
 def _group_config(store, rank: int, local_size: int) -> dict:
