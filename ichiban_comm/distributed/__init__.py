@@ -1,1 +1,19 @@
-"""The torch.distributed backend "ichiban" (see backend.py)."""
+"""The torch.distributed backend ``"ichiban"``.
+
+Importing this package registers the backend (idempotently), so that
+
+    import ichiban_comm
+    dist.init_process_group("ichiban")
+
+works; unmodified scripts also get it through the ``torch.distributed.backends``
+entry point that torch loads on ``init_process_group("ichiban")``.
+
+CPU tensors move through shared memory inside a host and hierarchically
+(through Gloo) across hosts; CUDA tensors go to a NCCL group the backend wraps.
+"""
+
+from .backend import ICHIBAN, register, is_registered  # noqa: F401
+
+register()
+
+__all__ = ["ICHIBAN", "register", "is_registered"]

@@ -1,0 +1,370 @@
+"""Collectives benchmark: the "ichiban" backend and Gloo side by side (and MPI
+through mpi4py when it is installed), nccl-tests style, with the machine's
+memcpy bandwidth measured in the same run as the ceiling.
+
+    python benchmarks/collectives.py                       # world sizes 2 and 4, 8 B .. 256 MiB
+    python benchmarks/collectives.py --world-sizes 2 --max-bytes 16M --ops all_reduce
+    python benchmarks/collectives.py --json results.json   # machine-readable rows
+    python benchmarks/collectives.py --tune                # measure the one-shot/two-shot crossover
+                                                           # and write the table the backend loads
+
+Columns: time per op (median, min-max over repetitions, slowest rank), algbw =
+bytes / time, busbw = algbw x the nccl-tests factor (all_reduce 2(n-1)/n;
+all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast 1). For ichiban's
+all_reduce it also prints the memory traffic the chosen algorithm needs per
+rank (one-shot (n+2)S, two-shot (4+1/n)S) and the fraction of the measured
+memcpy bandwidth (bytes read + written, min(n, cores) threads) it achieves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+OPS = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"]
+BUSBW = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+         "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
+         "all_to_all": lambda n: (n - 1) / n}
+
+
+def parse_bytes(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)
+
+
+def human(n: int) -> str:
+    for unit, k in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << k and n % (1 << k) == 0:
+            return f"{n >> k}{unit}"
+    return str(n)
+
+
+def sizes(lo: int, hi: int) -> list[int]:
+    out, s = [], lo
+    while s <= hi:
+        out.append(s)
+        s *= 4
+    return out
+
+
+def memcpy_gbps(threads: int, nbytes: int = 256 << 20) -> float:
+    """Copy bandwidth counting bytes read + written (GB/s), best of 5."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(old)
+    return 2 * nbytes / best / 1e9
+
+
+def traffic_per_rank(algo: str, nbytes: int, n: int) -> float:
+    if n == 1:
+        return 0.0
+    return {"oneshot": (n + 2) * nbytes, "twoshot": (4 + 1 / n) * nbytes,
+            "ring": 5 * nbytes}.get(algo, 0.0)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _make_op(op: str, nbytes: int, n: int, rank: int, group):
+    import torch.distributed as dist
+
+    elems = max(nbytes // 4, 1) if nbytes else 0
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        elems = elems // n * n  # total size divisible by n
+    big = torch.randn(elems)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(big, group=group)
+    if op == "broadcast":
+        return lambda: dist.broadcast(big, src=0, group=group)
+    if op == "all_gather":
+        part = big[: elems // n].clone()
+        return lambda: dist.all_gather_into_tensor(big, part, group=group)
+    if op == "reduce_scatter":
+        part = torch.empty(elems // n)
+        return lambda: dist.reduce_scatter_tensor(part, big, group=group)
+    out = torch.empty_like(big)
+    return lambda: dist.all_to_all_single(out, big, group=group)
+
+
+def _time_op(fn, group, timer_group, reps: int, budget_s: float) -> list[float]:
+    import torch.distributed as dist
+
+    for _ in range(3):  # first touch of buffers and shared slots
+        fn()
+    dist.barrier(group=timer_group)
+    t0 = time.perf_counter()
+    fn()
+    one = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(one, op=dist.ReduceOp.MAX, group=timer_group)
+    iters = int(min(max(budget_s / max(float(one), 1e-7), 1), 2000))
+    times = []
+    for _ in range(reps):
+        dist.barrier(group=timer_group)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        dt = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=timer_group)  # the slowest rank
+        times.append(float(dt))
+    return times
+
+
+def _worker(rank, n, port, cfg, out):
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(n),
+                       "GROUP_RANK": "0"})
+    torch.set_num_threads(1)
+    import ichiban_comm.distributed  # noqa: F401
+
+    dist.init_process_group("gloo", rank=rank, world_size=n, timeout=datetime.timedelta(seconds=600))
+    timer = dist.new_group(backend="gloo")
+    groups = {}
+    for b in cfg["backends"]:
+        if b == "gloo":
+            groups["gloo"] = dist.group.WORLD
+        elif b.startswith("ichiban"):
+            algo = b.split(":", 1)[1] if ":" in b else "auto"
+            os.environ["ICHIBAN_ALGO"] = algo
+            groups[b] = dist.new_group(backend="ichiban")
+    rows = []
+    for op in cfg["ops"]:
+        for nbytes in cfg["sizes"]:
+            for b, g in groups.items():
+                fn = _make_op(op, nbytes, n, rank, g)
+                times = _time_op(fn, g, timer, cfg["reps"], cfg["budget_s"])
+                row = {"op": op, "bytes": nbytes, "backend": b, "world_size": n,
+                       "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+                if b.startswith("ichiban") and op == "all_reduce":
+                    be = g._get_backend(torch.device("cpu"))
+                    row["algo"] = be.choose_allreduce(nbytes)
+                rows.append(row)
+                del fn
+    if rank == 0:
+        out.put(rows)
+    dist.barrier(group=timer)
+    dist.destroy_process_group()
+
+
+def run_world(n: int, cfg: dict) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, n, port, cfg, out)) for r in range(n)]
+    for p in procs:
+        p.start()
+    rows = out.get(timeout=cfg["timeout_s"])
+    for p in procs:
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+    return rows
+
+
+def run_mpi(n: int, cfg: dict) -> list[dict]:
+    """MPI all_reduce etc. through mpi4py, when installed (an optional extra)."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return []
+    mpiexec = shutil.which("mpiexec") or shutil.which("mpirun")
+    if not mpiexec:
+        return []
+    cmd = [mpiexec, "-n", str(n), sys.executable, os.path.abspath(__file__), "--_mpi-worker",
+           json.dumps(cfg)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg["timeout_s"])
+    for line in res.stdout.splitlines():
+        if line.startswith("MPIROWS "):
+            return json.loads(line[8:])
+    print(f"mpi run failed: {res.stderr[-2000:]}", file=sys.stderr)
+    return []
+
+
+def _mpi_worker(cfg: dict) -> None:
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    n, rank = comm.Get_size(), comm.Get_rank()
+    rows = []
+    for op in cfg["ops"]:
+        for nbytes in cfg["sizes"]:
+            elems = max(nbytes // 4, 1) if nbytes else 0
+            elems = elems // n * n
+            a = np.random.rand(elems).astype(np.float32)
+            b = np.empty_like(a)
+            part = np.empty(elems // n, dtype=np.float32)
+            fn = {"all_reduce": lambda: comm.Allreduce(a, b),
+                  "broadcast": lambda: comm.Bcast(a, root=0),
+                  "all_gather": lambda: comm.Allgather(part, a),
+                  "reduce_scatter": lambda: comm.Reduce_scatter_block(a, part),
+                  "all_to_all": lambda: comm.Alltoall(a, b)}[op]
+            fn()
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fn()
+            one = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            iters = int(min(max(cfg["budget_s"] / max(one, 1e-7), 1), 2000))
+            times = []
+            for _ in range(cfg["reps"]):
+                comm.Barrier()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                times.append(comm.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
+            rows.append({"op": op, "bytes": nbytes, "backend": "mpi", "world_size": n,
+                         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)})
+    if rank == 0:
+        print("MPIROWS " + json.dumps(rows), flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def annotate(rows: list[dict], memcpy: dict) -> None:
+    cores = os.cpu_count() or 1
+    for r in rows:
+        n, t = r["world_size"], r["median_s"]
+        r["algbw_gbps"] = r["bytes"] / t / 1e9 if t > 0 else 0.0
+        r["busbw_gbps"] = r["algbw_gbps"] * BUSBW[r["op"]](n)
+        if "algo" in r:
+            tr = traffic_per_rank(r["algo"], r["bytes"], n)
+            r["traffic_per_rank_bytes"] = tr
+            ceiling = memcpy[min(n, cores)]
+            r["memcpy_fraction"] = (tr * n / t / 1e9) / ceiling if t > 0 and tr else 0.0
+
+
+def print_table(rows: list[dict], backends: list[str]) -> None:
+    by = {}
+    for r in rows:
+        by.setdefault((r["world_size"], r["op"], r["bytes"]), {})[r["backend"]] = r
+    last = None
+    for (n, op, nbytes), cols in sorted(by.items(), key=lambda kv: (kv[0][0], OPS.index(kv[0][1]), kv[0][2])):
+        if (n, op) != last:
+            last = (n, op)
+            print(f"\n# {op}, world size {n}")
+            head = f"{'bytes':>8}"
+            for b in backends:
+                if b in cols:
+                    head += f" | {b + ' time us (min-max)':>30} {'algbw':>7} {'busbw':>7}"
+            if any("algo" in c for c in cols.values()):
+                head += f" | {'algo':>8} {'traffic/rank':>12} {'of memcpy':>9}"
+            head += " | speedup vs gloo"
+            print(head)
+        line = f"{human(nbytes):>8}"
+        for b in backends:
+            c = cols.get(b)
+            if c:
+                tm = f"{c['median_s'] * 1e6:.1f} ({c['min_s'] * 1e6:.1f}-{c['max_s'] * 1e6:.1f})"
+                line += f" | {tm:>30} {c['algbw_gbps']:7.2f} {c['busbw_gbps']:7.2f}"
+        ich = next((c for b, c in cols.items() if b.startswith("ichiban") and "algo" in c), None)
+        if ich is not None:
+            line += (f" | {ich['algo']:>8} {human(int(ich['traffic_per_rank_bytes'])):>12} "
+                     f"{100 * ich['memcpy_fraction']:8.0f}%")
+        g, i = cols.get("gloo"), cols.get("ichiban")
+        if g and i:
+            line += f" | {g['median_s'] / i['median_s']:.1f}x"
+        print(line)
+
+
+def tune(world_sizes: list[int], args) -> None:
+    """Measure one-shot vs two-shot all_reduce and store the crossover per world size."""
+    from ichiban_comm.distributed import cost
+
+    for n in world_sizes:
+        cfg = {"ops": ["all_reduce"], "sizes": sizes(4096, 64 << 20),
+               "backends": ["ichiban:oneshot", "ichiban:twoshot"], "reps": 3, "budget_s": 0.05,
+               "timeout_s": 1800}
+        rows = run_world(n, cfg)
+        t = {(r["backend"].split(":")[1], r["bytes"]): r["median_s"] for r in rows}
+        threshold = 4096
+        for s in cfg["sizes"]:
+            if t[("oneshot", s)] <= t[("twoshot", s)]:
+                threshold = s
+            else:
+                break
+        if all(t[("oneshot", s)] <= t[("twoshot", s)] for s in cfg["sizes"]):
+            threshold = 64 << 20
+        path = cost.save_tuned(n, {"oneshot_max_bytes": threshold, "measured": time.strftime("%Y-%m-%d"),
+                                   "times_s": {f"{a}/{s}": v for (a, s), v in t.items()}})
+        print(f"world size {n}: one-shot up to {human(threshold)} bytes -> {path}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--min-bytes", default="8")
+    ap.add_argument("--max-bytes", default="256M")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--budget-ms", type=float, default=30.0, help="time per repetition")
+    ap.add_argument("--no-gloo", action="store_true")
+    ap.add_argument("--algos", default="",
+                    help="also run ichiban with these forced algorithms as extra columns (e.g. oneshot,twoshot)")
+    ap.add_argument("--json", help="write rows and machine facts here")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--_mpi-worker", dest="mpi_worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.mpi_worker:
+        return _mpi_worker(json.loads(args.mpi_worker))
+    if args.tune:
+        return tune(args.world_sizes, args)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        ap.error(f"--ops: unknown {bad}; expected some of {OPS}")
+    backends = ["ichiban"] + [f"ichiban:{a.strip()}" for a in args.algos.split(",") if a.strip()]
+    backends += [] if args.no_gloo else ["gloo"]
+    cfg = {"ops": ops, "sizes": sizes(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes)),
+           "backends": backends, "reps": args.reps, "budget_s": args.budget_ms / 1e3, "timeout_s": 7200}
+    cores = os.cpu_count() or 1
+    memcpy = {k: memcpy_gbps(k) for k in range(1, cores + 1)}
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, {cores} cores, "
+          f"torch {torch.__version__}")
+    print("# memcpy (read+write): " + ", ".join(f"{k} thread(s) {v:.1f} GB/s" for k, v in memcpy.items()))
+    rows = []
+    for n in args.world_sizes:
+        rows += run_world(n, cfg)
+        mpi_rows = run_mpi(n, cfg)
+        if mpi_rows and "mpi" not in backends:
+            backends.append("mpi")
+        rows += mpi_rows
+    annotate(rows, memcpy)
+    print_table(rows, backends)
+    if args.json:
+        facts = {"host": platform.node(), "cores": cores, "torch": torch.__version__,
+                 "python": platform.python_version(), "memcpy_gbps": memcpy,
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with open(args.json, "w") as f:
+            json.dump({"machine": facts, "rows": rows}, f, indent=1)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

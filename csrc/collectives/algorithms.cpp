@@ -1,0 +1,298 @@
+#include "collectives/algorithms.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/errors.h"
+
+namespace ichiban {
+
+const char* algo_name(Algo a) {
+  switch (a) {
+    case Algo::kAuto: return "auto";
+    case Algo::kOneShot: return "oneshot";
+    case Algo::kTwoShot: return "twoshot";
+    case Algo::kRing: return "ring";
+    case Algo::kHier: return "hier";
+    case Algo::kFlat: return "flat";
+  }
+  return "?";
+}
+
+Algo parse_algo(const std::string& s) {
+  if (s.empty() || s == "auto") return Algo::kAuto;
+  if (s == "oneshot" || s == "one-shot") return Algo::kOneShot;
+  if (s == "twoshot" || s == "two-shot") return Algo::kTwoShot;
+  if (s == "ring") return Algo::kRing;
+  if (s == "hier" || s == "hierarchical") return Algo::kHier;
+  if (s == "flat") return Algo::kFlat;
+  ICHIBAN_CHECK_ARG(false, "ICHIBAN_ALGO='", s, "': expected one of auto, oneshot, twoshot, ring, hier, flat");
+}
+
+namespace {
+
+// Chunks and per-rank windows are cut on 64-byte boundaries so that no two
+// ranks write the same cache line.
+constexpr int64_t kAlign = 64;
+
+int64_t elems_per(int64_t bytes, int64_t es) {
+  int64_t e = (bytes / kAlign * kAlign) / es;
+  return std::max<int64_t>(e, 1);
+}
+
+OpDesc desc(uint32_t op, c10::ScalarType dt, int64_t count, int redop = -1, int root = -1) {
+  OpDesc d;
+  d.op = op;
+  d.dtype = static_cast<int32_t>(dt);
+  d.count = count;
+  d.redop = redop;
+  d.root = root;
+  return d;
+}
+
+OpDesc byte_desc(uint32_t op, int64_t bytes, int root = -1) {
+  OpDesc d;
+  d.op = op;
+  d.count = bytes;
+  d.root = root;
+  return d;
+}
+
+void oneshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op, int avg, int64_t es) {
+  const int n = c.size();
+  const int64_t chunk = elems_per(static_cast<int64_t>(c.slot_bytes()), es);
+  std::vector<const void*> srcs(n);
+  for (int64_t off = 0; off < count; off += chunk) {
+    const int64_t m = std::min(chunk, count - off);
+    c.next_unit();
+    std::memcpy(c.my_slot(), data + off * es, m * es);
+    c.sync();
+    for (int p = 0; p < n; ++p) srcs[p] = c.slot(p);
+    reduce_n(dt, op, data + off * es, srcs.data(), n, m, avg);
+  }
+}
+
+void twoshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op, int avg, int64_t es) {
+  const int n = c.size();
+  const int r = c.rank();
+  // Each rank's segment of a chunk starts on a 64-byte boundary.
+  const int64_t seg_max = elems_per(static_cast<int64_t>(c.slot_bytes()) / n, es);
+  std::vector<const void*> srcs(n);
+  int64_t off = 0;
+  while (off < count) {
+    const int64_t m = std::min(seg_max * n, count - off);
+    const int64_t per = std::min(seg_max, (m + n - 1) / n);
+    c.next_unit();
+    // (n, per) layout: segment q of my chunk at q*per*es in my slot.
+    std::memcpy(c.my_slot(), data + off * es, m * es);
+    c.sync();
+    const int64_t b = std::min<int64_t>(r * per, m), e = std::min<int64_t>((r + 1) * per, m);
+    if (e > b) {
+      for (int p = 0; p < n; ++p) srcs[p] = c.slot(p) + b * es;
+      reduce_n(dt, op, c.my_slot() + b * es, srcs.data(), n, e - b, avg);
+    }
+    c.sync();
+    for (int q = 0; q < n; ++q) {
+      const int64_t qb = std::min<int64_t>(q * per, m), qe = std::min<int64_t>((q + 1) * per, m);
+      if (qe > qb) std::memcpy(data + (off + qb) * es, c.slot(q) + qb * es, (qe - qb) * es);
+    }
+    off += m;
+  }
+}
+
+// Ring on shared memory: at step s rank r adds its own part of segment
+// (r - s - 1) mod n to the partial sum its left neighbour published, and
+// publishes the result; after n-1 steps rank r holds segment r reduced. Every
+// partial sum is formed in the same order on every rank that needs it.
+void ring(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op, int avg, int64_t es) {
+  const int n = c.size();
+  const int r = c.rank();
+  const int left = (r + n - 1) % n;
+  const int64_t seg_max = elems_per(static_cast<int64_t>(c.slot_bytes()), es);
+  std::vector<char> partial;
+  int64_t off = 0;
+  while (off < count) {
+    const int64_t m = std::min(seg_max * n, count - off);
+    const int64_t per = (m + n - 1) / n;
+    auto seg = [&](int q, int64_t& b, int64_t& e) {
+      b = std::min<int64_t>(q * per, m);
+      e = std::min<int64_t>((q + 1) * per, m);
+    };
+    partial.resize(per * es);
+    // The partial for segment q starts at rank q+1 and ends, complete, at rank q.
+    int q = (r + n - 1) % n;  // the segment whose partial I start
+    int64_t b, e;
+    seg(q, b, e);
+    c.next_unit();
+    std::memcpy(c.my_slot(), data + (off + b) * es, (e - b) * es);
+    c.sync();
+    for (int s = 1; s < n; ++s) {
+      q = (q + n - 1) % n;  // the left neighbour's partial is for segment r - s - 1
+      seg(q, b, e);
+      const void* srcs[2] = {c.slot(left), data + (off + b) * es};
+      const bool last = s == n - 1;
+      // Copy out of the neighbour's slot before reusing buffers next unit.
+      reduce_n(dt, op, partial.data(), srcs, 2, e - b, last ? avg : 1);
+      c.next_unit();
+      std::memcpy(c.my_slot(), partial.data(), (e - b) * es);
+      c.sync();
+    }
+    // Now every rank's slot holds its own segment fully reduced; the next
+    // chunk's first barrier orders these reads before any slot is rewritten.
+    for (int p = 0; p < n; ++p) {
+      int64_t pb, pe;
+      seg(p, pb, pe);
+      if (pe > pb) std::memcpy(data + (off + pb) * es, c.slot(p), (pe - pb) * es);
+    }
+    off += m;
+  }
+}
+
+}  // namespace
+
+void shm_barrier(ShmComm& c, Deadline dl) {
+  OpDesc d;
+  d.op = kOpBarrier;
+  c.begin("barrier", d, dl);
+  c.next_unit();
+  c.sync();
+}
+
+void shm_allreduce(ShmComm& c, Algo algo, void* data, int64_t count, c10::ScalarType dt, RedOp op,
+                   int avg_divisor, Deadline dl) {
+  c.begin("allreduce", desc(kOpAllreduce, dt, count, static_cast<int>(op)), dl);
+  const int64_t es = c10::elementSize(dt);
+  if (count == 0 || c.size() == 1) {
+    c.next_unit();
+    c.sync();  // still check that every rank agrees
+    if (c.size() == 1 && avg_divisor > 1) {
+      const void* src = data;
+      reduce_n(dt, op, data, &src, 1, count, avg_divisor);
+    }
+    return;
+  }
+  char* p = static_cast<char*>(data);
+  switch (algo) {
+    case Algo::kTwoShot: return twoshot(c, p, count, dt, op, avg_divisor, es);
+    case Algo::kRing: return ring(c, p, count, dt, op, avg_divisor, es);
+    default: return oneshot(c, p, count, dt, op, avg_divisor, es);
+  }
+}
+
+void shm_broadcast(ShmComm& c, void* data, int64_t bytes, int root, Deadline dl) {
+  c.begin("broadcast", byte_desc(kOpBroadcast, bytes, root), dl);
+  char* p = static_cast<char*>(data);
+  const int64_t chunk = static_cast<int64_t>(c.slot_bytes());
+  int64_t off = 0;
+  do {
+    const int64_t m = std::min(chunk, bytes - off);
+    c.next_unit();
+    if (c.rank() == root) std::memcpy(c.my_slot(), p + off, m);
+    c.sync();
+    if (c.rank() != root) std::memcpy(p + off, c.slot(root), m);
+    off += m;
+  } while (off < bytes);
+}
+
+void shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl) {
+  c.begin("allgather", byte_desc(kOpAllgather, bytes), dl);
+  const char* src = static_cast<const char*>(in);
+  char* dst = static_cast<char*>(out);
+  const int64_t chunk = static_cast<int64_t>(c.slot_bytes());
+  int64_t off = 0;
+  do {
+    const int64_t m = std::min(chunk, bytes - off);
+    c.next_unit();
+    std::memcpy(c.my_slot(), src + off, m);
+    c.sync();
+    for (int p = 0; p < c.size(); ++p) std::memcpy(dst + p * bytes + off, c.slot(p), m);
+    off += m;
+  } while (off < bytes);
+}
+
+void shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c10::ScalarType dt, RedOp op,
+                        int avg_divisor, Deadline dl) {
+  c.begin("reduce_scatter", desc(kOpReduceScatter, dt, count, static_cast<int>(op)), dl);
+  const int n = c.size();
+  const int64_t es = c10::elementSize(dt);
+  const char* src = static_cast<const char*>(in);
+  const int64_t per = elems_per(static_cast<int64_t>(c.slot_bytes()) / n, es);
+  std::vector<const void*> srcs(n);
+  int64_t off = 0;
+  do {
+    const int64_t m = std::min(per, count - off);
+    c.next_unit();
+    // (n, per) layout in my slot: piece q is destined for rank q.
+    for (int q = 0; q < n; ++q) std::memcpy(c.my_slot() + q * per * es, src + (q * count + off) * es, m * es);
+    c.sync();
+    for (int p = 0; p < n; ++p) srcs[p] = c.slot(p) + c.rank() * per * es;
+    reduce_n(dt, op, static_cast<char*>(out) + off * es, srcs.data(), n, m, avg_divisor);
+    off += m;
+  } while (off < count);
+}
+
+void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64_t* in_len, char* out,
+                  const int64_t* out_off, const int64_t* out_len, c10::ScalarType dt, Deadline dl) {
+  const int n = c.size();
+  const int r = c.rank();
+  int64_t mine = 0;
+  for (int q = 0; q < n; ++q) mine = std::max({mine, in_len[q], out_len[q]});
+  OpDesc d = byte_desc(kOpAlltoall, mine);
+  d.dtype = static_cast<int32_t>(dt);
+  d.check_count = 0;  // splits differ per rank; the largest block sets the rounds
+  c.begin("alltoall", d, dl);
+  c.next_unit();
+  c.sync();
+  int64_t biggest = 0;
+  for (int p = 0; p < n; ++p) biggest = std::max(biggest, c.peer_desc(p).count);
+  const int64_t w = std::max<int64_t>(static_cast<int64_t>(c.slot_bytes()) / n / kAlign * kAlign, kAlign);
+  for (int64_t off = 0; off < biggest; off += w) {
+    c.next_unit();
+    for (int q = 0; q < n; ++q) {
+      const int64_t m = std::min(w, in_len[q] - off);
+      if (m > 0) std::memcpy(c.my_slot() + q * w, in + in_off[q] + off, m);
+    }
+    c.sync();
+    for (int p = 0; p < n; ++p) {
+      const int64_t m = std::min(w, out_len[p] - off);
+      if (m > 0) std::memcpy(out + out_off[p] + off, c.slot(p) + r * w, m);
+    }
+  }
+}
+
+void shm_gather(ShmComm& c, const void* in, void* out, int64_t bytes, int root, Deadline dl) {
+  c.begin("gather", byte_desc(kOpGather, bytes, root), dl);
+  const char* src = static_cast<const char*>(in);
+  char* dst = static_cast<char*>(out);
+  const int64_t chunk = static_cast<int64_t>(c.slot_bytes());
+  int64_t off = 0;
+  do {
+    const int64_t m = std::min(chunk, bytes - off);
+    c.next_unit();
+    std::memcpy(c.my_slot(), src + off, m);
+    c.sync();
+    if (c.rank() == root)
+      for (int p = 0; p < c.size(); ++p) std::memcpy(dst + p * bytes + off, c.slot(p), m);
+    off += m;
+  } while (off < bytes);
+}
+
+void shm_scatter(ShmComm& c, const void* in, void* out, int64_t bytes, int root, Deadline dl) {
+  c.begin("scatter", byte_desc(kOpScatter, bytes, root), dl);
+  const int n = c.size();
+  const char* src = static_cast<const char*>(in);
+  const int64_t per = std::max<int64_t>(static_cast<int64_t>(c.slot_bytes()) / n / kAlign * kAlign, kAlign);
+  int64_t off = 0;
+  do {
+    const int64_t m = std::min(per, bytes - off);
+    c.next_unit();
+    if (c.rank() == root)
+      for (int q = 0; q < n; ++q) std::memcpy(c.my_slot() + q * per, src + q * bytes + off, m);
+    c.sync();
+    std::memcpy(static_cast<char*>(out) + off, c.slot(root) + c.rank() * per, m);
+    off += m;
+  } while (off < bytes);
+}
+
+}  // namespace ichiban

@@ -1,0 +1,184 @@
+#include "shm/comm.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <sstream>
+
+#include <c10/core/ScalarType.h>
+
+#include "common/errors.h"
+
+namespace ichiban {
+
+namespace {
+constexpr uint64_t kMagic = 0x6e61626968636921ULL;  // "!ichiban"
+
+// False once pid has exited, including as a zombie its parent has not reaped.
+bool pid_alive(int32_t pid) {
+  if (kill(pid, 0) != 0) return errno != ESRCH;
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+  FILE* f = std::fopen(path, "r");
+  if (!f) return true;
+  char buf[512];
+  size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+  std::fclose(f);
+  buf[n] = 0;
+  const char* close = std::strrchr(buf, ')');  // "pid (comm) S ..."
+  return !(close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X'));
+}
+}  // namespace
+
+struct ShmComm::Header {
+  uint64_t magic;
+  uint32_t nranks;
+  uint32_t pad;
+  uint64_t slot_bytes;
+  alignas(64) std::atomic<uint32_t> sleepers;
+};
+
+struct ShmComm::RankCtl {
+  alignas(64) std::atomic<uint32_t> step;  // futex word
+  int32_t pid;
+  alignas(64) OpDesc desc[2];  // indexed by barrier parity
+};
+
+const char* opcode_name(uint32_t op) {
+  switch (op) {
+    case kOpBarrier: return "barrier";
+    case kOpAllreduce: return "allreduce";
+    case kOpBroadcast: return "broadcast";
+    case kOpAllgather: return "allgather";
+    case kOpReduceScatter: return "reduce_scatter";
+    case kOpAlltoall: return "alltoall";
+    case kOpGather: return "gather";
+    case kOpScatter: return "scatter";
+    case kOpReduce: return "reduce";
+  }
+  return "unknown op";
+}
+
+size_t ShmComm::data_offset(int n) {
+  size_t ctl_end = kHeaderBytes + static_cast<size_t>(n) * kCtlBytes;
+  return (ctl_end + 4095) / 4096 * 4096;
+}
+
+size_t ShmComm::segment_bytes(int n, size_t slot_bytes) {
+  return data_offset(n) + 2 * static_cast<size_t>(n) * slot_bytes;
+}
+
+ShmComm::ShmComm(std::unique_ptr<ShmSegment> seg, bool creator, int rank, int n, size_t slot_bytes,
+                 WaitPolicy policy, std::string group_label, std::vector<int> labels)
+    : seg_(std::move(seg)), rank_(rank), n_(n), slot_(slot_bytes), policy_(policy),
+      group_(std::move(group_label)), labels_(std::move(labels)) {
+  static_assert(sizeof(RankCtl) <= kCtlBytes, "RankCtl must fit its 256-byte stride");
+  static_assert(sizeof(Header) <= kHeaderBytes, "Header must fit its page");
+  ICHIBAN_CHECK(seg_->size() >= segment_bytes(n, slot_bytes), "ichiban: segment too small");
+  Header* h = header();
+  if (creator) {
+    // Fresh pages read as zero: counters start at 0. Magic goes last.
+    h->nranks = static_cast<uint32_t>(n);
+    h->slot_bytes = slot_bytes;
+    std::atomic_thread_fence(std::memory_order_release);
+    h->magic = kMagic;
+  } else {
+    ICHIBAN_CHECK(h->magic == kMagic && h->nranks == static_cast<uint32_t>(n) && h->slot_bytes == slot_bytes,
+                  "ichiban: shared-memory segment ", seg_->name(), " does not match this group (", n,
+                  " ranks, ", slot_bytes, "-byte slots): another job may be using the same name");
+  }
+  ctl(rank_)->pid = static_cast<int32_t>(getpid());
+}
+
+ShmComm::Header* ShmComm::header() const { return static_cast<Header*>(seg_->data()); }
+
+ShmComm::RankCtl* ShmComm::ctl(int p) const {
+  return reinterpret_cast<RankCtl*>(static_cast<char*>(seg_->data()) + kHeaderBytes + p * kCtlBytes);
+}
+
+char* ShmComm::slot(int p) const {
+  size_t b = unit_ & 1;
+  return static_cast<char*>(seg_->data()) + data_offset(n_) + (b * n_ + p) * slot_;
+}
+
+void ShmComm::begin(const char* opname, const OpDesc& desc, std::chrono::steady_clock::time_point deadline) {
+  ICHIBAN_CHECK(!broken(), "ichiban: ", opname, " on group '", group_,
+                "' cannot run: the group failed earlier (", broken_reason_,
+                "); destroy it and create a new one");
+  opname_ = opname;
+  desc_ = desc;
+  pending_desc_ = true;
+  deadline_ = deadline;
+}
+
+const OpDesc& ShmComm::peer_desc(int p) const { return ctl(p)->desc[step_ & 1]; }
+
+void ShmComm::fail_wait(uint32_t target, const std::string& why) {
+  std::ostringstream missing;
+  bool first = true;
+  for (int p = 0; p < n_; ++p) {
+    if (p == rank_ || reached(ctl(p)->step.load(std::memory_order_acquire), target)) continue;
+    missing << (first ? "" : ", ") << labels_[p];
+    first = false;
+  }
+  std::ostringstream msg;
+  msg << "ichiban: " << opname_ << " on group '" << group_ << "' " << why << "; ranks still missing: ["
+      << missing.str() << "] (this is rank " << labels_[rank_] << ")";
+  broken_reason_ = msg.str();
+  ICHIBAN_CHECK(false, broken_reason_);
+}
+
+void ShmComm::on_slice(int p, uint32_t target) {
+  int32_t pid = ctl(p)->pid;
+  if (pid > 0 && !pid_alive(pid)) {
+    fail_wait(target, "failed: rank " + std::to_string(labels_[p]) + " (pid " + std::to_string(pid) +
+                          ") exited");
+  }
+  if (std::chrono::steady_clock::now() >= deadline_) fail_wait(target, "timed out");
+}
+
+void ShmComm::sync() {
+  const uint32_t target = step_ + 1;
+  RankCtl* me = ctl(rank_);
+  if (pending_desc_) me->desc[target & 1] = desc_;
+  flag_publish(&me->step, target, &header()->sleepers);
+  for (int p = 0; p < n_; ++p) {
+    if (p == rank_) continue;
+    flag_wait(&ctl(p)->step, target, &header()->sleepers, policy_, [&] { on_slice(p, target); });
+  }
+  step_ = target;
+  if (pending_desc_) {
+    pending_desc_ = false;
+    check_descs();
+  }
+}
+
+void ShmComm::check_descs() {
+  auto describe = [](const OpDesc& d) {
+    std::ostringstream s;
+    s << opcode_name(d.op);
+    if (d.dtype >= 0) {
+      s << " of " << d.count << " " << c10::toString(static_cast<c10::ScalarType>(d.dtype)) << " elements";
+    } else if (d.check_count) {
+      s << " of " << d.count << " bytes";
+    }
+    if (d.redop >= 0) s << " (reduce op " << d.redop << ")";
+    if (d.root >= 0) s << " (root " << d.root << ")";
+    return s.str();
+  };
+  for (int p = 0; p < n_; ++p) {
+    const OpDesc& d = ctl(p)->desc[step_ & 1];
+    bool same = d.op == desc_.op && d.dtype == desc_.dtype && d.redop == desc_.redop && d.root == desc_.root &&
+                (!desc_.check_count || d.count == desc_.count);
+    // Every rank sees every descriptor, so all of them raise together and the
+    // group stays usable.
+    ICHIBAN_CHECK(same, "ichiban: mismatched collectives on group '", group_, "': rank ", labels_[rank_],
+                  " called ", describe(desc_), " while rank ", labels_[p], " called ", describe(d),
+                  " (every rank must call the same op with the same sizes and dtype)");
+  }
+}
+
+}  // namespace ichiban

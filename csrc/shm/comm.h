@@ -1,0 +1,102 @@
+// The members of one process group on one host, talking through one shared
+// segment: per-rank step counters (a barrier is "publish step t, wait until
+// every peer reached t"), per-rank operation descriptors (checked at the first
+// barrier of every op, so mismatched sizes or dtypes across ranks are an error
+// rather than corruption) and per-rank data slots.
+//
+// Segment layout (offsets in bytes):
+//   [0, 4096)                      Header
+//   [4096, 4096 + n*256)           RankCtl of rank 0..n-1, one cache-line group each
+//   [data_offset, +2*n*slot)       slot(buffer b, rank p) at data_offset + (b*n + p)*slot
+//
+// Two buffers alternate per unit of work (one chunk of one op: write own slot,
+// >= 1 barrier, read peers' slots). Unit u+2 reuses unit u's buffer only after
+// every rank passed unit u+1's first barrier, i.e. after all reads of unit u.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "shm/segment.h"
+#include "shm/wait.h"
+
+namespace ichiban {
+
+// What one rank is about to do; compared across ranks at an op's first barrier.
+struct OpDesc {
+  uint32_t op = 0;        // OpCode
+  int32_t dtype = -1;     // c10::ScalarType, -1 for byte ops
+  int32_t redop = -1;
+  int32_t root = -1;
+  int64_t count = 0;      // elements (or bytes for dtype -1)
+  uint32_t check_count = 1;
+  uint32_t pad = 0;
+};
+
+enum OpCode : uint32_t {
+  kOpBarrier = 1, kOpAllreduce, kOpBroadcast, kOpAllgather, kOpReduceScatter, kOpAlltoall,
+  kOpGather, kOpScatter, kOpReduce,
+};
+const char* opcode_name(uint32_t op);
+
+class ShmComm {
+ public:
+  static constexpr size_t kHeaderBytes = 4096;
+  static constexpr size_t kCtlBytes = 256;
+
+  static size_t data_offset(int n);
+  static size_t segment_bytes(int n, size_t slot_bytes);
+
+  // labels[p]: how rank p is named in errors (its rank in the process group).
+  ShmComm(std::unique_ptr<ShmSegment> seg, bool creator, int rank, int n, size_t slot_bytes,
+          WaitPolicy policy, std::string group_label, std::vector<int> labels);
+
+  int rank() const { return rank_; }
+  int size() const { return n_; }
+  size_t slot_bytes() const { return slot_; }
+  ShmSegment& segment() { return *seg_; }
+
+  // Start an op: descriptor to check at the next barrier, deadline for all waits.
+  void begin(const char* opname, const OpDesc& desc, std::chrono::steady_clock::time_point deadline);
+  // Advance to the next unit of work (flips the buffer).
+  void next_unit() { ++unit_; }
+  char* slot(int p) const;  // this unit's slot of rank p
+  char* my_slot() const { return slot(rank_); }
+  // Barrier across the host's members. The first one after begin() compares descriptors.
+  void sync();
+  // Descriptor of peer p at the last barrier (after sync()).
+  const OpDesc& peer_desc(int p) const;
+
+  // A wait that failed (timeout, dead peer) leaves peers mid-op: every later op fails fast.
+  bool broken() const { return !broken_reason_.empty(); }
+
+ private:
+  struct Header;
+  struct RankCtl;
+  Header* header() const;
+  RankCtl* ctl(int p) const;
+  void check_descs();
+  [[noreturn]] void fail_wait(uint32_t target, const std::string& why);
+  void on_slice(int p, uint32_t target);
+
+  std::unique_ptr<ShmSegment> seg_;
+  int rank_;
+  int n_;
+  size_t slot_;
+  WaitPolicy policy_;
+  std::string group_;
+  std::vector<int> labels_;
+  uint32_t step_ = 0;
+  uint64_t unit_ = 0;
+  bool pending_desc_ = false;
+  OpDesc desc_;
+  const char* opname_ = "";
+  std::chrono::steady_clock::time_point deadline_;
+  std::string broken_reason_;
+};
+
+}  // namespace ichiban

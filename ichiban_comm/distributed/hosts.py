@@ -1,0 +1,68 @@
+"""Which host each member of a process group lives on, as the backend sees it.
+
+The declared or detected topology (``ichiban_comm.topology``) names the host of
+every global rank. Members that the topology places on one host share memory;
+members on different hosts never do, even when they run on one machine (that
+is how a declared 2 hosts x 2 ranks topology exercises the inter-host path on
+one box). Each member publishes "<host>@<machine id>" through the group's
+store, so two processes that the topology wrongly put together but that run on
+different machines are still kept apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+
+def _machine_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "noboot"
+    return f"{socket.gethostname()}:{boot}"
+
+
+def _declared_host(global_rank: int) -> str | None:
+    """The host of global_rank from the topology module, or None to use the machine."""
+    try:
+        from .. import topology
+
+        detect = getattr(topology, "detect", None)
+        if detect is not None:
+            topo = detect()
+            return str(topo.host_of(global_rank))
+    except Exception as e:  # noqa: BLE001 - the explicit JSON below is the fallback
+        if os.environ.get("ICHIBAN_TOPOLOGY"):
+            return _host_from_json(os.environ["ICHIBAN_TOPOLOGY"], global_rank, cause=e)
+        return None
+    path = os.environ.get("ICHIBAN_TOPOLOGY")
+    return _host_from_json(path, global_rank) if path else None
+
+
+def _host_from_json(path: str, global_rank: int, cause: Exception | None = None) -> str:
+    with open(path) as f:
+        spec = json.load(f)
+    for entry in spec.get("ranks", []):
+        if int(entry["rank"]) == global_rank:
+            return str(entry["host"])
+    raise ValueError(f"ICHIBAN_TOPOLOGY={path}: rank {global_rank} is not declared in its 'ranks' list") from cause
+
+
+def host_assignment(store, group_rank: int, group_size: int, global_rank: int,
+                    timeout_s: float) -> tuple[list[int], list[str]]:
+    """(host index of every group rank, host names), hosts numbered in order of first rank.
+
+    Collective over the group's members (each publishes its own entry).
+    """
+    declared = _declared_host(global_rank)
+    me = f"{declared or socket.gethostname()}@{_machine_id()}"
+    store.set(f"ichiban_host/{group_rank}", me)
+    keys = [f"ichiban_host/{r}" for r in range(group_size)]
+    store.wait(keys)
+    names = [store.get(k).decode() for k in keys]
+    order: dict[str, int] = {}
+    host_of = [order.setdefault(n, len(order)) for n in names]
+    return host_of, list(order)

@@ -1,0 +1,178 @@
+"""Failure handling of the "ichiban" backend: timeouts, a dead peer, mismatched
+ops, bad arguments, and no /dev/shm leaks.
+
+    python -m pytest -q tests/distributed/test_ichiban_failures.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from ichiban_ref import shm_entries
+from spawn import run_workers
+
+
+def _timeout_body(rank, ws):
+    if rank == 1:
+        time.sleep(6.0)  # never joins the all_reduce in time
+        return None
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(5))
+    except Exception as e:  # noqa: BLE001
+        return str(e), time.monotonic() - t0
+    return "no error", 0.0
+
+
+def test_timeout_names_op_group_and_missing_rank():
+    # pg_timeout 2 s: rank 0 must give up after ~2 s, naming what it waited for.
+    res = run_workers(_timeout_body, 2, backend="ichiban", timeout=60, pg_timeout=2.0)
+    msg, elapsed = res[0]
+    assert "allreduce" in msg and "timed out" in msg, msg
+    assert "group '" in msg and "missing: [1]" in msg, msg
+    assert 1.5 <= elapsed < 5.0, elapsed
+
+
+def _dead_peer_body(rank, ws):
+    dist.all_reduce(torch.ones(3))  # the group works
+    if rank == 2:
+        os._exit(3)  # dies without a word
+    t0 = time.monotonic()
+    try:
+        for _ in range(3):
+            dist.all_reduce(torch.ones(1000))
+    except Exception as e:  # noqa: BLE001
+        return str(e), time.monotonic() - t0, os.getpid()
+    return "no error", 0.0, os.getpid()
+
+
+def test_dead_peer_is_an_error_not_a_hang():
+    # Detected by the peer-liveness check long before the 60 s group timeout.
+    res = run_workers(_dead_peer_body, 3, backend="ichiban", timeout=90, pg_timeout=60.0,
+                      expect_failure_ranks=(2,))
+    for r in (0, 1):
+        msg, elapsed, _ = res[r]
+        assert "allreduce" in msg and "rank 2" in msg and "exited" in msg, msg
+        assert elapsed < 10.0, elapsed
+    assert shm_entries([res[0][2]]) == []
+
+
+def _mismatch_body(rank, ws):
+    out = []
+    for case in ("size", "dtype", "op"):
+        if case == "size":
+            t = torch.ones(10 + rank)
+        elif case == "dtype":
+            t = torch.ones(10, dtype=torch.float32 if rank == 0 else torch.float64)
+        else:
+            t = torch.ones(10)
+        try:
+            if case == "op" and rank == 1:
+                dist.broadcast(t, src=0)
+            else:
+                dist.all_reduce(t)
+            out.append("no error")
+        except Exception as e:  # noqa: BLE001
+            out.append(str(e))
+    t = torch.full((4,), float(rank + 1))
+    dist.all_reduce(t)  # the group is still usable
+    out.append(t.tolist())
+    return out
+
+
+def test_mismatched_sizes_dtypes_and_ops_raise_on_every_rank():
+    res = run_workers(_mismatch_body, 2, backend="ichiban", timeout=60)
+    for r in range(2):
+        size_msg, dtype_msg, op_msg, after = res[r]
+        assert "mismatched" in size_msg and "10 " in size_msg and "11 " in size_msg, size_msg
+        assert "mismatched" in dtype_msg and "Double" in dtype_msg, dtype_msg
+        assert "mismatched" in op_msg and "broadcast" in op_msg, op_msg
+        assert after == [3.0] * 4
+
+
+def _bad_args_body(rank, ws):
+    errs = []
+
+    def expect(fn, *words):
+        try:
+            fn()
+            errs.append(f"no error for {words}")
+        except (ValueError, RuntimeError) as e:
+            if not all(w in str(e) for w in words):
+                errs.append(f"{words} not in: {e}")
+
+    expect(lambda: dist.all_reduce(torch.ones(3, dtype=torch.int32), op=dist.ReduceOp.AVG),
+           "allreduce", "AVG", "Int")
+    expect(lambda: dist.all_reduce(torch.ones(3, dtype=torch.complex64), op=dist.ReduceOp.MAX),
+           "MAX", "complex")
+    expect(lambda: dist.all_gather_into_tensor(torch.empty(5), torch.ones(3)),
+           "all_gather_into_tensor", "elements")
+    expect(lambda: dist.reduce_scatter_tensor(torch.empty(3), torch.ones(5)),
+           "reduce_scatter_tensor", "elements")
+    expect(lambda: dist.all_to_all_single(torch.empty(3), torch.ones(3)), "all_to_all_single", "divisible")
+    expect(lambda: dist.all_reduce(torch.ones(2).to_sparse()), "allreduce", "dense")
+    dist.barrier()
+    return errs
+
+
+def test_bad_arguments_name_the_op_and_argument():
+    res = run_workers(_bad_args_body, 2, backend="ichiban", timeout=60)
+    assert res == [[], []], res
+
+
+def _pid_body(rank, ws):
+    g = dist.new_group(backend="ichiban")
+    dist.all_reduce(torch.ones(2), group=g)
+    dist.destroy_process_group(g)
+    dist.all_reduce(torch.ones(2))
+    return os.getpid()
+
+
+def test_no_shm_leaks_after_destroy_and_exit():
+    pids = run_workers(_pid_body, 3, backend="ichiban", timeout=60)
+    assert shm_entries(pids) == []
+
+
+def test_stale_segment_of_a_crashed_job_is_removed():
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    path = f"/dev/shm/ichiban_{os.getuid()}_{pid}_deadbeef_0_h0"
+    with open(path, "wb") as f:
+        f.write(b"\0" * 4096)
+    try:
+        run_workers(_pid_body, 2, backend="ichiban", timeout=60)
+        assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def _async_body(rank, ws):
+    """Several ops in flight, completed in issue order, futures chain."""
+    ts = [torch.full((1000,), float(rank + k)) for k in range(6)]
+    works = [dist.all_reduce(t, async_op=True) for t in ts]
+    fut = works[-1].get_future().then(lambda f: f.value()[0] * 2)
+    for w in works:
+        w.wait()
+    want = [sum(r + k for r in range(ws)) for k in range(6)]
+    ok = all(bool((t == w).all()) for t, w in zip(ts, want))
+    chained = fut.wait()
+    ok = ok and bool((chained == 2 * want[-1]).all()) and works[0].is_completed()
+    # a bigger op queued behind a barrier still completes in order
+    big = torch.full((1 << 18,), 1.0)
+    w1 = dist.barrier(async_op=True)
+    w2 = dist.all_reduce(big, async_op=True)
+    w1.wait()
+    w2.wait()
+    return ok and bool((big == ws).all())
+
+
+def test_async_work_and_futures():
+    assert run_workers(_async_body, 3, backend="ichiban", timeout=60) == [True] * 3
