@@ -8,6 +8,7 @@ torch.distributed backend ``"ichiban"``. Nothing here needs a GPU or a driver.
 __version__ = "0.1.0"
 
 from ._native import NativeModuleError, _C, build_info  # noqa: E402
+from . import distributed  # noqa: E402,F401  (registers the "ichiban" backend)
 
 
 def __getattr__(name):
