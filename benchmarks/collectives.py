@@ -298,7 +298,7 @@ def tune(world_sizes: list[int], args) -> None:
     from ichiban_comm.distributed import cost
 
     for n in world_sizes:
-        cfg = {"ops": ["all_reduce"], "sizes": sizes(4096, 64 << 20),
+        cfg = {"ops": ["all_reduce"], "sizes": sizes(4096, min(parse_bytes(args.max_bytes), 64 << 20)),
                "backends": ["ichiban:oneshot", "ichiban:twoshot"], "reps": 3, "budget_s": 0.05,
                "timeout_s": 1800}
         rows = run_world(n, cfg)
@@ -310,7 +310,7 @@ def tune(world_sizes: list[int], args) -> None:
             else:
                 break
         if all(t[("oneshot", s)] <= t[("twoshot", s)] for s in cfg["sizes"]):
-            threshold = 64 << 20
+            threshold = cost.ALWAYS
         path = cost.save_tuned(n, {"oneshot_max_bytes": threshold, "measured": time.strftime("%Y-%m-%d"),
                                    "times_s": {f"{a}/{s}": v for (a, s), v in t.items()}})
         print(f"world size {n}: one-shot up to {human(threshold)} bytes -> {path}")
