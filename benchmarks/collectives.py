@@ -298,19 +298,19 @@ def tune(world_sizes: list[int], args) -> None:
     from ichiban_comm.distributed import cost
 
     for n in world_sizes:
-        cfg = {"ops": ["all_reduce"], "sizes": sizes(4096, 64 << 20),
+        cfg = {"ops": ["all_reduce"], "sizes": sizes(4096, min(parse_bytes(args.max_bytes), 64 << 20)),
                "backends": ["ichiban:oneshot", "ichiban:twoshot"], "reps": 3, "budget_s": 0.05,
                "timeout_s": 1800}
         rows = run_world(n, cfg)
         t = {(r["backend"].split(":")[1], r["bytes"]): r["median_s"] for r in rows}
-        threshold = 4096
-        for s in cfg["sizes"]:
-            if t[("oneshot", s)] <= t[("twoshot", s)]:
-                threshold = s
-            else:
+        # Crossover: the first size from which two-shot wins by more than 5%
+        # at that size and the next one (single noisy rows do not count).
+        wins = [t[("twoshot", s)] < 0.95 * t[("oneshot", s)] for s in cfg["sizes"]]
+        threshold = cost.ALWAYS
+        for i, s in enumerate(cfg["sizes"]):
+            if wins[i] and (i + 1 == len(wins) or wins[i + 1]):
+                threshold = cfg["sizes"][i - 1] if i > 0 else s // 2
                 break
-        if all(t[("oneshot", s)] <= t[("twoshot", s)] for s in cfg["sizes"]):
-            threshold = 64 << 20
         path = cost.save_tuned(n, {"oneshot_max_bytes": threshold, "measured": time.strftime("%Y-%m-%d"),
                                    "times_s": {f"{a}/{s}": v for (a, s), v in t.items()}})
         print(f"world size {n}: one-shot up to {human(threshold)} bytes -> {path}")

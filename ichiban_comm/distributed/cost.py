@@ -32,8 +32,10 @@ ALPHA_S = {"shm": 5e-6, "shm_oversubscribed": 5e-5, "net": 5e-5}
 BETA_S_PER_BYTE = {"shm": 1 / 10e9, "net": 1 / 1e9}
 
 # Never below a page (one-shot is always right for tiny messages) and never
-# above 64 MiB (two-shot is always right there for n > 2).
+# above 64 MiB for n > 2 (two-shot is always right there); for n <= 2 the
+# model never prefers two-shot.
 _MIN_ONESHOT, _MAX_ONESHOT = 4096, 64 << 20
+ALWAYS = 1 << 62
 
 
 def tune_file() -> str:
@@ -85,7 +87,7 @@ def model_oneshot_max_bytes(local_size: int) -> int:
     n = local_size
     denom = n * n - 2 * n - 1
     if n <= 2 or denom <= 0:
-        return _MAX_ONESHOT
+        return ALWAYS
     alpha = ALPHA_S["shm_oversubscribed" if oversubscribed(n) else "shm"]
     s = alpha / (BETA_S_PER_BYTE["shm"] * denom)
     return int(min(max(s, _MIN_ONESHOT), _MAX_ONESHOT))

@@ -11,7 +11,7 @@ from ichiban_comm.distributed import cost
 
 
 def test_model_never_picks_two_shot_for_two_ranks():
-    assert cost.model_oneshot_max_bytes(2) == 64 << 20
+    assert cost.model_oneshot_max_bytes(2) == cost.ALWAYS
 
 
 def test_model_crossover_is_where_predictions_cross(monkeypatch):

@@ -117,7 +117,37 @@ def _bad_args_body(rank, ws):
            "reduce_scatter_tensor", "elements")
     expect(lambda: dist.all_to_all_single(torch.empty(3), torch.ones(3)), "all_to_all_single", "divisible")
     expect(lambda: dist.all_reduce(torch.ones(2).to_sparse()), "allreduce", "dense")
+    errs += _debug_log_and_forced_algo(rank)
     dist.barrier()
+    return errs
+
+
+def _debug_log_and_forced_algo(rank):
+    """ICHIBAN_DEBUG=1 logs each op with its algorithm, bytes and microseconds;
+    ICHIBAN_ALGO forces the choice for groups created while it is set."""
+    import tempfile
+
+    errs = []
+    os.environ.update({"ICHIBAN_DEBUG": "1", "ICHIBAN_ALGO": "ring"})
+    g = dist.new_group(backend="ichiban")
+    os.environ.pop("ICHIBAN_DEBUG")
+    os.environ.pop("ICHIBAN_ALGO")
+    with tempfile.TemporaryFile(mode="w+") as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            dist.all_reduce(torch.ones(1024), group=g)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        log = f.read()
+    if "allreduce algo=ring bytes=4096 us=" not in log:
+        errs.append(f"debug log: {log!r}")
+    auto = dist.group.WORLD._get_backend(torch.device("cpu"))
+    if auto.choose_allreduce(64) != "oneshot":
+        errs.append(f"auto choice for 64 bytes: {auto.choose_allreduce(64)}")
+    dist.destroy_process_group(g)
     return errs
 
 
