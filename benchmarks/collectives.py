@@ -222,7 +222,8 @@ def _mpi_worker(cfg: dict) -> None:
     for op in cfg["ops"]:
         for nbytes in cfg["sizes"]:
             elems = max(nbytes // 4, 1) if nbytes else 0
-            elems = elems // n * n
+            if op in ("all_gather", "reduce_scatter", "all_to_all"):
+                elems = elems // n * n  # total size divisible by n (as in _make_op)
             a = np.random.rand(elems).astype(np.float32)
             b = np.empty_like(a)
             part = np.empty(elems // n, dtype=np.float32)
