@@ -193,8 +193,14 @@ def run_mpi(n: int, cfg: dict) -> list[dict]:
         import mpi4py  # noqa: F401
     except ImportError:
         return []
-    mpiexec = shutil.which("mpiexec") or shutil.which("mpirun")
+    # The mpich wheel puts mpiexec beside this interpreter; look there first so a
+    # venv's MPI is used even when the venv is not on PATH.
+    here = os.path.dirname(sys.executable)
+    mpiexec = next((p for p in (os.path.join(here, "mpiexec"), os.path.join(here, "mpirun"))
+                    if os.access(p, os.X_OK)), None) or shutil.which("mpiexec") or shutil.which("mpirun")
     if not mpiexec:
+        print("mpi4py is importable but no mpiexec/mpirun was found; skipping the MPI column",
+              file=sys.stderr)
         return []
     cmd = [mpiexec, "-n", str(n), sys.executable, os.path.abspath(__file__), "--_mpi-worker",
            json.dumps(cfg)]
@@ -216,7 +222,8 @@ def _mpi_worker(cfg: dict) -> None:
     for op in cfg["ops"]:
         for nbytes in cfg["sizes"]:
             elems = max(nbytes // 4, 1) if nbytes else 0
-            elems = elems // n * n
+            if op in ("all_gather", "reduce_scatter", "all_to_all"):
+                elems = elems // n * n  # total size divisible by n (as in _make_op)
             a = np.random.rand(elems).astype(np.float32)
             b = np.empty_like(a)
             part = np.empty(elems // n, dtype=np.float32)
@@ -322,6 +329,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--min-bytes", default="8")
     ap.add_argument("--max-bytes", default="256M")
+    ap.add_argument("--sizes", default="",
+                    help="comma-separated message sizes (e.g. 4K,1M,16M,128M); overrides --min/--max-bytes")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-ms", type=float, default=30.0, help="time per repetition")
     ap.add_argument("--no-gloo", action="store_true")
@@ -341,7 +350,11 @@ def main(argv=None) -> None:
         ap.error(f"--ops: unknown {bad}; expected some of {OPS}")
     backends = ["ichiban"] + [f"ichiban:{a.strip()}" for a in args.algos.split(",") if a.strip()]
     backends += [] if args.no_gloo else ["gloo"]
-    cfg = {"ops": ops, "sizes": sizes(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes)),
+    if args.sizes:
+        size_list = [parse_bytes(x.strip()) for x in args.sizes.split(",") if x.strip()]
+    else:
+        size_list = sizes(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes))
+    cfg = {"ops": ops, "sizes": size_list,
            "backends": backends, "reps": args.reps, "budget_s": args.budget_ms / 1e3, "timeout_s": 7200}
     cores = os.cpu_count() or 1
     memcpy = {k: memcpy_gbps(k) for k in range(1, cores + 1)}

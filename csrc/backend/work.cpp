@@ -3,19 +3,42 @@
 namespace ichiban {
 
 IchibanWork::IchibanWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs)
-    : c10d::Work(rank, type), outputs_(std::move(outputs)), seq_(seq),
-      future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::ofTensors())) {}
+    : c10d::Work(rank, type), outputs_(std::move(outputs)), seq_(seq) {}
+
+void IchibanWork::settle(c10::ivalue::Future& f) const {
+  if (error_) {
+    f.setError(error_);
+  } else {
+    f.markCompleted(c10::IValue(outputs_));
+  }
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> IchibanWork::getFuture() {
+  std::lock_guard<std::mutex> lk(future_mu_);
+  if (!future_) {
+    future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::ofTensors());
+    // A fresh Future has no callbacks yet, so settling it under the lock runs nothing.
+    if (done_) settle(*future_);
+  }
+  return future_;
+}
 
 void IchibanWork::complete(std::exception_ptr error) {
-  // Work::wait() wakes first; then the future runs its callbacks (DDP hooks)
-  // on this thread, as with Gloo.
+  // Work::wait() wakes first; then the future, if anyone asked for it, runs
+  // its callbacks (DDP hooks) on this thread, as with Gloo.
   if (error) {
     finish(error);
-    future_->setError(error);
   } else {
     finish();
-    future_->markCompleted(c10::IValue(outputs_));
   }
+  c10::intrusive_ptr<c10::ivalue::Future> f;
+  {
+    std::lock_guard<std::mutex> lk(future_mu_);
+    done_ = true;
+    error_ = error;
+    f = future_;
+  }
+  if (f) settle(*f);
 }
 
 c10::intrusive_ptr<c10d::Work> IchibanWork::completed(int rank, c10d::OpType type,

@@ -1,12 +1,15 @@
 // The Work handed back for every op: completed by the backend's progress
-// thread, with a Future (a list of the op's output tensors) that DDP's
-// reducer and comm hooks chain on.
+// thread (or inline by a synchronous caller), with a Future (a list of the
+// op's output tensors) that DDP's reducer and comm hooks chain on. The Future
+// is made on the first getFuture(): most synchronous ops never ask for one,
+// and skipping it saves an allocation and a list of outputs per op.
 #pragma once
 
 #include <ATen/core/ivalue.h>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
 #include <exception>
+#include <mutex>
 #include <vector>
 
 namespace ichiban {
@@ -15,20 +18,26 @@ class IchibanWork : public c10d::Work {
  public:
   IchibanWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs);
 
-  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
   std::vector<at::Tensor> result() override { return outputs_; }
   uint64_t getSequencenumber() const override { return seq_; }
 
-  // Called once, from the progress thread.
+  // Called once, when the op finished (or failed).
   void complete(std::exception_ptr error);
 
   // A Work that already finished (ops with nothing to do, or delegated ones).
   static c10::intrusive_ptr<c10d::Work> completed(int rank, c10d::OpType type, std::vector<at::Tensor> outputs);
 
  private:
+  // Marks a Future with this work's outcome (runs its callbacks).
+  void settle(c10::ivalue::Future& f) const;
+
   std::vector<at::Tensor> outputs_;
   uint64_t seq_;
+  std::mutex future_mu_;  // guards future_, done_, error_
   c10::intrusive_ptr<c10::ivalue::Future> future_;
+  bool done_ = false;
+  std::exception_ptr error_;
 };
 
 }  // namespace ichiban

@@ -41,6 +41,22 @@ int64_t elems_per(int64_t bytes, int64_t es) {
   return std::max<int64_t>(e, 1);
 }
 
+// The n ranks' inputs of one reduction; kept on the stack for group sizes up
+// to 16 so that a small op allocates nothing.
+class SrcList {
+ public:
+  explicit SrcList(int n) {
+    if (n > kInline) heap_.resize(n);
+  }
+  const void** data() { return heap_.empty() ? inline_ : heap_.data(); }
+  const void*& operator[](int i) { return data()[i]; }
+
+ private:
+  static constexpr int kInline = 16;
+  const void* inline_[kInline] = {};
+  std::vector<const void*> heap_;
+};
+
 OpDesc desc(uint32_t op, c10::ScalarType dt, int64_t count, int redop = -1, int root = -1) {
   OpDesc d;
   d.op = op;
@@ -62,7 +78,7 @@ OpDesc byte_desc(uint32_t op, int64_t bytes, int root = -1) {
 void oneshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op, int avg, int64_t es) {
   const int n = c.size();
   const int64_t chunk = elems_per(static_cast<int64_t>(c.slot_bytes()), es);
-  std::vector<const void*> srcs(n);
+  SrcList srcs(n);
   for (int64_t off = 0; off < count; off += chunk) {
     const int64_t m = std::min(chunk, count - off);
     c.next_unit();
@@ -78,7 +94,7 @@ void twoshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op
   const int r = c.rank();
   // Each rank's segment of a chunk starts on a 64-byte boundary.
   const int64_t seg_max = elems_per(static_cast<int64_t>(c.slot_bytes()) / n, es);
-  std::vector<const void*> srcs(n);
+  SrcList srcs(n);
   int64_t off = 0;
   while (off < count) {
     const int64_t m = std::min(seg_max * n, count - off);
@@ -218,7 +234,7 @@ void shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c1
   const int64_t es = c10::elementSize(dt);
   const char* src = static_cast<const char*>(in);
   const int64_t per = elems_per(static_cast<int64_t>(c.slot_bytes()) / n, es);
-  std::vector<const void*> srcs(n);
+  SrcList srcs(n);
   int64_t off = 0;
   do {
     const int64_t m = std::min(per, count - off);

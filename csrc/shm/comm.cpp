@@ -147,7 +147,11 @@ void ShmComm::sync() {
   flag_publish(&me->step, target, &header()->sleepers);
   for (int p = 0; p < n_; ++p) {
     if (p == rank_) continue;
-    flag_wait(&ctl(p)->step, target, &header()->sleepers, policy_, [&] { on_slice(p, target); });
+    std::atomic<uint32_t>* word = &ctl(p)->step;
+    // Peer already there (the common case when ranks have cores): skip the
+    // out-of-line wait and the callback object it needs.
+    if (reached(word->load(std::memory_order_acquire), target)) continue;
+    flag_wait(word, target, &header()->sleepers, policy_, [&] { on_slice(p, target); });
   }
   step_ = target;
   if (pending_desc_) {
