@@ -252,7 +252,7 @@ setup(
     extras_require={
         "topology": ["nvidia-ml-py"],
         "test": ["pytest", "pytest-timeout"],
-        "bench": ["mpi4py"],
+        "bench": ["mpi4py", "mpich"],
     },
     entry_points={
         "console_scripts": ["ichiban-train=ichiban_comm.train:main"],
