@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh
 #
 # Each step has its own time limit (seconds, overridable) so one slow step cannot eat the rest:
-#   ICHIBAN_SUITE_BUILD_S (240)  ICHIBAN_SUITE_TEST_S (150: a cold Triton cache compiles every kernel variant first)
+#   ICHIBAN_SUITE_BUILD_S (240)
+#   ICHIBAN_SUITE_TEST_S (150: with a cold Triton cache every kernel variant compiles first)
 #   ICHIBAN_SUITE_TOTAL_S (480): the benchmark gets what is left of it (at least 120)
 # A Liger-Kernel wheel placed in .whl/ (pure Python) is installed first, so the benchmark can
 # compare against it on a machine without network access.
