@@ -228,7 +228,7 @@ def _peak_bytes(torch, step):
 
 def _impls(torch, table, no_compile, smoke):
     """Resolve the implementations of one op: name -> callable (or an error string)."""
-    out = {"ichiban": table["ichiban"], "eager": table["eager"]}
+    out = {"eager": table["eager"], "ichiban": table["ichiban"]}
     if smoke:
         return out
     if not no_compile:
@@ -260,13 +260,25 @@ def run(args):
             rows.append({"op": op, "impl": "-", "error": "skipped: time budget spent"})
             continue
         make, nbytes, table = cases[op]
+        eager_out = None
         for impl, fn in _impls(torch, table, args.no_compile, smoke).items():
             row = {"op": op, "impl": impl, "dtype": args.dtype}
             if isinstance(fn, str):
                 rows.append({**row, "error": fn})
                 continue
             try:
+                torch.manual_seed(0)  # the same inputs for every implementation of the op
                 inputs, leaves = make()
+                # forward-output check against eager (dropout draws its own mask: skipped)
+                if op != "bias_dropout_add" and impl in ("eager", "ichiban"):
+                    with torch.no_grad():
+                        out = fn(*inputs)
+                        out = (out[0] if isinstance(out, tuple) else out).float()
+                    if impl == "eager":
+                        eager_out = out
+                    elif eager_out is not None:
+                        row["max_diff_vs_eager"] = (out - eager_out).abs().max().item()
+                    del out
                 step = _make_step(torch, fn, inputs, leaves)
                 times = _time(torch, step, args.reps, args.warmup)
                 med = statistics.median(times)
@@ -304,10 +316,11 @@ def _add_speedups(rows):
 
 def _table(rows):
     head = f"{'op':<28}{'impl':<28}{'median ms':>10}{'GB/s':>9}{'% copy':>8}{'peak MiB':>10}" \
-           f"{'vs best':>9}{'mem/eager':>10}"
+           f"{'vs best':>9}{'mem/eager':>10}{'diff':>10}"
     lines = [head, "-" * len(head)]
     # "vs best": faster-of(torch.compile, Liger) time / ichiban time (>= 1 means ichiban wins);
-    # "mem/eager": ichiban peak memory / eager peak memory
+    # "mem/eager": ichiban peak memory / eager peak memory; "diff": max |ichiban - eager| of the
+    # forward output on the same inputs (a wrong kernel shows here, not only in the tests)
     for r in rows:
         if "error" in r:
             lines.append(f"{r['op']:<28}{r['impl']:<28}  {r['error']}")
@@ -316,7 +329,7 @@ def _table(rows):
         lines.append(f"{r['op']:<28}{r['impl']:<28}{f('median_ms', '.3f'):>10}"
                      f"{f('gbps', '.0f'):>9}{f('pct_copy_bw', '.0f'):>8}"
                      f"{f('peak_mib', '.0f'):>10}{f('speedup_vs_best_rival', '.2f'):>9}"
-                     f"{f('peak_vs_eager', '.2f'):>10}")
+                     f"{f('peak_vs_eager', '.2f'):>10}{f('max_diff_vs_eager', '.1e'):>10}")
     return "\n".join(lines)
 
 

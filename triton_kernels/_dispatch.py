@@ -149,11 +149,6 @@ def rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def flat(x: torch.Tensor) -> torch.Tensor:
-    """1-D contiguous view of ``x`` (copies only if ``x`` is not contiguous)."""
-    return x.contiguous().view(-1)
-
-
 def num_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
     """Programs for a persistent row-loop kernel: a few per SM on a GPU, a handful elsewhere.
 
@@ -193,7 +188,7 @@ def col_block(device: torch.device, cols: int) -> int:
 
 
 def elementwise_block(device: torch.device) -> int:
-    # 1024 elements per program keeps loads wide on a GPU; the interpreter runs one program per
+    # 1024 columns per program keeps loads wide on a GPU; the interpreter runs one program per
     # Python iteration, so a bigger block there just means fewer iterations.
     return 1024 if device.type == "cuda" else 4096
 

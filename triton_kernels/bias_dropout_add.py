@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import (check_float, check_same, count_launch, custom_op, elementwise_block, flat,
+from ._dispatch import (check_float, check_same, col_block, count_launch, custom_op, rows_2d,
                         tl, triton, use_triton)
 
 __all__ = ["bias_dropout_add", "bias_dropout_add_reference"]
@@ -31,52 +31,63 @@ def bias_dropout_add_reference(x, bias, residual, p, training, seed, keep=None):
 
 
 @triton.jit
-def _bda_fwd_kernel(X, B, R, Y, n, N, p, seed, HAS_B: tl.constexpr, DROP: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+def _bda_fwd_kernel(X, B, R, Y, cols, stride_x, stride_r, p, seed, HAS_B: tl.constexpr,
+                    DROP: tl.constexpr, BLOCK: tl.constexpr):
+    # grid: (rows, column blocks); Y is contiguous, so its offset is the flat element index
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < cols
+    idx = row * cols + c  # the mask's counter: a function of the element, not of the layout
+    h = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:
-        h += tl.load(B + offs % N, mask=mask, other=0.0).to(tl.float32)
+        h += tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
     if DROP:
-        keep = tl.rand(seed, offs) >= p
+        keep = tl.rand(seed, idx) >= p
         h = tl.where(keep, h / (1.0 - p), 0.0)
-    r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (r + h).to(Y.dtype.element_ty), mask=mask)
+    r = tl.load(R + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + idx, (r + h).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bda_bwd_kernel(DY, DX, n, p, seed, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    keep = tl.rand(seed, offs) >= p  # the forward's mask, regenerated from (seed, index)
-    tl.store(DX + offs, tl.where(keep, dy / (1.0 - p), 0.0).to(DX.dtype.element_ty), mask=mask)
+def _bda_bwd_kernel(DY, DX, cols, stride_dy, p, seed, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < cols
+    idx = row * cols + c
+    dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
+    keep = tl.rand(seed, idx) >= p  # the forward's mask, regenerated from (seed, index)
+    tl.store(DX + idx, tl.where(keep, dy / (1.0 - p), 0.0).to(DX.dtype.element_ty), mask=mask)
 
 
-@custom_op("bias_dropout_add_fwd", lambda x, bias, residual, p, drop, seed: torch.empty_like(x))
+def _out_like(x):
+    return x.new_empty(x.shape)  # (rows, cols), contiguous
+
+
+@custom_op("bias_dropout_add_fwd", lambda x, bias, residual, p, drop, seed: _out_like(x))
 def _bda_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, p: float,
              drop: bool, seed: int) -> torch.Tensor:
-    # x, residual: (n,) contiguous, row-major over (..., N); bias: (N,)
-    y = torch.empty_like(x)
-    n = x.numel()
-    if n:
+    # x, residual: (rows, cols) unit column stride; bias: (cols,) -> (rows, cols) contiguous
+    rows, cols = x.shape
+    y = _out_like(x)
+    if y.numel():
         count_launch("bias_dropout_add_fwd")
-        block = elementwise_block(x.device)
-        b = bias if bias is not None else x
-        _bda_fwd_kernel[(triton.cdiv(n, block),)](x, b, residual, y, n, b.numel(), p, seed,
-                                                  HAS_B=bias is not None, DROP=drop, BLOCK=block)
+        block = col_block(x.device, cols)
+        _bda_fwd_kernel[(rows, triton.cdiv(cols, block))](
+            x, bias if bias is not None else x, residual, y, cols, x.stride(0),
+            residual.stride(0), p, seed, HAS_B=bias is not None, DROP=drop, BLOCK=block)
     return y
 
 
-@custom_op("bias_dropout_add_bwd", lambda dy, p, seed: torch.empty_like(dy))
+@custom_op("bias_dropout_add_bwd", lambda dy, p, seed: _out_like(dy))
 def _bda_bwd(dy: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    dx = torch.empty_like(dy)
-    n = dy.numel()
-    if n:
+    # dy: (rows, cols) unit column stride -> dx (rows, cols) contiguous
+    rows, cols = dy.shape
+    dx = _out_like(dy)
+    if dx.numel():
         count_launch("bias_dropout_add_bwd")
-        block = elementwise_block(dy.device)
-        _bda_bwd_kernel[(triton.cdiv(n, block),)](dy, dx, n, p, seed, BLOCK=block)
+        block = col_block(dy.device, cols)
+        _bda_bwd_kernel[(rows, triton.cdiv(cols, block))](dy, dx, cols, dy.stride(0), p, seed,
+                                                          BLOCK=block)
     return dx
 
 
@@ -85,19 +96,20 @@ class _BiasDropoutAddFn(torch.autograd.Function):
     def forward(ctx, x, bias, residual, p, drop, seed):
         b = bias.contiguous() if bias is not None else None
         ctx.shape, ctx.p, ctx.drop, ctx.seed = x.shape, p, drop, seed
-        ctx.bias_n = b.numel() if b is not None else 0
         ctx.bias_dtype = b.dtype if b is not None else None
-        y = torch.ops.ichiban_tk.bias_dropout_add_fwd(flat(x), b, flat(residual), p, drop, seed)
+        y = torch.ops.ichiban_tk.bias_dropout_add_fwd(rows_2d(x), b, rows_2d(residual), p, drop,
+                                                      seed)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        dyf = flat(dy)  # (n,)
-        dx = torch.ops.ichiban_tk.bias_dropout_add_bwd(dyf, ctx.p, ctx.seed) if ctx.drop else dyf
+        dy2 = rows_2d(dy)  # (rows, cols)
+        dx = torch.ops.ichiban_tk.bias_dropout_add_bwd(dy2, ctx.p, ctx.seed) if ctx.drop \
+            else dy2
         db = None
-        if ctx.bias_n and ctx.needs_input_grad[1]:
-            db = dx.view(-1, ctx.bias_n).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return dx.view(ctx.shape), db, dy, None, None, None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
+            db = dx.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return dx.reshape(ctx.shape), db, dy, None, None, None
 
 
 def bias_dropout_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
@@ -107,6 +119,8 @@ def bias_dropout_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: to
     ``seed`` (int) fixes the mask; use a different seed per layer and per step.
     """
     check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a scalar")
     check_same("residual", residual, "x", x)
     if residual.dtype != x.dtype:
         raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")

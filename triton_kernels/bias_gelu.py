@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import (check_approximate, check_float, check_same, count_launch, custom_op,
-                        elementwise_block, flat, tl, triton, use_triton)
+from ._dispatch import (check_approximate, check_float, check_same, col_block, count_launch,
+                        custom_op, rows_2d, tl, triton, use_triton)
 from ._gelu import gelu_and_grad
 
 __all__ = ["bias_gelu", "bias_gelu_reference"]
@@ -25,77 +25,83 @@ def bias_gelu_reference(x, bias, approximate="tanh"):
 
 
 @triton.jit
-def _bias_gelu_fwd_kernel(X, B, Y, n, N, HAS_B: tl.constexpr, APPROX_TANH: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+def _bias_gelu_fwd_kernel(X, B, Y, cols, stride_x, stride_y, HAS_B: tl.constexpr,
+                          APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    # grid: (rows, column blocks); the bias is indexed by column, no per-element modulo
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < cols
+    x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:
-        x += tl.load(B + offs % N, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
     y, _ = gelu_and_grad(x, APPROX_TANH)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y + c, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bias_gelu_bwd_kernel(DY, X, B, DX, n, N, HAS_B: tl.constexpr, APPROX_TANH: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+def _bias_gelu_bwd_kernel(DY, X, B, DX, cols, stride_dy, stride_x, stride_dx, HAS_B: tl.constexpr,
+                          APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < cols
+    dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:
-        x += tl.load(B + offs % N, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
     _, dgelu = gelu_and_grad(x, APPROX_TANH)
-    tl.store(DX + offs, (dy * dgelu).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + row * stride_dx + c, (dy * dgelu).to(DX.dtype.element_ty), mask=mask)
 
 
-@custom_op("bias_gelu_fwd", lambda x, bias, approx_tanh: torch.empty_like(x))
+def _out_like(x):
+    return x.new_empty(x.shape)  # (rows, cols), contiguous
+
+
+@custom_op("bias_gelu_fwd", lambda x, bias, approx_tanh: _out_like(x))
 def _bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approx_tanh: bool
                    ) -> torch.Tensor:
-    # x: (n,) contiguous, row-major over (..., N); bias: (N,)
-    y = torch.empty_like(x)
-    n = x.numel()
-    if n:
+    # x: (rows, cols) unit column stride; bias: (cols,) contiguous -> (rows, cols) contiguous
+    rows, cols = x.shape
+    y = _out_like(x)
+    if y.numel():
         count_launch("bias_gelu_fwd")
-        block = elementwise_block(x.device)
-        b = bias if bias is not None else x
-        _bias_gelu_fwd_kernel[(triton.cdiv(n, block),)](
-            x, b, y, n, b.numel(), HAS_B=bias is not None, APPROX_TANH=approx_tanh, BLOCK=block)
+        block = col_block(x.device, cols)
+        _bias_gelu_fwd_kernel[(rows, triton.cdiv(cols, block))](
+            x, bias if bias is not None else x, y, cols, x.stride(0), y.stride(0),
+            HAS_B=bias is not None, APPROX_TANH=approx_tanh, BLOCK=block)
     return y
 
 
-@custom_op("bias_gelu_bwd", lambda dy, x, bias, approx_tanh: torch.empty_like(x))
+@custom_op("bias_gelu_bwd", lambda dy, x, bias, approx_tanh: _out_like(x))
 def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
                    approx_tanh: bool) -> torch.Tensor:
-    dx = torch.empty_like(x)
-    n = x.numel()
-    if n:
+    rows, cols = x.shape
+    dx = _out_like(x)
+    if dx.numel():
         count_launch("bias_gelu_bwd")
-        block = elementwise_block(x.device)
-        b = bias if bias is not None else x
-        _bias_gelu_bwd_kernel[(triton.cdiv(n, block),)](
-            dy, x, b, dx, n, b.numel(), HAS_B=bias is not None, APPROX_TANH=approx_tanh,
-            BLOCK=block)
+        block = col_block(x.device, cols)
+        _bias_gelu_bwd_kernel[(rows, triton.cdiv(cols, block))](
+            dy, x, bias if bias is not None else x, dx, cols, dy.stride(0), x.stride(0),
+            dx.stride(0), HAS_B=bias is not None, APPROX_TANH=approx_tanh, BLOCK=block)
     return dx
 
 
 class _BiasGeLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, approx_tanh):
-        xf = flat(x)  # (n,), row-major over (..., N)
+        x2 = rows_2d(x)  # (rows, cols)
         b = bias.contiguous() if bias is not None else None
-        ctx.save_for_backward(xf, b)
+        ctx.save_for_backward(x2, b)
         ctx.shape, ctx.approx_tanh = x.shape, approx_tanh
-        return torch.ops.ichiban_tk.bias_gelu_fwd(xf, b, approx_tanh).view(x.shape)
+        return torch.ops.ichiban_tk.bias_gelu_fwd(x2, b, approx_tanh).view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        xf, b = ctx.saved_tensors
-        dx = torch.ops.ichiban_tk.bias_gelu_bwd(flat(dy), xf, b, ctx.approx_tanh)
+        x2, b = ctx.saved_tensors
+        dx = torch.ops.ichiban_tk.bias_gelu_bwd(rows_2d(dy), x2, b, ctx.approx_tanh)
         db = None
         if b is not None and ctx.needs_input_grad[1]:
-            # (rows, N) summed over rows in float32, then back to the bias dtype
-            db = dx.view(-1, b.numel()).sum(0, dtype=torch.float32).to(b.dtype)
+            # (rows, cols) summed over rows in float32, then back to the bias dtype
+            db = dx.sum(0, dtype=torch.float32).to(b.dtype)
         return dx.view(ctx.shape), db, None
 
 
@@ -104,6 +110,8 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = 
     """``gelu(x + bias, approximate)``; ``bias`` is (x.shape[-1],) or None."""
     approx_tanh = check_approximate(approximate)
     check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a scalar")
     if bias is not None:
         check_same("bias", bias, "x", x, shape=False)
         if x.dim() == 0 or bias.shape != (x.shape[-1],):

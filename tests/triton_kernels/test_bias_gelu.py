@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ichiban_comm.triton_kernels import bias_gelu
 from ichiban_comm.triton_kernels.bias_gelu import bias_gelu_reference
-from kernels_testlib import DTYPES, noncontig, randn, run_case
+from kernels_testlib import DTYPES, noncontig, randn, row_strided, run_case
 
 LAUNCHES = ("bias_gelu_fwd", "bias_gelu_bwd")
 
@@ -30,6 +30,12 @@ def test_bias_gelu_no_bias_noncontiguous():
     run_case(lambda x: bias_gelu(x, None), lambda x: F.gelu(x, approximate="tanh"),
              lambda x: bias_gelu_reference(x, None), [x], torch.float32, grad=(0,),
              transform=noncontig, launches=LAUNCHES)
+
+
+def test_bias_gelu_row_strided_input():
+    x, b = randn(2, 3, 33, seed=4), randn(33, seed=5)
+    run_case(bias_gelu, lambda x, b: F.gelu(x + b, approximate="tanh"), bias_gelu_reference,
+             [x, b], torch.float32, grad=(0, 1), transform=row_strided, launches=LAUNCHES)
 
 
 def test_bias_gelu_empty():
