@@ -211,8 +211,11 @@ void shm_broadcast(ShmComm& c, void* data, int64_t bytes, int root, Deadline dl)
   } while (off < bytes);
 }
 
-void shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl) {
-  c.begin("allgather", byte_desc(kOpAllgather, bytes), dl);
+namespace {
+
+// Every rank's `bytes` from `in` land at dst + rank * bytes on `root` (every rank when root < 0),
+// one slot-sized chunk per unit.
+void gather_chunks(ShmComm& c, const void* in, void* out, int64_t bytes, int root) {
   const char* src = static_cast<const char*>(in);
   char* dst = static_cast<char*>(out);
   const int64_t chunk = static_cast<int64_t>(c.slot_bytes());
@@ -222,9 +225,17 @@ void shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadlin
     c.next_unit();
     std::memcpy(c.my_slot(), src + off, m);
     c.sync();
-    for (int p = 0; p < c.size(); ++p) std::memcpy(dst + p * bytes + off, c.slot(p), m);
+    if (root < 0 || c.rank() == root)
+      for (int p = 0; p < c.size(); ++p) std::memcpy(dst + p * bytes + off, c.slot(p), m);
     off += m;
   } while (off < bytes);
+}
+
+}  // namespace
+
+void shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl) {
+  c.begin("allgather", byte_desc(kOpAllgather, bytes), dl);
+  gather_chunks(c, in, out, bytes, -1);
 }
 
 void shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c10::ScalarType dt, RedOp op,
@@ -279,19 +290,7 @@ void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64
 
 void shm_gather(ShmComm& c, const void* in, void* out, int64_t bytes, int root, Deadline dl) {
   c.begin("gather", byte_desc(kOpGather, bytes, root), dl);
-  const char* src = static_cast<const char*>(in);
-  char* dst = static_cast<char*>(out);
-  const int64_t chunk = static_cast<int64_t>(c.slot_bytes());
-  int64_t off = 0;
-  do {
-    const int64_t m = std::min(chunk, bytes - off);
-    c.next_unit();
-    std::memcpy(c.my_slot(), src + off, m);
-    c.sync();
-    if (c.rank() == root)
-      for (int p = 0; p < c.size(); ++p) std::memcpy(dst + p * bytes + off, c.slot(p), m);
-    off += m;
-  } while (off < bytes);
+  gather_chunks(c, in, out, bytes, root);
 }
 
 void shm_scatter(ShmComm& c, const void* in, void* out, int64_t bytes, int root, Deadline dl) {

@@ -11,9 +11,11 @@ different machines are still kept apart.
 
 from __future__ import annotations
 
-import json
+import datetime
 import os
 import socket
+
+from .. import topology
 
 
 def _machine_id() -> str:
@@ -26,29 +28,15 @@ def _machine_id() -> str:
 
 
 def _declared_host(global_rank: int) -> str | None:
-    """The host of global_rank from the topology module, or None to use the machine."""
-    try:
-        from .. import topology
+    """The host a declared topology (ICHIBAN_TOPOLOGY) gives global_rank; None when none is declared.
 
-        detect = getattr(topology, "detect", None)
-        if detect is not None:
-            topo = detect()
-            return str(topo.host_of(global_rank))
-    except Exception as e:  # noqa: BLE001 - the explicit JSON below is the fallback
-        if os.environ.get("ICHIBAN_TOPOLOGY"):
-            return _host_from_json(os.environ["ICHIBAN_TOPOLOGY"], global_rank, cause=e)
+    Without a declaration the machine itself names the host, which is what detection would
+    say; the topology module validates the file and names what is wrong with it.
+    """
+    path = os.environ.get(topology.ENV_TOPOLOGY)
+    if not path:
         return None
-    path = os.environ.get("ICHIBAN_TOPOLOGY")
-    return _host_from_json(path, global_rank) if path else None
-
-
-def _host_from_json(path: str, global_rank: int, cause: Exception | None = None) -> str:
-    with open(path) as f:
-        spec = json.load(f)
-    for entry in spec.get("ranks", []):
-        if int(entry["rank"]) == global_rank:
-            return str(entry["host"])
-    raise ValueError(f"ICHIBAN_TOPOLOGY={path}: rank {global_rank} is not declared in its 'ranks' list") from cause
+    return topology.Topology.from_json(path).host_of(global_rank)
 
 
 def host_assignment(store, group_rank: int, group_size: int, global_rank: int,
@@ -61,7 +49,7 @@ def host_assignment(store, group_rank: int, group_size: int, global_rank: int,
     me = f"{declared or socket.gethostname()}@{_machine_id()}"
     store.set(f"ichiban_host/{group_rank}", me)
     keys = [f"ichiban_host/{r}" for r in range(group_size)]
-    store.wait(keys)
+    store.wait(keys, datetime.timedelta(seconds=timeout_s))
     names = [store.get(k).decode() for k in keys]
     order: dict[str, int] = {}
     host_of = [order.setdefault(n, len(order)) for n in names]
