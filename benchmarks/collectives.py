@@ -12,7 +12,7 @@ Columns: time per op (median, min-max over repetitions, slowest rank), algbw =
 bytes / time, busbw = algbw x the nccl-tests factor (all_reduce 2(n-1)/n;
 all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast 1). For ichiban's
 all_reduce it also prints the memory traffic the chosen algorithm needs per
-rank (one-shot (n+2)S, two-shot (4+1/n)S) and the fraction of the measured
+rank (one-shot (n+2)S, two-shot (5-2/n)S) and the fraction of the measured
 memcpy bandwidth (bytes read + written, min(n, cores) threads) it achieves.
 """
 
@@ -79,10 +79,12 @@ def memcpy_gbps(threads: int, nbytes: int = 256 << 20) -> float:
 
 
 def traffic_per_rank(algo: str, nbytes: int, n: int) -> float:
-    if n == 1:
+    from ichiban_comm.distributed import cost
+
+    try:
+        return cost.traffic_per_rank(algo, nbytes, n)
+    except ValueError:
         return 0.0
-    return {"oneshot": (n + 2) * nbytes, "twoshot": (4 + 1 / n) * nbytes,
-            "ring": 5 * nbytes}.get(algo, 0.0)
 
 
 # ----------------------------------------------------------------------------- workers

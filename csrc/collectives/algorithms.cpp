@@ -99,20 +99,27 @@ void twoshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op
   while (off < count) {
     const int64_t m = std::min(seg_max * n, count - off);
     const int64_t per = std::min(seg_max, (m + n - 1) / n);
+    auto seg_b = [&](int q) { return std::min<int64_t>(q * per, m); };
+    auto seg_e = [&](int q) { return std::min<int64_t>((q + 1) * per, m); };
+    char* chunk = data + off * es;
     c.next_unit();
-    // (n, per) layout: segment q of my chunk at q*per*es in my slot.
-    std::memcpy(c.my_slot(), data + off * es, m * es);
+    // (n, per) layout: segment q of my chunk at q*per*es in my slot. Only the
+    // segments peers reduce are copied in; my own is read from `data`.
+    for (int q = 0; q < n; ++q)
+      if (q != r && seg_e(q) > seg_b(q))
+        std::memcpy(c.my_slot() + seg_b(q) * es, chunk + seg_b(q) * es, (seg_e(q) - seg_b(q)) * es);
     c.sync();
-    const int64_t b = std::min<int64_t>(r * per, m), e = std::min<int64_t>((r + 1) * per, m);
+    const int64_t b = seg_b(r), e = seg_e(r);
     if (e > b) {
-      for (int p = 0; p < n; ++p) srcs[p] = c.slot(p) + b * es;
-      reduce_n(dt, op, c.my_slot() + b * es, srcs.data(), n, e - b, avg);
+      for (int p = 0; p < n; ++p) srcs[p] = p == r ? chunk + b * es : c.slot(p) + b * es;
+      // In place in my buffer, then published in my slot's (unused) segment r.
+      reduce_n(dt, op, chunk + b * es, srcs.data(), n, e - b, avg);
+      std::memcpy(c.my_slot() + b * es, chunk + b * es, (e - b) * es);
     }
     c.sync();
-    for (int q = 0; q < n; ++q) {
-      const int64_t qb = std::min<int64_t>(q * per, m), qe = std::min<int64_t>((q + 1) * per, m);
-      if (qe > qb) std::memcpy(data + (off + qb) * es, c.slot(q) + qb * es, (qe - qb) * es);
-    }
+    for (int q = 0; q < n; ++q)
+      if (q != r && seg_e(q) > seg_b(q))
+        std::memcpy(chunk + seg_b(q) * es, c.slot(q) + seg_b(q) * es, (seg_e(q) - seg_b(q)) * es);
     off += m;
   }
 }
@@ -259,6 +266,27 @@ void shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c1
   } while (off < count);
 }
 
+namespace {
+
+// After the first barrier of an all-to-all: rank p's slot holds what p sends
+// to each rank and what it expects from each rank, in bytes.
+void check_alltoall_splits(ShmComm& c, c10::ScalarType dt) {
+  const int n = c.size();
+  const int64_t es = c10::elementSize(dt);
+  for (int p = 0; p < n; ++p) {
+    const int64_t* sends = reinterpret_cast<const int64_t*>(c.slot(p));
+    for (int q = 0; q < n; ++q) {
+      const int64_t* recvs = reinterpret_cast<const int64_t*>(c.slot(q)) + n;
+      ICHIBAN_CHECK_ARG(sends[q] == recvs[p], "ichiban: mismatched all_to_all splits: rank ", c.label(p),
+                        " sends ", sends[q] / es, " elements to rank ", c.label(q), ", which expects ",
+                        recvs[p] / es, " from it (input_split_sizes on each rank must match output_split_sizes "
+                        "on the receiving rank)");
+    }
+  }
+}
+
+}  // namespace
+
 void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64_t* in_len, char* out,
                   const int64_t* out_off, const int64_t* out_len, c10::ScalarType dt, Deadline dl) {
   const int n = c.size();
@@ -270,7 +298,15 @@ void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64
   d.check_count = 0;  // splits differ per rank; the largest block sets the rounds
   c.begin("alltoall", d, dl);
   c.next_unit();
+  // Every rank publishes its whole split table, (2, n) int64 [sends; receives],
+  // so that every rank checks every pair and all of them raise together.
+  const bool table_fits = static_cast<size_t>(2 * n) * sizeof(int64_t) <= c.slot_bytes();
+  if (table_fits) {
+    std::memcpy(c.my_slot(), in_len, n * sizeof(int64_t));
+    std::memcpy(c.my_slot() + n * sizeof(int64_t), out_len, n * sizeof(int64_t));
+  }
   c.sync();
+  if (table_fits) check_alltoall_splits(c, dt);
   int64_t biggest = 0;
   for (int p = 0; p < n; ++p) biggest = std::max(biggest, c.peer_desc(p).count);
   const int64_t w = std::max<int64_t>(static_cast<int64_t>(c.slot_bytes()) / n / kAlign * kAlign, kAlign);

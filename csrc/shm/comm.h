@@ -57,6 +57,7 @@ class ShmComm {
 
   int rank() const { return rank_; }
   int size() const { return n_; }
+  int label(int p) const { return labels_[p]; }  // rank p's rank in the process group
   size_t slot_bytes() const { return slot_; }
   ShmSegment& segment() { return *seg_; }
 

@@ -2,16 +2,22 @@
 measured table.
 
 Per link class: alpha = seconds per synchronisation step, beta = seconds per
-byte of memory traffic. Inside a host every algorithm is a sequence of
-barriers (alpha) and copies/reductions through shared memory; the ranks share
-the memory bus, so beta applies to the traffic of all ranks together:
+byte of memory traffic, gamma = seconds per byte reduced. Inside a host every
+algorithm is a sequence of barriers (alpha) and copies/reductions through
+shared memory; the ranks share the memory bus, so beta applies to the traffic
+of all ranks together, while each rank reduces on its own core:
 
-    one-shot  1 barrier,  each rank: write S, read n*S, write S   -> n*(n+2)*S
-    two-shot  2 barriers, each rank: write S, read S, write S/n,
-                          read S, write S                          -> n*(4+1/n)*S
-    ring      n barriers, ~5*S per rank                            -> 5*n*S
+    one-shot  1 barrier;  each rank writes S, reads n*S, writes S: (n+2)*S;
+              reduces (n-1)*S
+    two-shot  2 barriers; each rank copies in the (n-1)/n of S its peers
+              reduce, reduces its own S/n from its buffer and the peers'
+              slots (reads S, writes 2S/n), copies the other (n-1)/n of S
+              out: (5-2/n)*S; reduces (n-1)*S/n
+    ring      n barriers, ~5*S per rank
 
-so two-shot wins above S* = alpha / (beta * (n^2 - 2n - 1)) (never for n = 2).
+so two-shot wins above S* = alpha / (beta*(n-1)(n-2) + gamma*(n-1)^2/n), where
+``predict_us`` crosses; for n = 2 the traffic is equal and only the smaller
+share of reduction work pays for the second barrier.
 ``benchmarks/collectives.py --tune`` measures the real crossover on a machine
 and writes it to the table (keyed by host and world size) that overrides the
 model. Rank 0 of each group decides and shares its choice through the store,
@@ -27,13 +33,14 @@ import socket
 # Seeds for the model when nothing was measured. A futex wake-up round trip
 # costs ~5 us when every rank has a core and ~50 us when ranks outnumber cores
 # (a barrier then waits for the scheduler); 10 GB/s is a conservative share of
-# one socket's memory bandwidth.
+# one socket's memory bandwidth, and of one core's rate of reducing two
+# cached float streams.
 ALPHA_S = {"shm": 5e-6, "shm_oversubscribed": 5e-5, "net": 5e-5}
 BETA_S_PER_BYTE = {"shm": 1 / 10e9, "net": 1 / 1e9}
+GAMMA_S_PER_BYTE = 1 / 10e9
 
 # Never below a page (one-shot is always right for tiny messages) and never
-# above 64 MiB for n > 2 (two-shot is always right there); for n <= 2 the
-# model never prefers two-shot.
+# above 64 MiB (two-shot is always right there).
 _MIN_ONESHOT, _MAX_ONESHOT = 4096, 64 << 20
 ALWAYS = 1 << 62
 
@@ -82,31 +89,50 @@ def oversubscribed(local_size: int) -> bool:
     return local_size > cores
 
 
-def model_oneshot_max_bytes(local_size: int) -> int:
-    """Largest message for which one-shot beats two-shot under the model."""
-    n = local_size
-    denom = n * n - 2 * n - 1
-    if n <= 2 or denom <= 0:
-        return ALWAYS
-    alpha = ALPHA_S["shm_oversubscribed" if oversubscribed(n) else "shm"]
-    s = alpha / (BETA_S_PER_BYTE["shm"] * denom)
-    return int(min(max(s, _MIN_ONESHOT), _MAX_ONESHOT))
+def traffic_per_rank(algo: str, nbytes: int, n: int) -> float:
+    """Bytes one rank reads plus writes in memory for an all-reduce of nbytes."""
+    if n <= 1:
+        return 0.0
+    if algo == "oneshot":
+        return (n + 2) * nbytes
+    if algo == "twoshot":
+        return (5 - 2 / n) * nbytes
+    if algo == "ring":
+        return 5 * nbytes
+    raise ValueError(f"unknown algorithm {algo!r}")
+
+
+def _reduced_per_rank(algo: str, nbytes: int, n: int) -> float:
+    return {"oneshot": (n - 1) * nbytes, "twoshot": (n - 1) * nbytes / n, "ring": (n - 1) * nbytes / n}[algo]
+
+
+def _barriers(algo: str, n: int) -> int:
+    return {"oneshot": 1, "twoshot": 2, "ring": n}[algo]
 
 
 def predict_us(algo: str, nbytes: int, local_size: int) -> float:
     """Model time of one all-reduce (microseconds), for the debug log and the tuner."""
     n = max(local_size, 1)
+    traffic = traffic_per_rank(algo, nbytes, n)  # raises on an unknown name
     alpha = ALPHA_S["shm_oversubscribed" if oversubscribed(n) else "shm"]
-    beta = BETA_S_PER_BYTE["shm"]
-    if algo == "oneshot":
-        t = alpha + beta * n * (n + 2) * nbytes
-    elif algo == "twoshot":
-        t = 2 * alpha + beta * n * (4 + 1 / n) * nbytes
-    elif algo == "ring":
-        t = n * alpha + beta * 5 * n * nbytes
-    else:
-        raise ValueError(f"unknown algorithm {algo!r}")
+    t = (_barriers(algo, n) * alpha + BETA_S_PER_BYTE["shm"] * n * traffic
+         + GAMMA_S_PER_BYTE * _reduced_per_rank(algo, nbytes, n))
     return t * 1e6
+
+
+def model_oneshot_max_bytes(local_size: int) -> int:
+    """Largest message for which one-shot beats two-shot under the model.
+
+    one-shot minus two-shot = -alpha + S * (beta*(n-1)(n-2) + gamma*(n-1)^2/n),
+    which grows with S, so the crossover is where it is zero.
+    """
+    n = local_size
+    if n <= 1:
+        return ALWAYS
+    alpha = ALPHA_S["shm_oversubscribed" if oversubscribed(n) else "shm"]
+    per_byte = BETA_S_PER_BYTE["shm"] * (n - 1) * (n - 2) + GAMMA_S_PER_BYTE * (n - 1) ** 2 / n
+    s = alpha / per_byte
+    return int(min(max(s, _MIN_ONESHOT), _MAX_ONESHOT))
 
 
 def choose_oneshot_max_bytes(local_size: int) -> tuple[int, str]:

@@ -10,16 +10,30 @@ import pytest
 from ichiban_comm.distributed import cost
 
 
-def test_model_never_picks_two_shot_for_two_ranks():
-    assert cost.model_oneshot_max_bytes(2) == cost.ALWAYS
+def test_one_rank_never_needs_two_shot():
+    assert cost.model_oneshot_max_bytes(1) == cost.ALWAYS
 
 
-def test_model_crossover_is_where_predictions_cross(monkeypatch):
-    monkeypatch.setattr(cost, "oversubscribed", lambda n: False)
-    s = cost.model_oneshot_max_bytes(4)
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("oversubscribed", [False, True])
+def test_model_crossover_is_where_predictions_cross(monkeypatch, n, oversubscribed):
+    monkeypatch.setattr(cost, "oversubscribed", lambda k: oversubscribed)
+    s = cost.model_oneshot_max_bytes(n)
     assert 4096 < s < 64 << 20
-    assert cost.predict_us("oneshot", s // 2, 4) < cost.predict_us("twoshot", s // 2, 4)
-    assert cost.predict_us("oneshot", s * 2, 4) > cost.predict_us("twoshot", s * 2, 4)
+    assert cost.predict_us("oneshot", s // 2, n) < cost.predict_us("twoshot", s // 2, n)
+    assert cost.predict_us("oneshot", s * 2, n) > cost.predict_us("twoshot", s * 2, n)
+
+
+def test_crossover_never_below_a_page(monkeypatch):
+    monkeypatch.setattr(cost, "oversubscribed", lambda k: False)
+    assert cost.model_oneshot_max_bytes(8) == 4096  # the model alone would say ~1 KB
+
+
+def test_traffic_matches_the_algorithms():
+    # two ranks: one-shot and two-shot both move 4x the message; four ranks: 6x vs 4.5x
+    assert cost.traffic_per_rank("oneshot", 100, 2) == cost.traffic_per_rank("twoshot", 100, 2) == 400
+    assert cost.traffic_per_rank("oneshot", 100, 4) == 600
+    assert cost.traffic_per_rank("twoshot", 100, 4) == 450
 
 
 def test_tuned_table_overrides_the_model(tmp_path, monkeypatch):

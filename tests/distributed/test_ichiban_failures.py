@@ -80,6 +80,15 @@ def _mismatch_body(rank, ws):
             out.append("no error")
         except Exception as e:  # noqa: BLE001
             out.append(str(e))
+    # all_to_all splits that do not pair up: rank 1 sends 3 elements to rank 0,
+    # which expects 2 (and the totals still agree, so only the check catches it)
+    out_s, in_s = [2, 2], ([2, 2] if rank == 0 else [3, 1])
+    try:
+        dist.all_to_all_single(torch.empty(4), torch.randn(4), output_split_sizes=out_s,
+                               input_split_sizes=in_s)
+        out.append("no error")
+    except Exception as e:  # noqa: BLE001
+        out.append(str(e))
     t = torch.full((4,), float(rank + 1))
     dist.all_reduce(t)  # the group is still usable
     out.append(t.tolist())
@@ -89,10 +98,12 @@ def _mismatch_body(rank, ws):
 def test_mismatched_sizes_dtypes_and_ops_raise_on_every_rank():
     res = run_workers(_mismatch_body, 2, backend="ichiban", timeout=60)
     for r in range(2):
-        size_msg, dtype_msg, op_msg, after = res[r]
+        size_msg, dtype_msg, op_msg, split_msg, after = res[r]
         assert "mismatched" in size_msg and "10 " in size_msg and "11 " in size_msg, size_msg
         assert "mismatched" in dtype_msg and "Double" in dtype_msg, dtype_msg
         assert "mismatched" in op_msg and "broadcast" in op_msg, op_msg
+        assert "mismatched all_to_all splits" in split_msg, split_msg
+        assert "rank 1 sends 3 elements to rank 0, which expects 2" in split_msg, split_msg
         assert after == [3.0] * 4
 
 
