@@ -89,39 +89,127 @@ void oneshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op
   }
 }
 
-void twoshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op, int avg, int64_t es) {
-  const int n = c.size();
-  const int r = c.rank();
-  // Each rank's segment of a chunk starts on a 64-byte boundary.
-  const int64_t seg_max = elems_per(static_cast<int64_t>(c.slot_bytes()) / n, es);
-  SrcList srcs(n);
-  int64_t off = 0;
-  while (off < count) {
-    const int64_t m = std::min(seg_max * n, count - off);
-    const int64_t per = std::min(seg_max, (m + n - 1) / n);
-    auto seg_b = [&](int q) { return std::min<int64_t>(q * per, m); };
-    auto seg_e = [&](int q) { return std::min<int64_t>((q + 1) * per, m); };
-    char* chunk = data + off * es;
-    c.next_unit();
-    // (n, per) layout: segment q of my chunk at q*per*es in my slot. Only the
-    // segments peers reduce are copied in; my own is read from `data`.
-    for (int q = 0; q < n; ++q)
-      if (q != r && seg_e(q) > seg_b(q))
-        std::memcpy(c.my_slot() + seg_b(q) * es, chunk + seg_b(q) * es, (seg_e(q) - seg_b(q)) * es);
-    c.sync();
-    const int64_t b = seg_b(r), e = seg_e(r);
-    if (e > b) {
-      for (int p = 0; p < n; ++p) srcs[p] = p == r ? chunk + b * es : c.slot(p) + b * es;
-      // In place in my buffer, then published in my slot's (unused) segment r.
-      reduce_n(dt, op, chunk + b * es, srcs.data(), n, e - b, avg);
-      std::memcpy(c.my_slot() + b * es, chunk + b * es, (e - b) * es);
-    }
-    c.sync();
-    for (int q = 0; q < n; ++q)
-      if (q != r && seg_e(q) > seg_b(q))
-        std::memcpy(chunk + seg_b(q) * es, c.slot(q) + seg_b(q) * es, (seg_e(q) - seg_b(q)) * es);
-    off += m;
+// Two-shot, pipelined. Chunk k (k*M elements on, M = n segments of up to
+// seg_max) passes three stages on every rank, each counted in shared memory:
+//   0 copy-in : the n-1 segments peers reduce -> my slot of buffer k % D
+//   1 reduce  : my segment from my buffer and the peers' slots, in place,
+//               then published in my slot's (otherwise unused) segment
+//   2 copy-out: the peers' reduced segments -> my buffer
+// Copy-in k needs every peer past copy-out k-D (they read buffer k % D until
+// then), reduce k every peer past copy-in k, copy-out k every peer past reduce
+// k. A rank does the first of copy-out, reduce, copy-in that is ready and
+// sleeps on a peer only when none is, so with more ranks than cores a rank
+// that holds a core runs up to D chunks ahead instead of handing the core
+// over twice per chunk.
+class TwoShot {
+ public:
+  TwoShot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op, int avg)
+      : c_(c), n_(c.size()), r_(c.rank()), data_(data), count_(count), dt_(dt), op_(op), avg_(avg),
+        es_(c10::elementSize(dt)), seg_max_(elems_per(static_cast<int64_t>(c.slot_bytes()) / n_, es_)),
+        chunks_((count + seg_max_ * n_ - 1) / (seg_max_ * n_)), srcs_(n_) {
+    for (int s = 0; s < ShmComm::kStages; ++s) base_[s] = c.stage_count(r_, s);
   }
+
+  void run() {
+    constexpr int D = ShmComm::kPipeDepth;
+    int64_t done[ShmComm::kStages] = {0, 0, 0};  // chunks through each of my stages
+    while (done[2] < chunks_) {
+      int who;
+      if (done[2] < done[1] && peers_past(1, done[2], &who)) {
+        copy_out(done[2]++);
+        c_.advance(2);
+      } else if (done[1] < done[0] && peers_past(0, done[1], &who)) {
+        reduce(done[1]++);
+        c_.advance(1);
+      } else if (done[0] < chunks_ && (done[0] < D || peers_past(2, done[0] - D, &who))) {
+        copy_in(done[0]++);
+        c_.advance(0);
+      } else {
+        // Nothing is ready: sleep on the peer that holds back the first stage
+        // in line (its every step wakes us; then look again).
+        bool ready;
+        if (done[2] < done[1]) ready = peers_past(1, done[2], &who);
+        else if (done[1] < done[0]) ready = peers_past(0, done[1], &who);
+        else ready = peers_past(2, done[0] - D, &who);
+        if (!ready) c_.wait_progress(who, seen_);  // else a peer moved meanwhile: look again
+      }
+    }
+    // Peers may still be copying out of my slots: the pipeline buffers are
+    // not the lock-step ones, and the next pipelined op opens with a barrier.
+  }
+
+ private:
+  // Has every peer passed chunk k through stage s? If not, *who is one that
+  // has not, and seen_ its progress word as read before its stage count.
+  bool peers_past(int s, int64_t k, int* who) {
+    *who = -1;
+    for (int p = 0; p < n_; ++p) {
+      if (p == r_) continue;
+      const uint32_t seen = c_.progress(p);
+      if (static_cast<int64_t>(static_cast<uint32_t>(c_.stage_count(p, s) - base_[s])) <= k) {
+        *who = p;
+        seen_ = seen;
+        return false;
+      }
+    }
+    return true;
+  }
+
+  struct Geo {
+    char* chunk;
+    int64_t m, per;
+    int64_t b(int q) const { return std::min<int64_t>(q * per, m); }
+    int64_t e(int q) const { return std::min<int64_t>((q + 1) * per, m); }
+  };
+  Geo geo(int64_t k) const {
+    const int64_t off = k * seg_max_ * n_;
+    const int64_t m = std::min(seg_max_ * n_, count_ - off);
+    return Geo{data_ + off * es_, m, std::min(seg_max_, (m + n_ - 1) / n_)};
+  }
+  int buf(int64_t k) const { return static_cast<int>(k % ShmComm::kPipeDepth); }
+
+  void copy_in(int64_t k) {
+    const Geo g = geo(k);
+    char* mine = c_.pipe_slot(buf(k), r_);
+    for (int q = 0; q < n_; ++q)
+      if (q != r_ && g.e(q) > g.b(q)) std::memcpy(mine + g.b(q) * es_, g.chunk + g.b(q) * es_, (g.e(q) - g.b(q)) * es_);
+  }
+
+  void reduce(int64_t k) {
+    const Geo g = geo(k);
+    const int64_t b = g.b(r_), e = g.e(r_);
+    if (e <= b) return;
+    for (int p = 0; p < n_; ++p) srcs_[p] = p == r_ ? g.chunk + b * es_ : c_.pipe_slot(buf(k), p) + b * es_;
+    reduce_n(dt_, op_, g.chunk + b * es_, srcs_.data(), n_, e - b, avg_);
+    std::memcpy(c_.pipe_slot(buf(k), r_) + b * es_, g.chunk + b * es_, (e - b) * es_);
+  }
+
+  void copy_out(int64_t k) {
+    const Geo g = geo(k);
+    for (int q = 0; q < n_; ++q)
+      if (q != r_ && g.e(q) > g.b(q))
+        std::memcpy(g.chunk + g.b(q) * es_, c_.pipe_slot(buf(k), q) + g.b(q) * es_, (g.e(q) - g.b(q)) * es_);
+  }
+
+  ShmComm& c_;
+  const int n_, r_;
+  char* const data_;
+  const int64_t count_;
+  const c10::ScalarType dt_;
+  const RedOp op_;
+  const int avg_;
+  const int64_t es_, seg_max_, chunks_;
+  SrcList srcs_;
+  uint32_t base_[ShmComm::kStages];
+  uint32_t seen_ = 0;
+};
+
+void twoshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op, int avg, int64_t) {
+  // Every rank is in this op (descriptors checked) before anyone writes a
+  // pipeline slot, and stage counts are equal on every rank here.
+  c.next_unit();
+  c.sync();
+  TwoShot(c, data, count, dt, op, avg).run();
 }
 
 // Ring on shared memory: at step s rank r adds its own part of segment

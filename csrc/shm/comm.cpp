@@ -42,9 +42,10 @@ struct ShmComm::Header {
 };
 
 struct ShmComm::RankCtl {
-  alignas(64) std::atomic<uint32_t> step;  // futex word
+  alignas(64) std::atomic<uint32_t> step;  // futex word: barriers and pipeline progress
   int32_t pid;
   alignas(64) OpDesc desc[2];  // indexed by barrier parity
+  alignas(64) std::atomic<uint32_t> stage[kStages];
 };
 
 const char* opcode_name(uint32_t op) {
@@ -68,7 +69,7 @@ size_t ShmComm::data_offset(int n) {
 }
 
 size_t ShmComm::segment_bytes(int n, size_t slot_bytes) {
-  return data_offset(n) + 2 * static_cast<size_t>(n) * slot_bytes;
+  return data_offset(n) + kBuffers * static_cast<size_t>(n) * slot_bytes;
 }
 
 ShmComm::ShmComm(std::unique_ptr<ShmSegment> seg, bool creator, int rank, int n, size_t slot_bytes,
@@ -104,6 +105,27 @@ char* ShmComm::slot(int p) const {
   return static_cast<char*>(seg_->data()) + data_offset(n_) + (b * n_ + p) * slot_;
 }
 
+char* ShmComm::pipe_slot(int i, int p) const {
+  return static_cast<char*>(seg_->data()) + data_offset(n_) + ((2 + i) * n_ + p) * slot_;
+}
+
+uint32_t ShmComm::stage_count(int p, int s) const { return ctl(p)->stage[s].load(std::memory_order_acquire); }
+
+uint32_t ShmComm::progress(int p) const { return ctl(p)->step.load(std::memory_order_acquire); }
+
+void ShmComm::advance(int s) {
+  RankCtl* me = ctl(rank_);
+  me->stage[s].store(me->stage[s].load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  ++step_;
+  flag_publish(&me->step, step_, &header()->sleepers);
+}
+
+void ShmComm::wait_progress(int p, uint32_t seen) {
+  std::atomic<uint32_t>* word = &ctl(p)->step;
+  if (word->load(std::memory_order_acquire) != seen) return;
+  flag_wait(word, seen + 1, &header()->sleepers, policy_, [&] { on_slice(p, seen + 1, p); });
+}
+
 void ShmComm::begin(const char* opname, const OpDesc& desc, std::chrono::steady_clock::time_point deadline) {
   ICHIBAN_CHECK(!broken(), "ichiban: ", opname, " on group '", group_,
                 "' cannot run: the group failed earlier (", broken_reason_,
@@ -116,11 +138,12 @@ void ShmComm::begin(const char* opname, const OpDesc& desc, std::chrono::steady_
 
 const OpDesc& ShmComm::peer_desc(int p) const { return ctl(p)->desc[step_ & 1]; }
 
-void ShmComm::fail_wait(uint32_t target, const std::string& why) {
+void ShmComm::fail_wait(uint32_t target, const std::string& why, int only) {
   std::ostringstream missing;
   bool first = true;
   for (int p = 0; p < n_; ++p) {
-    if (p == rank_ || reached(ctl(p)->step.load(std::memory_order_acquire), target)) continue;
+    if (p == rank_ || (only >= 0 && p != only)) continue;
+    if (only < 0 && reached(ctl(p)->step.load(std::memory_order_acquire), target)) continue;
     missing << (first ? "" : ", ") << labels_[p];
     first = false;
   }
@@ -131,13 +154,13 @@ void ShmComm::fail_wait(uint32_t target, const std::string& why) {
   ICHIBAN_CHECK(false, broken_reason_);
 }
 
-void ShmComm::on_slice(int p, uint32_t target) {
+void ShmComm::on_slice(int p, uint32_t target, int only) {
   int32_t pid = ctl(p)->pid;
   if (pid > 0 && !pid_alive(pid)) {
     fail_wait(target, "failed: rank " + std::to_string(labels_[p]) + " (pid " + std::to_string(pid) +
-                          ") exited");
+                          ") exited", only);
   }
-  if (std::chrono::steady_clock::now() >= deadline_) fail_wait(target, "timed out");
+  if (std::chrono::steady_clock::now() >= deadline_) fail_wait(target, "timed out", only);
 }
 
 void ShmComm::sync() {

@@ -7,11 +7,20 @@
 // Segment layout (offsets in bytes):
 //   [0, 4096)                      Header
 //   [4096, 4096 + n*256)           RankCtl of rank 0..n-1, one cache-line group each
-//   [data_offset, +2*n*slot)       slot(buffer b, rank p) at data_offset + (b*n + p)*slot
+//   [data_offset, +kBuffers*n*slot) slot(buffer b, rank p) at data_offset + (b*n + p)*slot
 //
-// Two buffers alternate per unit of work (one chunk of one op: write own slot,
-// >= 1 barrier, read peers' slots). Unit u+2 reuses unit u's buffer only after
-// every rank passed unit u+1's first barrier, i.e. after all reads of unit u.
+// Lock-step algorithms use buffers 0 and 1, alternating per unit of work (one
+// chunk of one op: write own slot, >= 1 barrier, read peers' slots). Unit u+2
+// reuses unit u's buffer only after every rank passed unit u+1's first
+// barrier, i.e. after all reads of unit u.
+//
+// Pipelined algorithms use the kPipeDepth buffers after those. Each rank
+// publishes how many chunks it has passed through each stage (stage_count),
+// and waits only for the peers' stages it depends on, so a rank that has the
+// core can run several chunks ahead of one that does not. They open with a
+// full barrier (every peer has left the previous op) and their buffers are
+// disjoint from the lock-step ones, so neither kind can overwrite a slot the
+// other is still reading.
 #pragma once
 
 #include <atomic>
@@ -47,6 +56,9 @@ class ShmComm {
  public:
   static constexpr size_t kHeaderBytes = 4096;
   static constexpr size_t kCtlBytes = 256;
+  static constexpr int kPipeDepth = 4;
+  static constexpr int kBuffers = 2 + kPipeDepth;
+  static constexpr int kStages = 3;
 
   static size_t data_offset(int n);
   static size_t segment_bytes(int n, size_t slot_bytes);
@@ -72,6 +84,18 @@ class ShmComm {
   // Descriptor of peer p at the last barrier (after sync()).
   const OpDesc& peer_desc(int p) const;
 
+  // Pipelined algorithms. The slot of rank p in pipeline buffer i (0..kPipeDepth-1).
+  char* pipe_slot(int i, int p) const;
+  // Chunks rank p has passed through stage s (counts wrap; equal on every
+  // rank between ops).
+  uint32_t stage_count(int p, int s) const;
+  // Count one more chunk through my stage s and wake whoever waits on me.
+  void advance(int s);
+  // Peer p's progress word; wait_progress returns once it moved past `seen`
+  // (raising on the deadline or a dead peer, like sync()).
+  uint32_t progress(int p) const;
+  void wait_progress(int p, uint32_t seen);
+
   // A wait that failed (timeout, dead peer) leaves peers mid-op: every later op fails fast.
   bool broken() const { return !broken_reason_.empty(); }
 
@@ -81,8 +105,10 @@ class ShmComm {
   Header* header() const;
   RankCtl* ctl(int p) const;
   void check_descs();
-  [[noreturn]] void fail_wait(uint32_t target, const std::string& why);
-  void on_slice(int p, uint32_t target);
+  // only >= 0: name just that rank as missing (a pipelined wait); else every
+  // rank that has not reached target.
+  [[noreturn]] void fail_wait(uint32_t target, const std::string& why, int only = -1);
+  void on_slice(int p, uint32_t target, int only = -1);
 
   std::unique_ptr<ShmSegment> seg_;
   int rank_;

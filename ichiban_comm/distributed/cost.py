@@ -9,15 +9,15 @@ of all ranks together, while each rank reduces on its own core:
 
     one-shot  1 barrier;  each rank writes S, reads n*S, writes S: (n+2)*S;
               reduces (n-1)*S
-    two-shot  2 barriers; each rank copies in the (n-1)/n of S its peers
+    two-shot  3 barriers; each rank copies in the (n-1)/n of S its peers
               reduce, reduces its own S/n from its buffer and the peers'
               slots (reads S, writes 2S/n), copies the other (n-1)/n of S
               out: (5-2/n)*S; reduces (n-1)*S/n
     ring      n barriers, ~5*S per rank
 
-so two-shot wins above S* = alpha / (beta*(n-1)(n-2) + gamma*(n-1)^2/n), where
+so two-shot wins above S* = 2*alpha / (beta*(n-1)(n-2) + gamma*(n-1)^2/n), where
 ``predict_us`` crosses; for n = 2 the traffic is equal and only the smaller
-share of reduction work pays for the second barrier.
+share of reduction work pays for the extra barriers.
 ``benchmarks/collectives.py --tune`` measures the real crossover on a machine
 and writes it to the table (keyed by host and world size) that overrides the
 model. Rank 0 of each group decides and shares its choice through the store,
@@ -107,7 +107,9 @@ def _reduced_per_rank(algo: str, nbytes: int, n: int) -> float:
 
 
 def _barriers(algo: str, n: int) -> int:
-    return {"oneshot": 1, "twoshot": 2, "ring": n}[algo]
+    # two-shot: an opening barrier, then per chunk a wait for the peers'
+    # copy-in and one for their reductions
+    return {"oneshot": 1, "twoshot": 3, "ring": n}[algo]
 
 
 def predict_us(algo: str, nbytes: int, local_size: int) -> float:
@@ -123,7 +125,7 @@ def predict_us(algo: str, nbytes: int, local_size: int) -> float:
 def model_oneshot_max_bytes(local_size: int) -> int:
     """Largest message for which one-shot beats two-shot under the model.
 
-    one-shot minus two-shot = -alpha + S * (beta*(n-1)(n-2) + gamma*(n-1)^2/n),
+    one-shot minus two-shot = -2*alpha + S * (beta*(n-1)(n-2) + gamma*(n-1)^2/n),
     which grows with S, so the crossover is where it is zero.
     """
     n = local_size
@@ -131,7 +133,7 @@ def model_oneshot_max_bytes(local_size: int) -> int:
         return ALWAYS
     alpha = ALPHA_S["shm_oversubscribed" if oversubscribed(n) else "shm"]
     per_byte = BETA_S_PER_BYTE["shm"] * (n - 1) * (n - 2) + GAMMA_S_PER_BYTE * (n - 1) ** 2 / n
-    s = alpha / per_byte
+    s = (_barriers("twoshot", n) - _barriers("oneshot", n)) * alpha / per_byte
     return int(min(max(s, _MIN_ONESHOT), _MAX_ONESHOT))
 
 

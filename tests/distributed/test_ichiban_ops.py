@@ -276,3 +276,46 @@ def test_large_messages(ws):
     results = run_workers(_large_body, ws, backend="ichiban", timeout=240)
     fails = [f"rank {r}: {m}" for r, fs in enumerate(results) for m in fs]
     assert not fails, "\n".join(fails)
+
+
+def _pipeline_body(rank, ws):
+    """Two-shot runs chunks through a pipeline up to several chunks deep; with
+    4 KiB slots these messages are tens of chunks long. Lock-step ops are
+    interleaved on the same group, so a slot one kind still reads must never be
+    rewritten by the other."""
+    fails = []
+    g2 = _group("twoshot")
+    seed = 1000
+    for dtype, op, n in [(torch.float32, R.SUM, 50_003), (torch.bfloat16, R.AVG, 20_001),
+                         (torch.int64, R.MAX, 9_999), (torch.float64, R.PRODUCT, 7_001)]:
+        for rep in range(3):
+            seed += 1
+            ins = [make(seed, r, (n + rep * 64,), dtype, op) for r in range(ws)]
+            t = ins[rank].clone()
+            dist.all_reduce(t, op=op, group=g2)
+            m = mismatch(t, ins, op, f"pipelined all_reduce {dtype} {op} rep {rep}")
+            if m:
+                fails.append(m)
+            # lock-step ops on the same group, right behind it
+            b = make(seed, 0, (3000,), torch.float32)
+            bb = b.clone() if rank == 0 else torch.empty_like(b)
+            dist.broadcast(bb, 0, group=g2)
+            if not torch.equal(bb, b):
+                fails.append(f"broadcast after pipelined all_reduce {dtype} rep {rep}")
+            full = [make(seed, r, (ws * 700,), torch.float32) for r in range(ws)]
+            out = torch.empty(700)
+            dist.reduce_scatter_tensor(out, full[rank].clone(), group=g2)
+            m = mismatch(out, [x[rank * 700:(rank + 1) * 700] for x in full], R.SUM,
+                         "reduce_scatter after pipelined all_reduce")
+            if m:
+                fails.append(m)
+    dist.destroy_process_group(g2)
+    return fails
+
+
+@pytest.mark.parametrize("ws", [3, 4])
+def test_pipelined_two_shot_many_chunks(ws):
+    results = run_workers(_pipeline_body, ws, backend="ichiban", timeout=240,
+                          env={"ICHIBAN_SHM_SLOT_BYTES": "4096"})
+    fails = [f"rank {r}: {m}" for r, fs in enumerate(results) for m in fs]
+    assert not fails, "\n".join(fails)
