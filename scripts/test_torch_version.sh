@@ -17,15 +17,19 @@
 #   test.log  the build and pytest output of the last run
 # Re-running is cheap: the extension is rebuilt only when csrc/ or setup.py changed.
 #
+# Triton: the CUDA torch wheels bring it; CPU wheels do not, and without it every fused
+# kernel test fails (they check that the Triton interpreter really ran). When the torch
+# under test leaves Triton out, ICHIBAN_TV_TRITON is installed (default "triton"; give
+# the release that torch pairs with, e.g. "triton~=3.7.0" for torch 2.13, or "none").
+#
 # Knobs: ICHIBAN_PYTHON (default python3.11 or python3), ICHIBAN_FORCE_CPU (default 1:
 # most torch wheels one tests this way are CPU builds), MAX_JOBS (default 1).
 # Prints the pytest summary line; exits with pytest's status.
 set -euo pipefail
 
-if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+if [ $# -lt 1 ]; then usage >&2; exit 2; fi
+if [ "$1" = "-h" ] || [ "$1" = "--help" ]; then usage; exit 0; fi
 TORCH_SPEC="$1"
 shift
 
@@ -46,7 +50,8 @@ say "torch: $TORCH_SPEC; work dir: $DIR"
 # 1. The venv: the torch under test plus requirements-dev.txt without its torch pin.
 VENV="$DIR/venv"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" >> "$LOG" 2>&1 || fail "creating $VENV failed"
-req_stamp="$(printf '%s\n' "$TORCH_SPEC" | cat - "$ROOT/requirements-dev.txt" | sha256sum | cut -c1-16)"
+TRITON_SPEC="${ICHIBAN_TV_TRITON:-triton}"
+req_stamp="$(printf '%s\n%s\n' "$TORCH_SPEC" "$TRITON_SPEC" | cat - "$ROOT/requirements-dev.txt" | sha256sum | cut -c1-16)"
 if [ "$(cat "$VENV/.req-stamp" 2>/dev/null)" != "$req_stamp" ]; then
   say "installing torch and requirements-dev.txt (without its torch line) into $VENV"
   # A current pip builds the editable install through PEP 660; the pip that venv ships
@@ -56,11 +61,16 @@ if [ "$(cat "$VENV/.req-stamp" 2>/dev/null)" != "$req_stamp" ]; then
   grep -v -E '^[[:space:]]*torch([^A-Za-z0-9_-]|$)' "$ROOT/requirements-dev.txt" > "$DIR/requirements.txt"
   "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" -r "$DIR/requirements.txt" >> "$LOG" 2>&1 \
     || fail "pip install failed"
+  if [ "$TRITON_SPEC" != "none" ] && ! "$VENV/bin/python" -c "import triton" >/dev/null 2>&1; then
+    say "this torch brings no Triton: installing $TRITON_SPEC"
+    "$VENV/bin/python" -m pip install -q "$TRITON_SPEC" >> "$LOG" 2>&1 || fail "pip install $TRITON_SPEC failed"
+  fi
   echo "$req_stamp" > "$VENV/.req-stamp"
   rm -f "$VENV/.build-stamp"
 fi
 TORCH_VERSION="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
-say "torch $TORCH_VERSION in $VENV"
+TRITON_VERSION="$("$VENV/bin/python" -c 'import triton; print(triton.__version__)' 2>/dev/null || echo none)"
+say "torch $TORCH_VERSION, triton $TRITON_VERSION in $VENV"
 
 # 2. A fresh copy of the tree, keeping only the previous build's outputs (tar restores
 #    modification times, so an unchanged file looks unchanged).
