@@ -248,7 +248,7 @@ setup(
     package_dir={"ichiban_comm.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.13", "numpy"],
     extras_require={
         "topology": ["nvidia-ml-py"],
         "test": ["pytest", "pytest-timeout"],
