@@ -398,16 +398,27 @@ void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64
   int64_t biggest = 0;
   for (int p = 0; p < n; ++p) biggest = std::max(biggest, c.peer_desc(p).count);
   const int64_t w = std::max<int64_t>(static_cast<int64_t>(c.slot_bytes()) / n / kAlign * kAlign, kAlign);
+  int64_t in_end = 0, out_end = 0;
+  for (int q = 0; q < n; ++q) {
+    in_end = std::max(in_end, in_off[q] + in_len[q]);
+    out_end = std::max(out_end, out_off[q] + out_len[q]);
+  }
+  const auto in_a = reinterpret_cast<uintptr_t>(in), out_a = reinterpret_cast<uintptr_t>(out);
+  const bool apart = out_a + out_end <= in_a || in_a + in_end <= out_a;
   for (int64_t off = 0; off < biggest; off += w) {
     c.next_unit();
     for (int q = 0; q < n; ++q) {
       const int64_t m = std::min(w, in_len[q] - off);
-      if (m > 0) std::memcpy(c.my_slot() + q * w, in + in_off[q] + off, m);
+      if ((q != r || !apart) && m > 0) std::memcpy(c.my_slot() + q * w, in + in_off[q] + off, m);
     }
     c.sync();
     for (int p = 0; p < n; ++p) {
       const int64_t m = std::min(w, out_len[p] - off);
-      if (m > 0) std::memcpy(out + out_off[p] + off, c.slot(p) + r * w, m);
+      if (m <= 0) continue;
+      // My block to myself skips the segment unless input and output overlap
+      // (then this window of the input must be staged before any write).
+      if (p == r && apart) std::memcpy(out + out_off[p] + off, in + in_off[p] + off, m);
+      else std::memcpy(out + out_off[p] + off, c.slot(p) + r * w, m);
     }
   }
 }
