@@ -123,7 +123,27 @@ void ShmComm::advance(int s) {
 void ShmComm::wait_progress(int p, uint32_t seen) {
   std::atomic<uint32_t>* word = &ctl(p)->step;
   if (word->load(std::memory_order_acquire) != seen) return;
-  flag_wait(word, seen + 1, &header()->sleepers, policy_, [&] { on_slice(p, seen + 1, p); });
+  flag_wait(word, seen + 1, &header()->sleepers, policy_, [&] { on_pipeline_slice(); });
+}
+
+// In a pipelined op the peer waited on may itself be waiting on another one,
+// so every peer's liveness is checked; on the deadline the rank furthest
+// behind is the one named.
+void ShmComm::on_pipeline_slice() {
+  int behind = -1, first_dead = -1;
+  std::string dead;
+  for (int q = 0; q < n_; ++q) {
+    if (q == rank_) continue;
+    const int32_t pid = ctl(q)->pid;
+    if (pid > 0 && !pid_alive(pid)) {
+      dead += (dead.empty() ? "rank " : ", rank ") + std::to_string(labels_[q]) + " (pid " + std::to_string(pid) + ")";
+      if (first_dead < 0) first_dead = q;
+    }
+    if (behind < 0 || static_cast<int32_t>(progress(q) - progress(behind)) < 0) behind = q;
+  }
+  // Name every dead peer: one that failed because another died may be gone too.
+  if (!dead.empty()) fail_wait(0, "failed: " + dead + " exited", first_dead);
+  if (std::chrono::steady_clock::now() >= deadline_) fail_wait(0, "timed out", behind);
 }
 
 void ShmComm::begin(const char* opname, const OpDesc& desc, std::chrono::steady_clock::time_point deadline) {

@@ -109,6 +109,7 @@ class ShmComm {
   // rank that has not reached target.
   [[noreturn]] void fail_wait(uint32_t target, const std::string& why, int only = -1);
   void on_slice(int p, uint32_t target, int only = -1);
+  void on_pipeline_slice();
 
   std::unique_ptr<ShmSegment> seg_;
   int rank_;

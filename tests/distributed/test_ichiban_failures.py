@@ -63,6 +63,36 @@ def test_dead_peer_is_an_error_not_a_hang():
     assert shm_entries([res[0][2]]) == []
 
 
+def _dead_mid_pipeline_body(rank, ws):
+    import threading
+
+    os.environ["ICHIBAN_ALGO"] = "twoshot"
+    g = dist.new_group(backend="ichiban")  # 4 KiB slots: thousands of pipelined chunks
+    os.environ.pop("ICHIBAN_ALGO")
+    t = torch.randn(4 << 20)
+    dist.all_reduce(t, group=g)  # the group works
+    if rank == 2:
+        threading.Timer(0.05, os._exit, (3,)).start()  # dies inside the next all_reduce
+    t0 = time.monotonic()
+    try:
+        for _ in range(100):
+            dist.all_reduce(t, group=g)
+    except Exception as e:  # noqa: BLE001
+        return str(e), time.monotonic() - t0
+    return "no error", time.monotonic() - t0
+
+
+def test_dead_peer_mid_pipeline_is_named_by_every_rank():
+    # Ranks 0 and 1 may be waiting on each other rather than on rank 2 when it
+    # dies; both must still name rank 2, long before the 60 s group timeout.
+    res = run_workers(_dead_mid_pipeline_body, 3, backend="ichiban", timeout=120, pg_timeout=60.0,
+                      expect_failure_ranks=(2,), env={"ICHIBAN_SHM_SLOT_BYTES": "4096"})
+    for r in (0, 1):
+        msg, elapsed = res[r]
+        assert "allreduce" in msg and "rank 2" in msg and "exited" in msg, msg
+        assert elapsed < 10.0, elapsed
+
+
 def _mismatch_body(rank, ws):
     out = []
     for case in ("size", "dtype", "op"):
