@@ -29,12 +29,17 @@ ShmSegment::ShmSegment(const std::string& name, size_t bytes, bool create) : nam
     shm_unlink(name_.c_str());  // a stale segment of a crashed job with this name
     fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
     ICHIBAN_CHECK(fd >= 0, sys_error("ichiban: shm_open(create) " + name_));
-    if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
-      int err = errno;
+    // Reserve every page now: tmpfs hands out pages on first touch, and a
+    // touch that finds /dev/shm full is a SIGBUS in the middle of an op, where
+    // this is an error at group creation. Filesystems without fallocate fall
+    // back to a plain size.
+    int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+    if (err == EOPNOTSUPP || err == EINVAL) err = ftruncate(fd, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
+    if (err != 0) {
       close(fd);
       shm_unlink(name_.c_str());
-      ICHIBAN_CHECK(false, sys_error("ichiban: ftruncate " + name_ + " to " + std::to_string(bytes) +
-                                         " bytes (is /dev/shm full?)",
+      ICHIBAN_CHECK(false, sys_error("ichiban: reserving " + std::to_string(bytes) + " bytes of /dev/shm for " +
+                                         name_ + " failed (is /dev/shm full? ICHIBAN_SHM_SLOT_BYTES sets the size)",
                                      err));
     }
     linked_ = true;

@@ -93,6 +93,28 @@ def test_dead_peer_mid_pipeline_is_named_by_every_rank():
         assert elapsed < 10.0, elapsed
 
 
+def _no_room_body(rank, ws):
+    import resource
+    import signal
+
+    if rank == 0:  # the creator of the group's segment cannot reserve it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        dist.new_group(backend="ichiban")
+    except Exception as e:  # noqa: BLE001
+        return str(e)
+    return "no error"
+
+
+def test_segment_that_cannot_be_reserved_is_an_error_at_group_creation():
+    # 6 buffers x 2 ranks x 256 KiB > the 1 MiB file-size limit of rank 0: the pages are
+    # reserved when the group is created, so the error comes there, not as a SIGBUS mid-op.
+    res = run_workers(_no_room_body, 2, backend="gloo", timeout=60, pg_timeout=5.0)
+    assert "reserving" in res[0] and "/dev/shm" in res[0] and "ICHIBAN_SHM_SLOT_BYTES" in res[0], res[0]
+    assert "never created the shared segment" in res[1], res[1]
+
+
 def _mismatch_body(rank, ws):
     out = []
     for case in ("size", "dtype", "op"):
