@@ -114,24 +114,20 @@ class TwoShot {
     constexpr int D = ShmComm::kPipeDepth;
     int64_t done[ShmComm::kStages] = {0, 0, 0};  // chunks through each of my stages
     while (done[2] < chunks_) {
-      int who;
-      if (done[2] < done[1] && peers_past(1, done[2], &who)) {
+      // The first stage in line that is not ready names the peer to sleep on
+      // (its every step wakes us; then we look again).
+      Lag lag;
+      if (done[2] < done[1] && peers_past(1, done[2], lag)) {
         copy_out(done[2]++);
         c_.advance(2);
-      } else if (done[1] < done[0] && peers_past(0, done[1], &who)) {
+      } else if (done[1] < done[0] && peers_past(0, done[1], lag)) {
         reduce(done[1]++);
         c_.advance(1);
-      } else if (done[0] < chunks_ && (done[0] < D || peers_past(2, done[0] - D, &who))) {
+      } else if (done[0] < chunks_ && (done[0] < D || peers_past(2, done[0] - D, lag))) {
         copy_in(done[0]++);
         c_.advance(0);
       } else {
-        // Nothing is ready: sleep on the peer that holds back the first stage
-        // in line (its every step wakes us; then look again).
-        bool ready;
-        if (done[2] < done[1]) ready = peers_past(1, done[2], &who);
-        else if (done[1] < done[0]) ready = peers_past(0, done[1], &who);
-        else ready = peers_past(2, done[0] - D, &who);
-        if (!ready) c_.wait_progress(who, seen_);  // else a peer moved meanwhile: look again
+        c_.wait_progress(lag.peer, lag.seen);
       }
     }
     // Peers may still be copying out of my slots: the pipeline buffers are
@@ -139,16 +135,21 @@ class TwoShot {
   }
 
  private:
-  // Has every peer passed chunk k through stage s? If not, *who is one that
-  // has not, and seen_ its progress word as read before its stage count.
-  bool peers_past(int s, int64_t k, int* who) {
-    *who = -1;
+  // A peer that holds a stage back, and its progress word as read before its
+  // stage count (so any later step of it ends the wait).
+  struct Lag {
+    int peer = -1;
+    uint32_t seen = 0;
+  };
+
+  // Has every peer passed chunk k through stage s? If not, and `lag` names
+  // nobody yet, it names one that has not.
+  bool peers_past(int s, int64_t k, Lag& lag) const {
     for (int p = 0; p < n_; ++p) {
       if (p == r_) continue;
       const uint32_t seen = c_.progress(p);
       if (static_cast<int64_t>(static_cast<uint32_t>(c_.stage_count(p, s) - base_[s])) <= k) {
-        *who = p;
-        seen_ = seen;
+        if (lag.peer < 0) lag = Lag{p, seen};
         return false;
       }
     }
@@ -201,7 +202,6 @@ class TwoShot {
   const int64_t es_, seg_max_, chunks_;
   SrcList srcs_;
   uint32_t base_[ShmComm::kStages];
-  uint32_t seen_ = 0;
 };
 
 void twoshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op, int avg, int64_t) {

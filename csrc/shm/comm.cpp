@@ -120,6 +120,10 @@ void ShmComm::advance(int s) {
   flag_publish(&me->step, step_, &header()->sleepers);
 }
 
+std::string ShmComm::rank_and_pid(int p, int32_t pid) const {
+  return "rank " + std::to_string(labels_[p]) + " (pid " + std::to_string(pid) + ")";
+}
+
 void ShmComm::wait_progress(int p, uint32_t seen) {
   std::atomic<uint32_t>* word = &ctl(p)->step;
   if (word->load(std::memory_order_acquire) != seen) return;
@@ -136,7 +140,7 @@ void ShmComm::on_pipeline_slice() {
     if (q == rank_) continue;
     const int32_t pid = ctl(q)->pid;
     if (pid > 0 && !pid_alive(pid)) {
-      dead += (dead.empty() ? "rank " : ", rank ") + std::to_string(labels_[q]) + " (pid " + std::to_string(pid) + ")";
+      dead += (dead.empty() ? "" : ", ") + rank_and_pid(q, pid);
       if (first_dead < 0) first_dead = q;
     }
     if (behind < 0 || static_cast<int32_t>(progress(q) - progress(behind)) < 0) behind = q;
@@ -177,8 +181,7 @@ void ShmComm::fail_wait(uint32_t target, const std::string& why, int only) {
 void ShmComm::on_slice(int p, uint32_t target, int only) {
   int32_t pid = ctl(p)->pid;
   if (pid > 0 && !pid_alive(pid)) {
-    fail_wait(target, "failed: rank " + std::to_string(labels_[p]) + " (pid " + std::to_string(pid) +
-                          ") exited", only);
+    fail_wait(target, "failed: " + rank_and_pid(p, pid) + " exited", only);
   }
   if (std::chrono::steady_clock::now() >= deadline_) fail_wait(target, "timed out", only);
 }

@@ -110,6 +110,7 @@ class ShmComm {
   [[noreturn]] void fail_wait(uint32_t target, const std::string& why, int only = -1);
   void on_slice(int p, uint32_t target, int only = -1);
   void on_pipeline_slice();
+  std::string rank_and_pid(int p, int32_t pid) const;  // "rank 2 (pid 1234)", as errors name them
 
   std::unique_ptr<ShmSegment> seg_;
   int rank_;
