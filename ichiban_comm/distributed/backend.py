@@ -40,7 +40,8 @@ ICHIBAN = "ichiban"
 # alternating) stays inside one core's L2, so the reduction reads back what the copy-in just
 # wrote from cache. Measured on a 2-core VM (4 MiB L2): 128 MiB all_reduce 60-64 ms with
 # 256 KiB slots vs 75-77 ms with 1 MiB at 2 ranks, 87 vs 99 ms at 4; each barrier is still
-# amortised over ~25 us of copying.
+# amortised over ~25 us of copying. With the pipelined two-shot, 128 KiB to 1 MiB slots gave
+# the same times at 4 ranks within run-to-run noise, so 256 KiB stays.
 _DEFAULT_SLOT_BYTES = 256 << 10
 
 
