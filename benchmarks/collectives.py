@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import shutil
 import socket
 import statistics
@@ -181,11 +182,25 @@ def run_world(n: int, cfg: dict) -> list[dict]:
     procs = [ctx.Process(target=_worker, args=(r, n, port, cfg, out)) for r in range(n)]
     for p in procs:
         p.start()
-    rows = out.get(timeout=cfg["timeout_s"])
-    for p in procs:
-        p.join(60)
-        if p.is_alive():
-            p.kill()
+    deadline = time.monotonic() + cfg["timeout_s"]
+    rows = None
+    try:
+        while True:  # a worker that dies (an import error, a crash) ends the run, never hangs it
+            try:
+                rows = out.get(timeout=1.0)
+                break
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs)
+                        if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"world size {n}: worker(s) died (rank, exit code): {dead}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"world size {n}: no result in {cfg['timeout_s']} s")
+    finally:
+        for p in procs:
+            p.join(60 if rows is not None else 0.1)  # after a failure, kill the rest at once
+            if p.is_alive():
+                p.kill()
     return rows
 
 
@@ -336,6 +351,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-ms", type=float, default=30.0, help="time per repetition")
     ap.add_argument("--no-gloo", action="store_true")
+    ap.add_argument("--no-mpi", action="store_true", help="leave out the MPI column even when "
+                    "mpi4py is installed")
     ap.add_argument("--algos", default="",
                     help="also run ichiban with these forced algorithms as extra columns (e.g. oneshot,twoshot)")
     ap.add_argument("--json", help="write rows and machine facts here")
@@ -366,7 +383,7 @@ def main(argv=None) -> None:
     rows = []
     for n in args.world_sizes:
         rows += run_world(n, cfg)
-        mpi_rows = run_mpi(n, cfg)
+        mpi_rows = [] if args.no_mpi else run_mpi(n, cfg)
         if mpi_rows and "mpi" not in backends:
             backends.append("mpi")
         rows += mpi_rows

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# GPU suite: build the extension on a CUDA machine, run the GPU-marked tests and the GPU
-# benchmarks, and write everything under $OUT (default: ./gpu_results). About 8 minutes.
+# GPU suite: build the extension on a CUDA machine, run the GPU-marked tests (Triton kernels,
+# the CUDA checkpoint path, CUDA tensors through the "ichiban" backend's NCCL group), the kernel
+# benchmark and a short CPU collectives benchmark on that machine's cores, and write everything
+# under $OUT (default: ./gpu_results). About 8 minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh
 #
 # Each step has its own time limit (seconds, overridable) so one slow step cannot eat the rest:
 #   ICHIBAN_SUITE_BUILD_S (240)
-#   ICHIBAN_SUITE_TEST_S (150: with a cold Triton cache every kernel variant compiles first)
-#   ICHIBAN_SUITE_TOTAL_S (480): the benchmark gets what is left of it (at least 120)
+#   ICHIBAN_SUITE_TEST_S (180: with a cold Triton cache every kernel variant compiles first)
+#   ICHIBAN_SUITE_COLL_S (60): the collectives benchmark (all_reduce, 2/4/8 ranks, vs gloo)
+#   ICHIBAN_SUITE_TOTAL_S (480): the kernel benchmark gets what is left of it (at least 120)
+# PYTHON (default python3) is the interpreter that holds torch.
 # A Liger-Kernel wheel placed in .whl/ (pure Python) is installed first, so the benchmark can
 # compare against it on a machine without network access.
 # Exit status: 0 when every step passed, else the number of failed steps.
@@ -16,6 +20,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-$PWD/gpu_results}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 START=$(date +%s)
 FAILED=0
@@ -41,33 +46,44 @@ step() {
 
 {
     nvidia-smi || echo "nvidia-smi not found"
-    python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+    nproc; free -g | head -2
+    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'available', torch.cuda.is_available())"
-    python -c "import triton; print('triton', triton.__version__)"
+    $PY -c "import triton; print('triton', triton.__version__)"
 } >"$OUT/machine.txt" 2>&1
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     log "no CUDA GPU visible to torch: nothing to run (see $OUT/machine.txt)"
     exit 1
 fi
 
 for whl in .whl/liger_kernel-*.whl; do
     [ -e "$whl" ] && step "install $(basename "$whl")" 60 liger_install.log \
-        pip install --no-deps --no-index "$whl"
+        $PY -m pip install --no-deps --no-index "$whl"
 done
 
+# Built in place and put on PYTHONPATH rather than pip-installed: an offline machine's pip may
+# try to fetch build dependencies, and the interpreter's site-packages stays untouched.
 step build "${ICHIBAN_SUITE_BUILD_S:-240}" build.log \
-    env MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip install --no-build-isolation --no-deps -e .
+    env MAX_JOBS="${MAX_JOBS:-$(nproc)}" $PY setup.py build_ext --inplace
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -e ichiban_comm/triton_kernels ] || ln -s ../triton_kernels ichiban_comm/triton_kernels  # as setup.py maps it
+$PY -m ichiban_comm --version >>"$OUT/machine.txt" 2>&1
 
-step "gpu tests" "${ICHIBAN_SUITE_TEST_S:-150}" gpu_tests.log \
-    env ICHIBAN_TEST_GPU=1 python -m pytest -q -m gpu tests --junitxml="$OUT/gpu_tests.xml"
+step "gpu tests" "${ICHIBAN_SUITE_TEST_S:-180}" gpu_tests.log \
+    env ICHIBAN_TEST_GPU=1 $PY -m pytest -q -m gpu tests --junitxml="$OUT/gpu_tests.xml"
 
-# The benchmark gets the rest of the total and stops starting new ops 40 s before its limit
+# Collectives on this machine's cores (ranks <= cores, unlike the 2-core development VM).
+step "collectives benchmark" "${ICHIBAN_SUITE_COLL_S:-60}" collectives.txt \
+    $PY benchmarks/collectives.py --world-sizes 2 4 8 --ops all_reduce --sizes 8,4K,1M,16M,128M \
+    --reps 3 --budget-ms 20 --no-mpi --json "$OUT/collectives.json"
+
+# The kernel benchmark gets the rest of the total and stops starting new ops 40 s before its limit
 # (one op with its torch.compile baseline takes up to ~30 s), so its table is always written.
 BENCH_S=$(( ${ICHIBAN_SUITE_TOTAL_S:-480} - ($(date +%s) - START) ))
 [ "$BENCH_S" -lt 120 ] && BENCH_S=120
 step "kernel benchmark" "$BENCH_S" kernels.txt \
-    python benchmarks/kernels.py --json "$OUT/kernels.json" --budget $((BENCH_S - 40))
+    $PY benchmarks/kernels.py --json "$OUT/kernels.json" --budget $((BENCH_S - 40))
 
 log "done: $FAILED failed step(s); results in $OUT"
 exit "$FAILED"

@@ -103,28 +103,37 @@ c10::intrusive_ptr<c10d::Backend::Options> IchibanBackend::getBackendOptions() {
   return o;
 }
 
-void IchibanBackend::shutdown() {
+void IchibanBackend::shutdown() { stop(false); }
+
+void IchibanBackend::abort() { stop(true); }
+
+void IchibanBackend::stop(bool abort) {
   {
     std::lock_guard<std::mutex> lk(mu_);
     stop_ = true;
   }
   cv_.notify_all();
-  if (!worker_.joinable()) return;
-  if (worker_.get_id() == std::this_thread::get_id()) {
-    worker_.detach();  // the last reference was dropped by our own job
-    return;
-  }
-  // The worker may need the GIL to finish (dropping a tensor that has a Python
-  // object does): never hold it while joining.
+  // The worker may need the GIL to finish (dropping a tensor that has a Python object
+  // does), and NCCL's shutdown waits for its kernels: never hold the GIL meanwhile.
+  auto finish = [&] {
+    if (worker_.joinable()) {
+      if (worker_.get_id() == std::this_thread::get_id()) {
+        worker_.detach();  // the last reference was dropped by our own job
+      } else {
+        worker_.join();
+      }
+    }
+    // The NCCL group's own shutdown, as destroy_process_group() gives a plain NCCL group;
+    // without it NCCL warns at exit that the group was never destroyed.
+    if (cuda_) std::call_once(cuda_closed_, [&] { abort ? cuda_->abort() : cuda_->shutdown(); });
+  };
   if (Py_IsInitialized() && PyGILState_Check()) {
     pybind11::gil_scoped_release no_gil;
-    worker_.join();
+    finish();
   } else {
-    worker_.join();
+    finish();
   }
 }
-
-void IchibanBackend::abort() { shutdown(); }
 
 void IchibanBackend::loop() {
   while (true) {

@@ -111,6 +111,7 @@ class IchibanBackend : public c10d::Backend {
   WorkPtr submit(bool may_inline, c10d::OpType type, const char* name, std::vector<at::Tensor> outputs,
                  std::function<void()> body);
   void loop();
+  void stop(bool abort);  // shutdown() and abort(): drain the worker, close the NCCL group
   Deadline deadline() const { return std::chrono::steady_clock::now() + cfg_.timeout; }
   bool multi_host() const { return nhosts_ > 1; }
   // True when t is a CUDA tensor and a NCCL backend is there to take it.
@@ -123,6 +124,7 @@ class IchibanBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Backend> fallback_;
   c10::intrusive_ptr<c10d::Backend> inter_;
   c10::intrusive_ptr<c10d::Backend> cuda_;
+  std::once_flag cuda_closed_;  // the wrapped NCCL group is shut down (or aborted) once
   std::unique_ptr<ShmComm> comm_;
   int nhosts_ = 1;
   bool uniform_hosts_ = true;
