@@ -55,6 +55,7 @@ LIB = "ichiban_tk"  # torch.library namespace of every op: torch.ops.ichiban_tk.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LAUNCHES: collections.Counter = collections.Counter()
+_LAUNCHERS: dict = {}  # op name -> the undecorated launcher (see run_op)
 _WARNED: set = set()
 
 
@@ -117,9 +118,23 @@ def custom_op(name: str, fake):
     def deco(fn):
         op = torch.library.custom_op(f"{LIB}::{name}", mutates_args=())(fn)
         op.register_fake(fake)
+        _LAUNCHERS[name] = fn
         return op
 
     return deco
+
+
+def run_op(name: str, *args):
+    """Call the op ``name``: through ``torch.ops.ichiban_tk`` while torch.compile / export trace
+    (or on tensor subclasses such as fake tensors), else the launcher itself.
+
+    In eager mode the dispatcher adds nothing the launcher needs (the autograd Functions that
+    call it already run without grad) but costs tens of microseconds per call, paid twice per
+    forward+backward of every fused op."""
+    if torch.compiler.is_compiling() or any(
+            isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args):
+        return getattr(torch.ops.ichiban_tk, name)(*args)
+    return _LAUNCHERS[name](*args)
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

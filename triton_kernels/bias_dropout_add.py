@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_float, check_same, col_block, count_launch, custom_op, rows_2d,
-                        tl, triton, use_triton)
+                        tl, triton, use_triton, run_op)
 
 __all__ = ["bias_dropout_add", "bias_dropout_add_reference"]
 
@@ -97,14 +97,14 @@ class _BiasDropoutAddFn(torch.autograd.Function):
         b = bias.contiguous() if bias is not None else None
         ctx.shape, ctx.p, ctx.drop, ctx.seed = x.shape, p, drop, seed
         ctx.bias_dtype = b.dtype if b is not None else None
-        y = torch.ops.ichiban_tk.bias_dropout_add_fwd(rows_2d(x), b, rows_2d(residual), p, drop,
+        y = run_op("bias_dropout_add_fwd", rows_2d(x), b, rows_2d(residual), p, drop,
                                                       seed)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         dy2 = rows_2d(dy)  # (rows, cols)
-        dx = torch.ops.ichiban_tk.bias_dropout_add_bwd(dy2, ctx.p, ctx.seed) if ctx.drop \
+        dx = run_op("bias_dropout_add_bwd", dy2, ctx.p, ctx.seed) if ctx.drop \
             else dy2
         db = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_approximate, check_float, check_same, col_block, count_launch,
-                        custom_op, rows_2d, tl, triton, use_triton)
+                        custom_op, rows_2d, tl, triton, use_triton, run_op)
 from ._gelu import gelu_and_grad
 
 __all__ = ["bias_gelu", "bias_gelu_reference"]
@@ -92,12 +92,12 @@ class _BiasGeLUFn(torch.autograd.Function):
         b = bias.contiguous() if bias is not None else None
         ctx.save_for_backward(x2, b)
         ctx.shape, ctx.approx_tanh = x.shape, approx_tanh
-        return torch.ops.ichiban_tk.bias_gelu_fwd(x2, b, approx_tanh).view(x.shape)
+        return run_op("bias_gelu_fwd", x2, b, approx_tanh).view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, b = ctx.saved_tensors
-        dx = torch.ops.ichiban_tk.bias_gelu_bwd(rows_2d(dy), x2, b, ctx.approx_tanh)
+        dx = run_op("bias_gelu_bwd", rows_2d(dy), x2, b, ctx.approx_tanh)
         db = None
         if b is not None and ctx.needs_input_grad[1]:
             # (rows, cols) summed over rows in float32, then back to the bias dtype

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ._dispatch import count_launch, custom_op, rows_2d, tl, triton, use_triton
+from ._dispatch import count_launch, custom_op, rows_2d, tl, triton, use_triton, run_op
 
 __all__ = ["cross_entropy", "cross_entropy_reference"]
 
@@ -165,14 +165,14 @@ def _ce_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, coef
 
 def row_stats(logits, target, vocab_start, smooth, triton_path):
     if triton_path:
-        return torch.ops.ichiban_tk.ce_stats(logits, target, vocab_start, smooth)
+        return run_op("ce_stats", logits, target, vocab_start, smooth)
     return _stats_torch(logits, target, vocab_start, smooth)
 
 
 def row_grad(logits, target, lse, coef, vocab_start, vocab_total, smoothing, z_loss,
              triton_path):
     if triton_path:
-        return torch.ops.ichiban_tk.ce_grad(logits, target, lse, coef, vocab_start, vocab_total,
+        return run_op("ce_grad", logits, target, lse, coef, vocab_start, vocab_total,
                                             smoothing, z_loss)
     return _grad_torch(logits, target, lse, coef, vocab_start, vocab_total, smoothing, z_loss)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import (check_approximate, check_float, check_same, col_block, count_launch,
-                        custom_op, rows_2d, tl, triton, use_triton)
+                        custom_op, rows_2d, tl, triton, use_triton, run_op)
 from ._gelu import gelu_and_grad
 
 __all__ = ["geglu", "geglu_reference"]
@@ -88,12 +88,12 @@ class _GeGLUFn(torch.autograd.Function):
         g, u = rows_2d(gate), rows_2d(up)  # (rows, cols), views when the rows are strided
         ctx.save_for_backward(g, u)
         ctx.shape, ctx.approx_tanh = gate.shape, approx_tanh
-        return torch.ops.ichiban_tk.geglu_fwd(g, u, approx_tanh).view(gate.shape)
+        return run_op("geglu_fwd", g, u, approx_tanh).view(gate.shape)
 
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
-        dg, du = torch.ops.ichiban_tk.geglu_bwd(rows_2d(dy), g, u, ctx.approx_tanh)
+        dg, du = run_op("geglu_bwd", rows_2d(dy), g, u, ctx.approx_tanh)
         return dg.view(ctx.shape), du.view(ctx.shape), None
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_rows, check_same, count_launch, custom_op, num_programs,
-                        row_block, row_warps, rows_2d, tl, triton, use_triton)
+                        row_block, row_warps, rows_2d, tl, triton, use_triton, run_op)
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 
@@ -160,7 +160,7 @@ class _LayerNormFn(torch.autograd.Function):
         shape = x.shape
         x2 = rows_2d(x)  # (rows, N)
         r2 = rows_2d(residual) if residual is not None else None
-        y, h, mean, rstd = torch.ops.ichiban_tk.layer_norm_fwd(x2, weight, bias, r2, eps)
+        y, h, mean, rstd = run_op("layer_norm_fwd", x2, weight, bias, r2, eps)
         ctx.save_for_backward(h if residual is not None else x2, weight, mean, rstd)
         ctx.has_res, ctx.has_b, ctx.shape = residual is not None, bias is not None, shape
         if ctx.has_res:
@@ -171,7 +171,7 @@ class _LayerNormFn(torch.autograd.Function):
     def backward(ctx, dy, dh_out=None):
         h, weight, mean, rstd = ctx.saved_tensors
         dho = rows_2d(dh_out) if (ctx.has_res and dh_out is not None) else None
-        dx, dw, db = torch.ops.ichiban_tk.layer_norm_bwd(rows_2d(dy), h, weight, mean, rstd, dho)
+        dx, dw, db = run_op("layer_norm_bwd", rows_2d(dy), h, weight, mean, rstd, dho)
         dx = dx.view(ctx.shape)
         dw = dw.to(weight.dtype) if weight is not None else None
         db = db.to(dy.dtype if weight is None else weight.dtype) if ctx.has_b else None

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_rows, check_same, count_launch, custom_op, num_programs,
-                        row_block, row_warps, rows_2d, tl, triton, use_triton)
+                        row_block, row_warps, rows_2d, tl, triton, use_triton, run_op)
 
 __all__ = ["rms_norm", "rms_norm_reference"]
 
@@ -131,7 +131,7 @@ class _RMSNormFn(torch.autograd.Function):
         shape = x.shape
         x2 = rows_2d(x)  # (rows, N)
         r2 = rows_2d(residual) if residual is not None else None
-        y, h, rstd = torch.ops.ichiban_tk.rms_norm_fwd(x2, weight, r2, eps)
+        y, h, rstd = run_op("rms_norm_fwd", x2, weight, r2, eps)
         ctx.save_for_backward(h if residual is not None else x2, weight, rstd)
         ctx.has_res = residual is not None
         ctx.shape = shape
@@ -144,7 +144,7 @@ class _RMSNormFn(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         dy2 = rows_2d(dy)
         dho = rows_2d(dh_out) if (ctx.has_res and dh_out is not None) else None
-        dx, dw = torch.ops.ichiban_tk.rms_norm_bwd(dy2, h, weight, rstd, dho)
+        dx, dw = run_op("rms_norm_bwd", dy2, h, weight, rstd, dho)
         dx = dx.view(ctx.shape)
         return dx, dw.to(weight.dtype), (dx if ctx.has_res else None), None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_float, count_launch, custom_op, tl, triton, use_triton
+from ._dispatch import check_float, count_launch, custom_op, tl, triton, use_triton, run_op
 
 __all__ = ["rope", "rope_reference"]
 
@@ -97,12 +97,12 @@ class _RoPEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return torch.ops.ichiban_tk.rope(_unit_last(q), _unit_last(k), cos, sin, False)
+        return run_op("rope", _unit_last(q), _unit_last(k), cos, sin, False)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq, dk = torch.ops.ichiban_tk.rope(_unit_last(dq), _unit_last(dk), cos, sin, True)
+        dq, dk = run_op("rope", _unit_last(dq), _unit_last(dk), cos, sin, True)
         return dq, dk, None, None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import (check_float, check_same, col_block, count_launch, custom_op, rows_2d,
-                        tl, triton, use_triton)
+                        tl, triton, use_triton, run_op)
 
 __all__ = ["swiglu", "swiglu_reference"]
 
@@ -85,12 +85,12 @@ class _SwiGLUFn(torch.autograd.Function):
         g, u = rows_2d(gate), rows_2d(up)  # (rows, cols), views when the rows are strided
         ctx.save_for_backward(g, u)
         ctx.shape = gate.shape
-        return torch.ops.ichiban_tk.swiglu_fwd(g, u).view(gate.shape)
+        return run_op("swiglu_fwd", g, u).view(gate.shape)
 
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
-        dg, du = torch.ops.ichiban_tk.swiglu_bwd(rows_2d(dy), g, u)
+        dg, du = run_op("swiglu_bwd", rows_2d(dy), g, u)
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 

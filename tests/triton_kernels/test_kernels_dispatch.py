@@ -45,3 +45,27 @@ def test_import_needs_no_gpu_or_driver():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_it(monkeypatch):
+    """run_op: eager calls go straight to the launcher (the dispatcher costs tens of us per
+    call); fake tensors (as torch.compile and export trace with) go through torch.ops, whose
+    fake implementation gives the shapes without launching anything."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ichiban_comm.triton_kernels import _dispatch
+
+    calls = []
+    real = _dispatch._LAUNCHERS["rms_norm_fwd"]
+    monkeypatch.setitem(_dispatch._LAUNCHERS, "rms_norm_fwd",
+                        lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 24, generator=g), torch.randn(24, generator=g)
+    torch.testing.assert_close(rms_norm(x, w), rms_norm_reference(x, w), rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+
+    before = launch_counts().get("rms_norm_fwd", 0)
+    with FakeTensorMode():
+        y = rms_norm(torch.empty(7, 24), torch.empty(24))
+    assert y.shape == (7, 24) and calls == [1]
+    assert launch_counts().get("rms_norm_fwd", 0) == before
