@@ -139,8 +139,11 @@ def _layer_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Te
     rows, n = h.shape
     dx = torch.empty_like(h)
     progs = num_programs(h.device, rows)
-    dwp = h.new_zeros((progs, n), dtype=torch.float32)  # (programs, N) partial sums
-    dbp = torch.zeros_like(dwp)
+    # (programs, N) partial sums; every program writes its row, so no fill is needed (zeros
+    # only when there are no rows and the kernel does not run)
+    part = h.new_empty if rows else h.new_zeros
+    dwp = part((progs, n), dtype=torch.float32)
+    dbp = part((progs, n), dtype=torch.float32)
     block = row_block(n, "hidden")
     if rows:
         count_launch("layer_norm_bwd")

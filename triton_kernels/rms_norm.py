@@ -112,7 +112,8 @@ def _rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd:
     rows, n = h.shape
     dx = torch.empty_like(h)
     progs = num_programs(h.device, rows)
-    dwp = h.new_zeros((progs, n), dtype=torch.float32)  # (programs, N) partial dweight
+    # (programs, N) partial dweight; every program writes its row (zeros only without rows)
+    dwp = (h.new_empty if rows else h.new_zeros)((progs, n), dtype=torch.float32)
     block = row_block(n, "hidden")
     if rows:
         count_launch("rms_norm_bwd")
