@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_float, check_same, col_block, count_launch, custom_op, rows_2d,
-                        tl, triton, use_triton, run_op)
+                        run_op, tl, triton, use_triton)
 
 __all__ = ["bias_dropout_add", "bias_dropout_add_reference"]
 
@@ -97,8 +97,7 @@ class _BiasDropoutAddFn(torch.autograd.Function):
         b = bias.contiguous() if bias is not None else None
         ctx.shape, ctx.p, ctx.drop, ctx.seed = x.shape, p, drop, seed
         ctx.bias_dtype = b.dtype if b is not None else None
-        y = run_op("bias_dropout_add_fwd", rows_2d(x), b, rows_2d(residual), p, drop,
-                                                      seed)
+        y = run_op("bias_dropout_add_fwd", rows_2d(x), b, rows_2d(residual), p, drop, seed)
         return y.view(x.shape)
 
     @staticmethod

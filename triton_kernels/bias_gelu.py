@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_approximate, check_float, check_same, col_block, count_launch,
-                        custom_op, rows_2d, tl, triton, use_triton, run_op)
+                        custom_op, rows_2d, run_op, tl, triton, use_triton)
 from ._gelu import gelu_and_grad
 
 __all__ = ["bias_gelu", "bias_gelu_reference"]

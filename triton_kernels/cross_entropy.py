@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ._dispatch import count_launch, custom_op, rows_2d, tl, triton, use_triton, run_op
+from ._dispatch import count_launch, custom_op, rows_2d, run_op, tl, triton, use_triton
 
 __all__ = ["cross_entropy", "cross_entropy_reference"]
 
@@ -173,7 +173,7 @@ def row_grad(logits, target, lse, coef, vocab_start, vocab_total, smoothing, z_l
              triton_path):
     if triton_path:
         return run_op("ce_grad", logits, target, lse, coef, vocab_start, vocab_total,
-                                            smoothing, z_loss)
+                      smoothing, z_loss)
     return _grad_torch(logits, target, lse, coef, vocab_start, vocab_total, smoothing, z_loss)
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_rows, check_same, count_launch, custom_op, num_programs,
-                        row_block, row_warps, rows_2d, tl, triton, use_triton, run_op)
+                        row_block, row_warps, rows_2d, run_op, tl, triton, use_triton)
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 

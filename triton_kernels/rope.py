@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_float, count_launch, custom_op, tl, triton, use_triton, run_op
+from ._dispatch import check_float, count_launch, custom_op, run_op, tl, triton, use_triton
 
 __all__ = ["rope", "rope_reference"]
 

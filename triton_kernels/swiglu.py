@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import (check_float, check_same, col_block, count_launch, custom_op, rows_2d,
-                        tl, triton, use_triton, run_op)
+                        run_op, tl, triton, use_triton)
 
 __all__ = ["swiglu", "swiglu_reference"]
 

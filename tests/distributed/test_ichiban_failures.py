@@ -97,6 +97,8 @@ def _no_room_body(rank, ws):
     import resource
     import signal
 
+    import ichiban_comm  # noqa: F401  (registers "ichiban"; torch < 2.14 reads no entry point)
+
     if rank == 0:  # the creator of the group's segment cannot reserve it
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
