@@ -81,7 +81,11 @@ IchibanBackend::IchibanBackend(const c10::intrusive_ptr<c10d::Store>& store, int
 }
 
 IchibanBackend::~IchibanBackend() {
-  shutdown();
+  try {
+    shutdown();
+  } catch (const std::exception& e) {  // a destructor must not throw (NCCL's shutdown can)
+    std::fprintf(stderr, "[ichiban] group %s: shutting down: %s\n", cfg_.group_name.c_str(), e.what());
+  }
   // Gloo's destructor joins threads that may need the GIL to drop tensors
   // that have Python objects: release it while our engines go away.
   auto drop = [this] {
