@@ -172,43 +172,31 @@ def _copy_bandwidth(torch):
     return 2 * src.numel() / statistics.median(times) / 1e9
 
 
-def _time(torch, step, reps, warmup):
+def _time(torch, step, reps, warmup, queue=1):
+    """Seconds per step, one sample per rep, each rep timing ``queue`` steps issued back to back.
+
+    queue=1: every step starts from an idle GPU, so the host's cost per step counts. A longer
+    queue lets the GPU work on one step while the host issues the next: a host cost smaller than
+    the GPU's work drops out."""
     for _ in range(warmup):
         step()
-    if not torch.cuda.is_available():  # --smoke-cpu
-        out = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            step()
-            out.append(time.perf_counter() - t)
-        return out
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / 1e3)
-    return out
-
-
-def _time_queued(torch, step, reps, queue):
-    """Seconds per step with ``queue`` steps issued back to back between the two events: the GPU
-    works on one step while the host issues the next, so a host cost per step smaller than the
-    GPU's work drops out (``_time`` starts each step from an idle GPU and counts it)."""
-    step()
-    out = []
-    for _ in range(reps):
+    cuda = torch.cuda.is_available()  # else --smoke-cpu: host clock
+    if cuda:
         torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+    out = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+        t = time.perf_counter()
         for _ in range(queue):
             step()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / 1e3 / queue)
+        if cuda:
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3 / queue)
+        else:
+            out.append((time.perf_counter() - t) / queue)
     return out
 
 
@@ -217,17 +205,11 @@ def _device_ms(torch, step):
     with no host time and no idle gaps between them. None when the profiler gives nothing."""
     from torch.profiler import ProfilerActivity, profile
 
-    step()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize()  # the step is warm: it was just timed
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    total_us = 0.0
-    for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None)
-        if t is None:  # older torch
-            t = getattr(ev, "self_cuda_time_total", 0.0)
-        total_us += t
+    total_us = sum(ev.self_device_time_total for ev in prof.key_averages())
     return total_us / 1e3 if total_us > 0 else None
 
 
@@ -321,7 +303,7 @@ def run(args):
                 med = statistics.median(times)
                 row.update(median_ms=med * 1e3, peak_mib=_peak_bytes(torch, step) / 2**20)
                 if not smoke:  # under the interpreter a step takes seconds: one timing is enough
-                    queued = _time_queued(torch, step, max(3, args.reps // 3), 8)
+                    queued = _time(torch, step, max(3, args.reps // 3), warmup=0, queue=8)
                     row["queued_ms"] = statistics.median(queued) * 1e3
                     try:
                         dev = _device_ms(torch, step)

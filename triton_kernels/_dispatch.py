@@ -56,6 +56,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LAUNCHES: collections.Counter = collections.Counter()
 _LAUNCHERS: dict = {}  # op name -> the undecorated launcher (see run_op)
+# Tensor types run_op hands straight to a launcher: a module's weight is an nn.Parameter, which
+# adds no dispatch of its own; any other subclass (fake, functional, DTensor) goes via torch.ops.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _WARNED: set = set()
 
 
@@ -132,7 +135,7 @@ def run_op(name: str, *args):
     call it already run without grad) but costs tens of microseconds per call, paid twice per
     forward+backward of every fused op."""
     if torch.compiler.is_compiling() or any(
-            isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args):
+            isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args):
         return getattr(torch.ops.ichiban_tk, name)(*args)
     return _LAUNCHERS[name](*args)
 

@@ -69,3 +69,19 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_it(monkeypatch):
         y = rms_norm(torch.empty(7, 24), torch.empty(24))
     assert y.shape == (7, 24) and calls == [1]
     assert launch_counts().get("rms_norm_fwd", 0) == before
+
+
+def test_module_weights_take_the_direct_path_too(monkeypatch):
+    """A norm module's weight is an nn.Parameter: it must not send eager calls to the
+    dispatcher (only tensor subclasses with a dispatch of their own do)."""
+    from ichiban_comm.triton_kernels import _dispatch
+
+    calls = []
+    real = _dispatch._LAUNCHERS["rms_norm_fwd"]
+    monkeypatch.setitem(_dispatch._LAUNCHERS, "rms_norm_fwd",
+                        lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(6, 24, generator=g), torch.nn.Parameter(torch.randn(24, generator=g))
+    torch.testing.assert_close(rms_norm(x, w), rms_norm_reference(x, w.detach()), rtol=1e-5,
+                               atol=1e-5)
+    assert calls == [1]
