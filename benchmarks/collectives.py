@@ -5,6 +5,9 @@ memcpy bandwidth measured in the same run as the ceiling.
     python benchmarks/collectives.py                       # world sizes 2 and 4, 8 B .. 256 MiB
     python benchmarks/collectives.py --world-sizes 2 --max-bytes 16M --ops all_reduce
     python benchmarks/collectives.py --json results.json   # machine-readable rows
+    python benchmarks/collectives.py --direct --ops all_reduce --max-bytes 64K
+                                                           # also the backend called without
+                                                           # torch.distributed's layers (latency)
     python benchmarks/collectives.py --tune                # measure the one-shot/two-shot crossover
                                                            # and write the table the backend loads
 
@@ -34,6 +37,7 @@ import time
 
 import torch
 
+DIRECT = "ichiban-direct"  # column of --direct
 OPS = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"]
 BUSBW = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
          "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
@@ -91,13 +95,20 @@ def traffic_per_rank(algo: str, nbytes: int, n: int) -> float:
 # ----------------------------------------------------------------------------- workers
 
 
-def _make_op(op: str, nbytes: int, n: int, rank: int, group):
+def _make_op(op: str, nbytes: int, n: int, rank: int, group, direct: bool = False):
     import torch.distributed as dist
 
     elems = max(nbytes // 4, 1) if nbytes else 0
     if op in ("all_gather", "reduce_scatter", "all_to_all"):
         elems = elems // n * n  # total size divisible by n
     big = torch.randn(elems)
+    if direct:
+        # The backend object itself, as an MPI binding is called: without
+        # torch.distributed's Python wrapper and op dispatcher (--direct).
+        be = group._get_backend(torch.device("cpu"))
+        opts = dist.AllreduceOptions()
+        opts.asyncOp = False
+        return lambda: be.allreduce([big], opts).wait()
     if op == "all_reduce":
         return lambda: dist.all_reduce(big, group=group)
     if op == "broadcast":
@@ -112,27 +123,41 @@ def _make_op(op: str, nbytes: int, n: int, rank: int, group):
     return lambda: dist.all_to_all_single(out, big, group=group)
 
 
-def _time_op(fn, group, timer_group, reps: int, budget_s: float) -> list[float]:
+_CALIBRATE = 5  # ops timed to choose the iterations per repetition
+
+
+def _time_op(fn, timer_group, reps: int, budget_s: float) -> list[float]:
+    """Seconds per op for each repetition, the slowest rank's.
+
+    The repetitions run back to back, with no barrier between them: ranks
+    leave a Gloo op up to milliseconds apart, and with more ranks than cores
+    the scheduler takes a while to settle after one, so a barrier per
+    repetition would charge that to the op measured. One untimed window first
+    absorbs the skew of the calibration's all-reduce.
+    """
     import torch.distributed as dist
 
     for _ in range(3):  # first touch of buffers and shared slots
         fn()
     dist.barrier(group=timer_group)
-    t0 = time.perf_counter()
     fn()
-    one = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    t0 = time.perf_counter()
+    for _ in range(_CALIBRATE):
+        fn()
+    one = torch.tensor([(time.perf_counter() - t0) / _CALIBRATE], dtype=torch.float64)
     dist.all_reduce(one, op=dist.ReduceOp.MAX, group=timer_group)
     iters = int(min(max(budget_s / max(float(one), 1e-7), 1), 2000))
-    times = []
+    for _ in range(iters):
+        fn()
+    local = []
     for _ in range(reps):
-        dist.barrier(group=timer_group)
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
-        dt = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=timer_group)  # the slowest rank
-        times.append(float(dt))
-    return times
+        local.append((time.perf_counter() - t0) / iters)
+    times = torch.tensor(local, dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=timer_group)
+    return times.tolist()
 
 
 def _worker(rank, n, port, cfg, out):
@@ -154,15 +179,21 @@ def _worker(rank, n, port, cfg, out):
             algo = b.split(":", 1)[1] if ":" in b else "auto"
             os.environ["ICHIBAN_ALGO"] = algo
             groups[b] = dist.new_group(backend="ichiban")
+        elif b == DIRECT:
+            groups[b] = None  # the "ichiban" group, called directly
     rows = []
     for op in cfg["ops"]:
         for nbytes in cfg["sizes"]:
             for b, g in groups.items():
-                fn = _make_op(op, nbytes, n, rank, g)
-                times = _time_op(fn, g, timer, cfg["reps"], cfg["budget_s"])
+                if b == DIRECT:
+                    if op != "all_reduce":
+                        continue
+                    g = groups["ichiban"]
+                fn = _make_op(op, nbytes, n, rank, g, direct=b == DIRECT)
+                times = _time_op(fn, timer, cfg["reps"], cfg["budget_s"])
                 row = {"op": op, "bytes": nbytes, "backend": b, "world_size": n,
                        "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
-                if b.startswith("ichiban") and op == "all_reduce":
+                if (b == "ichiban" or b.startswith("ichiban:")) and op == "all_reduce":
                     be = g._get_backend(torch.device("cpu"))
                     row["algo"] = be.choose_allreduce(nbytes)
                 rows.append(row)
@@ -249,19 +280,25 @@ def _mpi_worker(cfg: dict) -> None:
                   "all_gather": lambda: comm.Allgather(part, a),
                   "reduce_scatter": lambda: comm.Reduce_scatter_block(a, part),
                   "all_to_all": lambda: comm.Alltoall(a, b)}[op]
-            fn()
+            fn()  # the same protocol as _time_op
             comm.Barrier()
-            t0 = time.perf_counter()
             fn()
-            one = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            t0 = time.perf_counter()
+            for _ in range(_CALIBRATE):
+                fn()
+            one = comm.allreduce((time.perf_counter() - t0) / _CALIBRATE, op=MPI.MAX)
             iters = int(min(max(cfg["budget_s"] / max(one, 1e-7), 1), 2000))
-            times = []
+            for _ in range(iters):
+                fn()
+            local = []
             for _ in range(cfg["reps"]):
-                comm.Barrier()
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     fn()
-                times.append(comm.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
+                local.append((time.perf_counter() - t0) / iters)
+            slowest = np.empty(len(local))
+            comm.Allreduce(np.array(local), slowest, op=MPI.MAX)
+            times = slowest.tolist()
             rows.append({"op": op, "bytes": nbytes, "backend": "mpi", "world_size": n,
                          "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)})
     if rank == 0:
@@ -355,6 +392,9 @@ def main(argv=None) -> None:
                     "mpi4py is installed")
     ap.add_argument("--algos", default="",
                     help="also run ichiban with these forced algorithms as extra columns (e.g. oneshot,twoshot)")
+    ap.add_argument("--direct", action="store_true",
+                    help=f"add a column '{DIRECT}' (all_reduce only): the backend object called from "
+                    "Python without torch.distributed's wrapper and dispatcher, the way mpi4py calls MPI")
     ap.add_argument("--json", help="write rows and machine facts here")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--_mpi-worker", dest="mpi_worker", help=argparse.SUPPRESS)
@@ -368,6 +408,7 @@ def main(argv=None) -> None:
     if bad:
         ap.error(f"--ops: unknown {bad}; expected some of {OPS}")
     backends = ["ichiban"] + [f"ichiban:{a.strip()}" for a in args.algos.split(",") if a.strip()]
+    backends += [DIRECT] if args.direct else []
     backends += [] if args.no_gloo else ["gloo"]
     if args.sizes:
         size_list = [parse_bytes(x.strip()) for x in args.sizes.split(",") if x.strip()]

@@ -144,7 +144,10 @@ void IchibanBackend::loop() {
     std::function<void()> job;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return (stop_ && !busy_) || (!queue_.empty() && !busy_); });
+      cv_.wait(lk, [&] {
+        wakeups_.fetch_add(1, std::memory_order_relaxed);
+        return (stop_ && !busy_) || (!queue_.empty() && !busy_);
+      });
       if (queue_.empty()) return;  // stop_ and drained
       job = std::move(queue_.front());
       queue_.pop_front();
@@ -183,11 +186,16 @@ IchibanBackend::WorkPtr IchibanBackend::submit(bool may_inline, c10d::OpType typ
     busy_ = true;
   }
   job();
+  bool queued;
   {
     std::lock_guard<std::mutex> lk(mu_);
     busy_ = false;
+    queued = !queue_.empty() || stop_;
   }
-  cv_.notify_all();  // the worker may hold ops queued meanwhile by other threads
+  // Ops queued meanwhile by other threads (or a shutdown) wait for the worker.
+  // Waking it for nothing costs a system call and, with ranks on every core,
+  // a context switch on a core a peer needs.
+  if (queued) cv_.notify_all();
   return work;
 }
 

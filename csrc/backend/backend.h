@@ -99,6 +99,10 @@ class IchibanBackend : public c10d::Backend {
   int local_size() const { return comm_ ? comm_->size() : 1; }
   // The algorithm all-reduce would use for `bytes` (what ICHIBAN_DEBUG logs).
   Algo choose_allreduce(int64_t bytes) const;
+  // How often the progress thread woke up (each wake-up looks at the queue).
+  // Synchronous ops that run inline must not wake it: that costs a system
+  // call and a context switch per op.
+  int64_t worker_wakeups() const { return wakeups_.load(std::memory_order_relaxed); }
 
  private:
   WorkPtr enqueue(c10d::OpType type, const char* name, std::vector<at::Tensor> outputs,
@@ -137,6 +141,7 @@ class IchibanBackend : public c10d::Backend {
   std::deque<std::function<void()>> queue_;
   bool stop_ = false;
   bool busy_ = false;  // a job is running (on the worker or inline)
+  std::atomic<int64_t> wakeups_{0};
   std::thread worker_;
 };
 

@@ -29,6 +29,8 @@ void bind_backend(pybind11::module_& m) {
                              "bytes this group sent through the inter-host engine")
       .def_property_readonly("num_hosts", &IchibanBackend::num_hosts)
       .def_property_readonly("local_size", &IchibanBackend::local_size, "ranks of this group on this host")
+      .def_property_readonly("worker_wakeups", &IchibanBackend::worker_wakeups,
+                             "how often the progress thread woke up (a synchronous op run inline does not wake it)")
       .def("choose_allreduce",
            [](const IchibanBackend& b, int64_t bytes) { return std::string(algo_name(b.choose_allreduce(bytes))); },
            py::arg("bytes"), "the all-reduce algorithm used for a message of `bytes`");

@@ -271,3 +271,28 @@ def _async_body(rank, ws):
 
 def test_async_work_and_futures():
     assert run_workers(_async_body, 3, backend="ichiban", timeout=60) == [True] * 3
+
+
+def _inline_body(rank, ws):
+    """Synchronous ops run on the caller's thread and leave the worker asleep."""
+    be = dist.group.WORLD._get_backend(torch.device("cpu"))
+    t = torch.randn(16)
+    dist.all_reduce(t)  # the worker has settled into its wait
+    before = be.worker_wakeups
+    for _ in range(300):
+        dist.all_reduce(t)
+        dist.broadcast(t, src=0)
+    inline = be.worker_wakeups - before
+    # async ops are the worker's: it must wake for them
+    works = [dist.all_reduce(t, async_op=True) for _ in range(20)]
+    for w in works:
+        w.wait()
+    queued = be.worker_wakeups - before - inline
+    return inline, queued
+
+
+def test_sync_ops_do_not_wake_the_progress_thread():
+    for inline, queued in run_workers(_inline_body, 2, backend="ichiban", timeout=60):
+        # a few spurious wake-ups are allowed; one per op (600) is the bug
+        assert inline < 30, f"the progress thread woke {inline} times for 600 inline ops"
+        assert queued >= 1
