@@ -75,6 +75,7 @@ IchibanBackend::IchibanBackend(const c10::intrusive_ptr<c10d::Store>& store, int
   if (nloc > 1) {
     if (creator) store->set(key, std::vector<uint8_t>{1});
     shm_barrier(*comm_, deadline());  // everyone has mapped it
+    comm_->setup_direct(cfg_.direct, cfg_.direct_min_bytes, deadline());
   }
   if (creator) comm_->segment().unlink_name();
   worker_ = std::thread([this] { loop(); });

@@ -42,6 +42,8 @@ struct BackendConfig {
   bool debug = false;            // ICHIBAN_DEBUG: one line per op (algo, bytes, microseconds)
   int spin_iters = 2000;
   int yield_iters = 50;
+  bool direct = true;                   // single-copy reads between ranks if every member can (ICHIBAN_CMA)
+  int64_t direct_min_bytes = 256 << 10;  // ... for per-peer blocks of at least this size
 };
 
 class IchibanBackend : public c10d::Backend {
@@ -96,6 +98,10 @@ class IchibanBackend : public c10d::Backend {
   // Bytes this group sent through the inter-host engine (hierarchical path).
   int64_t inter_host_bytes() const { return inter_bytes_.load(); }
   int num_hosts() const { return nhosts_; }
+  // Whether this host's members agreed on single-copy reads, and the bytes
+  // this rank has read that way.
+  bool direct() const { return comm_ && comm_->direct(); }
+  int64_t direct_bytes() const { return comm_ ? comm_->direct_bytes() : 0; }
   int local_size() const { return comm_ ? comm_->size() : 1; }
   // The algorithm all-reduce would use for `bytes` (what ICHIBAN_DEBUG logs).
   Algo choose_allreduce(int64_t bytes) const;

@@ -29,6 +29,10 @@ void bind_backend(pybind11::module_& m) {
                              "bytes this group sent through the inter-host engine")
       .def_property_readonly("num_hosts", &IchibanBackend::num_hosts)
       .def_property_readonly("local_size", &IchibanBackend::local_size, "ranks of this group on this host")
+      .def_property_readonly("direct", &IchibanBackend::direct,
+                             "whether this host's members copy large blocks directly between processes")
+      .def_property_readonly("direct_bytes", &IchibanBackend::direct_bytes,
+                             "bytes this rank read directly from peers' buffers")
       .def_property_readonly("worker_wakeups", &IchibanBackend::worker_wakeups,
                              "how often the progress thread woke up (a synchronous op run inline does not wake it)")
       .def("choose_allreduce",
@@ -40,7 +44,8 @@ void bind_backend(pybind11::module_& m) {
       [](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, const std::string& group_name,
          const std::string& shm_name, double timeout_s, std::vector<int> host_of, std::vector<int> labels,
          int64_t slot_bytes, int64_t oneshot_max_bytes, const std::string& algo, bool debug, int spin_iters,
-         int yield_iters, const py::object& fallback, const py::object& inter, const py::object& cuda) {
+         int yield_iters, const py::object& fallback, const py::object& inter, const py::object& cuda, bool direct,
+         int64_t direct_min_bytes) {
         BackendConfig cfg;
         cfg.group_name = group_name;
         cfg.shm_name = shm_name;
@@ -53,6 +58,8 @@ void bind_backend(pybind11::module_& m) {
         cfg.debug = debug;
         cfg.spin_iters = spin_iters;
         cfg.yield_iters = yield_iters;
+        cfg.direct = direct;
+        cfg.direct_min_bytes = direct_min_bytes;
         auto fb = as_backend(fallback);
         auto in = as_backend(inter);
         auto cu = as_backend(cuda);
@@ -63,6 +70,7 @@ void bind_backend(pybind11::module_& m) {
       py::arg("timeout_s"), py::arg("host_of"), py::arg("labels"), py::arg("slot_bytes"),
       py::arg("oneshot_max_bytes"), py::arg("algo"), py::arg("debug"), py::arg("spin_iters"),
       py::arg("yield_iters"), py::arg("fallback"), py::arg("inter"), py::arg("cuda") = py::none(),
+      py::arg("direct") = true, py::arg("direct_min_bytes") = 256 << 10,
       "Create the backend of one process group (collective: every member calls it).");
 
   m.def("global_inter_host_bytes", &global_inter_host_bytes,

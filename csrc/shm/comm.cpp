@@ -11,6 +11,7 @@
 #include <c10/core/ScalarType.h>
 
 #include "common/errors.h"
+#include "shm/cma.h"
 
 namespace ichiban {
 
@@ -44,6 +45,7 @@ struct ShmComm::Header {
 struct ShmComm::RankCtl {
   alignas(64) std::atomic<uint32_t> step;  // futex word: barriers and pipeline progress
   int32_t pid;
+  uint32_t direct_ok;  // setup_direct: this rank could read every peer
   alignas(64) OpDesc desc[2];  // indexed by barrier parity
   alignas(64) std::atomic<uint32_t> stage[kStages];
 };
@@ -59,6 +61,7 @@ const char* opcode_name(uint32_t op) {
     case kOpGather: return "gather";
     case kOpScatter: return "scatter";
     case kOpReduce: return "reduce";
+    case kOpSetup: return "group setup";
   }
   return "unknown op";
 }
@@ -229,6 +232,47 @@ void ShmComm::check_descs() {
                   " called ", describe(desc_), " while rank ", labels_[p], " called ", describe(d),
                   " (every rank must call the same op with the same sizes and dtype)");
   }
+}
+
+void ShmComm::setup_direct(bool want, int64_t min_bytes, std::chrono::steady_clock::time_point deadline) {
+  direct_ = false;
+  direct_min_ = min_bytes;
+  if (n_ == 1) return;
+  probe_ = kMagic ^ static_cast<uint64_t>(getpid());
+  OpDesc d;
+  d.op = kOpSetup;
+  begin("group setup", d, deadline);
+  next_unit();
+  const uint64_t mine = reinterpret_cast<uint64_t>(&probe_);
+  std::memcpy(my_slot(), &mine, sizeof(mine));
+  sync();
+  bool ok = want;
+  for (int p = 0; p < n_ && ok; ++p) {
+    if (p == rank_) continue;
+    uint64_t where, got = 0;
+    std::memcpy(&where, slot(p), sizeof(where));
+    ok = cma_read(ctl(p)->pid, &got, where, sizeof(got)) == 0 &&
+         got == (kMagic ^ static_cast<uint64_t>(static_cast<uint32_t>(ctl(p)->pid)));
+  }
+  ctl(rank_)->direct_ok = ok ? 1 : 0;
+  sync();  // the same unit: nobody writes the slots meanwhile
+  bool all = true;
+  for (int p = 0; p < n_; ++p) all = all && ctl(p)->direct_ok == 1;
+  direct_ = all;
+}
+
+int ShmComm::read_peer(int p, void* dst, uint64_t src, int64_t bytes) {
+  const int err = cma_read(ctl(p)->pid, dst, src, bytes);
+  if (err == 0) direct_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  return err;
+}
+
+void ShmComm::direct_failed(int p, int err) {
+  const int32_t pid = ctl(p)->pid;
+  if (err == ESRCH || !pid_alive(pid)) fail_wait(0, "failed: " + rank_and_pid(p, pid) + " exited", p);
+  ICHIBAN_CHECK(false, "ichiban: ", opname_, " on group '", group_, "': reading ", rank_and_pid(p, pid),
+                "'s buffer directly failed: ", std::strerror(err),
+                " (set ICHIBAN_CMA=0 to copy through shared memory instead)");
 }
 
 }  // namespace ichiban

@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -48,7 +49,7 @@ struct OpDesc {
 
 enum OpCode : uint32_t {
   kOpBarrier = 1, kOpAllreduce, kOpBroadcast, kOpAllgather, kOpReduceScatter, kOpAlltoall,
-  kOpGather, kOpScatter, kOpReduce,
+  kOpGather, kOpScatter, kOpReduce, kOpSetup,
 };
 const char* opcode_name(uint32_t op);
 
@@ -99,6 +100,21 @@ class ShmComm {
   // A wait that failed (timeout, dead peer) leaves peers mid-op: every later op fails fast.
   bool broken() const { return !broken_reason_.empty(); }
 
+  // Single-copy reads (shm/cma.h). setup_direct is collective, once, right
+  // after every member mapped the segment: each member that `want`s it reads
+  // a probe word from every peer; direct() is true on all members only if
+  // every read succeeded, so all of them take the same path in every op.
+  void setup_direct(bool want, int64_t min_bytes, std::chrono::steady_clock::time_point deadline);
+  bool direct() const { return direct_; }
+  // Whether an op whose largest per-peer block is `bytes` copies directly.
+  bool use_direct(int64_t bytes) const { return direct_ && n_ > 1 && bytes >= direct_min_; }
+  // Reads `bytes` at `src` (an address in peer p's process) into dst;
+  // returns 0 or an errno (counted in direct_bytes() on success).
+  int read_peer(int p, void* dst, uint64_t src, int64_t bytes);
+  // Raises for a failed read_peer (after the op's last barrier).
+  [[noreturn]] void direct_failed(int p, int err);
+  int64_t direct_bytes() const { return direct_bytes_.load(std::memory_order_relaxed); }
+
  private:
   struct Header;
   struct RankCtl;
@@ -126,6 +142,10 @@ class ShmComm {
   const char* opname_ = "";
   std::chrono::steady_clock::time_point deadline_;
   std::string broken_reason_;
+  bool direct_ = false;
+  int64_t direct_min_ = INT64_MAX;
+  uint64_t probe_ = 0;  // read by peers in setup_direct
+  std::atomic<int64_t> direct_bytes_{0};
 };
 
 }  // namespace ichiban

@@ -43,6 +43,9 @@ ICHIBAN = "ichiban"
 # amortised over ~25 us of copying. With the pipelined two-shot, 128 KiB to 1 MiB slots gave
 # the same times at 4 ranks within run-to-run noise, so 256 KiB stays.
 _DEFAULT_SLOT_BYTES = 256 << 10
+# Single-copy reads for per-peer blocks from this size up (below it the
+# system call per block costs more than the second copy saves).
+_DEFAULT_DIRECT_MIN_BYTES = 256 << 10
 
 
 def _env_int(name: str, default: int) -> int:
@@ -120,6 +123,7 @@ def _group_config(store, rank: int, local_size: int) -> dict:
             "threshold_source": source,
             "slot_bytes": _env_int("ICHIBAN_SHM_SLOT_BYTES", _DEFAULT_SLOT_BYTES),
             "algo": os.environ.get("ICHIBAN_ALGO", "auto").strip().lower(),
+            "direct_min_bytes": _env_int("ICHIBAN_CMA_MIN_BYTES", _DEFAULT_DIRECT_MIN_BYTES),
         }
         store.set(key, json.dumps(cfg))
         return cfg
@@ -137,6 +141,19 @@ def _nccl(store, rank: int, size: int, timeout: datetime.timedelta, group_id: st
     opts.global_ranks_in_group = list(global_ranks)
     opts.group_name = group_id
     return dist.ProcessGroupNCCL(dist.PrefixStore("ichiban_nccl/", store), rank, size, opts)
+
+
+def _wants_direct() -> bool:
+    """Single-copy reads between this host's ranks (cross-memory attach).
+
+    Each rank answers for itself (ICHIBAN_CMA=0 turns it off); the backend
+    uses it only when every member of the host wants it and could read from
+    every other member when the group was created.
+    """
+    v = os.environ.get("ICHIBAN_CMA", "1").strip().lower()
+    if v not in ("0", "1", "false", "true", "off", "on", ""):
+        raise ValueError(f"ICHIBAN_CMA={v!r}: expected 0 or 1")
+    return v not in ("0", "false", "off")
 
 
 def _wants_cuda() -> bool:
@@ -184,7 +201,8 @@ def _create_backend(dist_opts, backend_options=None):
         store, rank, size, group_name=group_id, shm_name=f"{cfg['shm_name']}_{group_id}",
         timeout_s=timeout_s, host_of=host_of, labels=global_ranks, slot_bytes=int(cfg["slot_bytes"]),
         oneshot_max_bytes=int(cfg["oneshot_max_bytes"]), algo=cfg["algo"], debug=debug,
-        spin_iters=spin, yield_iters=yields, fallback=fallback, inter=inter, cuda=cuda)
+        spin_iters=spin, yield_iters=yields, fallback=fallback, inter=inter, cuda=cuda,
+        direct=_wants_direct(), direct_min_bytes=int(cfg["direct_min_bytes"]))
 
 
 def is_registered() -> bool:
