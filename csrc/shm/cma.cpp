@@ -8,9 +8,10 @@
 namespace ichiban {
 
 namespace {
-// Measured on a 16 MiB buffer: 256 KiB pieces copy ~1.7x faster than one call
-// over the whole range (the kernel pins fewer pages at a time).
-constexpr int64_t kPiece = 256 << 10;
+// Copy rate here, one 16 MiB warm buffer (GB/s copied): 64 KiB pieces 6.0,
+// 256 KiB 9.6, 512 KiB-2 MiB 10.4-10.5, one call over the whole range 4.4
+// (the kernel pins every page of the piece first); memcpy 12.3.
+constexpr int64_t kPiece = 1 << 20;
 }  // namespace
 
 int cma_read(pid_t pid, void* dst, uint64_t src, int64_t bytes) {
