@@ -218,11 +218,11 @@ Algo IchibanBackend::choose_allreduce(int64_t bytes) const {
   return bytes <= cfg_.oneshot_max_bytes ? Algo::kOneShot : Algo::kTwoShot;
 }
 
-void IchibanBackend::log(const char* op, Algo algo, int64_t bytes, std::chrono::steady_clock::time_point t0) const {
+void IchibanBackend::log(const char* op, const char* algo, int64_t bytes, std::chrono::steady_clock::time_point t0) const {
   if (!cfg_.debug) return;
   auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
   std::fprintf(stderr, "[ichiban] group=%s rank=%d %s algo=%s bytes=%lld us=%lld\n", cfg_.group_name.c_str(),
-               rank_, op, algo_name(algo), static_cast<long long>(bytes), static_cast<long long>(us));
+               rank_, op, algo, static_cast<long long>(bytes), static_cast<long long>(us));
 }
 
 // Runs on the progress thread; t is contiguous.
@@ -265,7 +265,7 @@ void IchibanBackend::allreduce_now(at::Tensor& t, RedOp op, const char* name) {
   } else {
     shm_allreduce(*comm_, algo, t.data_ptr(), count, dt, op, avg, deadline());
   }
-  log(name, algo, count * es, t0);
+  log(name, algo_name(algo), count * es, t0);
 }
 
 }  // namespace ichiban

@@ -128,7 +128,7 @@ class IchibanBackend : public c10d::Backend {
   bool to_cuda(const at::Tensor& t) const { return cuda_ && t.defined() && t.is_cuda(); }
   void require_fallback(const char* op) const;
   void allreduce_now(at::Tensor& t, RedOp op, const char* name);
-  void log(const char* op, Algo algo, int64_t bytes, std::chrono::steady_clock::time_point t0) const;
+  void log(const char* op, const char* algo, int64_t bytes, std::chrono::steady_clock::time_point t0) const;
 
   BackendConfig cfg_;
   c10::intrusive_ptr<c10d::Backend> fallback_;

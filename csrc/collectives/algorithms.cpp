@@ -361,7 +361,7 @@ void gather_chunks(ShmComm& c, const void* in, void* out, int64_t bytes, int roo
 
 }  // namespace
 
-void shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl) {
+bool shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl) {
   c.begin("allgather", byte_desc(kOpAllgather, bytes), dl);
   // Single copy at 2 ranks only. Through the slots each input is copied once
   // and then read by every rank from cache; read directly, it is fetched from
@@ -388,11 +388,12 @@ void shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadlin
       }
       if (!in_place) std::memcpy(dst + r * bytes, in, bytes);
       rd.finish();
-      return;
+      return true;
     }
     // Somebody's buffers overlap: through the slots, like small messages.
   }
   gather_chunks(c, in, out, bytes, -1);
+  return false;
 }
 
 void shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c10::ScalarType dt, RedOp op,

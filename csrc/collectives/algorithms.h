@@ -37,8 +37,9 @@ void shm_allreduce(ShmComm& c, Algo algo, void* data, int64_t count, c10::Scalar
 // root's bytes to everyone.
 void shm_broadcast(ShmComm& c, void* data, int64_t bytes, int root, Deadline dl);
 
-// in: bytes per rank; out: n*bytes, rank p's at p*bytes.
-void shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl);
+// in: bytes per rank; out: n*bytes, rank p's at p*bytes. True when the
+// inputs were read directly from the peers (ShmComm::use_direct).
+bool shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl);
 
 // in: n*count elements; out: count elements (block r reduced over ranks).
 void shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c10::ScalarType dt, RedOp op,

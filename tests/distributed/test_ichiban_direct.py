@@ -138,3 +138,34 @@ def test_bad_cma_setting_is_a_clear_error():
             backend._wants_direct()
     finally:
         del os.environ["ICHIBAN_CMA"]
+
+
+def _debug_body(rank, ws):
+    import tempfile
+
+    os.environ["ICHIBAN_DEBUG"] = "1"
+    group = dist.new_group(backend="ichiban")
+    os.environ.pop("ICHIBAN_DEBUG")
+    inp = torch.randn(1 << 18)  # 1 MiB per rank: above the default 256 KiB threshold
+    out = torch.empty(ws << 18)
+    with tempfile.TemporaryFile(mode="w+") as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            dist.all_gather_into_tensor(out, inp, group=group)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        log = f.read()
+    gathered = [torch.empty_like(inp) for _ in range(ws)]
+    dist.all_gather(gathered, inp)  # the Gloo default group as the reference
+    return log, torch.equal(out, torch.cat(gathered))
+
+
+def test_debug_log_names_the_direct_path():
+    if not _cma_available():
+        pytest.skip("this machine forbids process_vm_readv between processes (seccomp or ptrace policy)")
+    for log, same in run_workers(_debug_body, 2, backend="gloo", timeout=120):
+        assert same
+        assert f"all_gather_into_tensor algo=direct bytes={1 << 20} us=" in log, log
