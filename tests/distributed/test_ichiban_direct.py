@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import ichiban_comm  # noqa: F401  registers "ichiban" (torch < 2.14 reads no entry point)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spawn import run_workers  # noqa: E402
 
