@@ -35,6 +35,23 @@ class WorkerError(AssertionError):
     pass
 
 
+def native_stderr(fn) -> str:
+    """Run fn() with file descriptor 2 sent to a temporary file; return what was written
+    there (native code such as ICHIBAN_DEBUG's log writes to the descriptor, not sys.stderr)."""
+    import tempfile
+
+    with tempfile.TemporaryFile(mode="w+") as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        return f.read()
+
+
 def _worker(fn, rank, world_size, port, backend, pg_timeout, env, args, out):
     os.environ.update({
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),

@@ -69,8 +69,8 @@ void bind_backend(pybind11::module_& m) {
       py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("group_name"), py::arg("shm_name"),
       py::arg("timeout_s"), py::arg("host_of"), py::arg("labels"), py::arg("slot_bytes"),
       py::arg("oneshot_max_bytes"), py::arg("algo"), py::arg("debug"), py::arg("spin_iters"),
-      py::arg("yield_iters"), py::arg("fallback"), py::arg("inter"), py::arg("cuda") = py::none(),
-      py::arg("direct") = true, py::arg("direct_min_bytes") = 256 << 10,
+      py::arg("yield_iters"), py::arg("fallback"), py::arg("inter"), py::arg("cuda"), py::arg("direct"),
+      py::arg("direct_min_bytes"),
       "Create the backend of one process group (collective: every member calls it).");
 
   m.def("global_inter_host_bytes", &global_inter_host_bytes,

@@ -453,8 +453,7 @@ void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64
     in_end = std::max(in_end, in_off[q] + in_len[q]);
     out_end = std::max(out_end, out_off[q] + out_len[q]);
   }
-  const auto in_a = reinterpret_cast<uintptr_t>(in), out_a = reinterpret_cast<uintptr_t>(out);
-  const bool apart = out_a + out_end <= in_a || in_a + in_end <= out_a;
+  const bool apart = !overlap(in, in_end, out, out_end);
   c.next_unit();
   // Every rank publishes its whole split table so that every rank checks
   // every pair and all of them raise together; then, for single-copy reads,

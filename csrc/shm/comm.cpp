@@ -252,7 +252,7 @@ void ShmComm::setup_direct(bool want, int64_t min_bytes, std::chrono::steady_clo
     uint64_t where, got = 0;
     std::memcpy(&where, slot(p), sizeof(where));
     ok = cma_read(ctl(p)->pid, &got, where, sizeof(got)) == 0 &&
-         got == (kMagic ^ static_cast<uint64_t>(static_cast<uint32_t>(ctl(p)->pid)));
+         got == (kMagic ^ static_cast<uint64_t>(ctl(p)->pid));
   }
   ctl(rank_)->direct_ok = ok ? 1 : 0;
   sync();  // the same unit: nobody writes the slots meanwhile

@@ -25,7 +25,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <climits>
 #include <cstdint>
 #include <memory>
 #include <string>

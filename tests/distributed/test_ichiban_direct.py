@@ -18,7 +18,7 @@ import torch.distributed as dist
 import ichiban_comm  # noqa: F401  registers "ichiban" (torch < 2.14 reads no entry point)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spawn import run_workers  # noqa: E402
+from spawn import native_stderr, run_workers  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.bool]
 
@@ -143,23 +143,12 @@ def test_bad_cma_setting_is_a_clear_error():
 
 
 def _debug_body(rank, ws):
-    import tempfile
-
     os.environ["ICHIBAN_DEBUG"] = "1"
     group = dist.new_group(backend="ichiban")
     os.environ.pop("ICHIBAN_DEBUG")
     inp = torch.randn(1 << 18)  # 1 MiB per rank: above the default 256 KiB threshold
     out = torch.empty(ws << 18)
-    with tempfile.TemporaryFile(mode="w+") as f:
-        saved = os.dup(2)
-        os.dup2(f.fileno(), 2)
-        try:
-            dist.all_gather_into_tensor(out, inp, group=group)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        f.seek(0)
-        log = f.read()
+    log = native_stderr(lambda: dist.all_gather_into_tensor(out, inp, group=group))
     gathered = [torch.empty_like(inp) for _ in range(ws)]
     dist.all_gather(gathered, inp)  # the Gloo default group as the reference
     return log, torch.equal(out, torch.cat(gathered))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ichiban_ref import shm_entries
-from spawn import run_workers
+from spawn import native_stderr, run_workers
 
 
 def _timeout_body(rank, ws):
@@ -190,23 +190,12 @@ def _bad_args_body(rank, ws):
 def _debug_log_and_forced_algo(rank):
     """ICHIBAN_DEBUG=1 logs each op with its algorithm, bytes and microseconds;
     ICHIBAN_ALGO forces the choice for groups created while it is set."""
-    import tempfile
-
     errs = []
     os.environ.update({"ICHIBAN_DEBUG": "1", "ICHIBAN_ALGO": "ring"})
     g = dist.new_group(backend="ichiban")
     os.environ.pop("ICHIBAN_DEBUG")
     os.environ.pop("ICHIBAN_ALGO")
-    with tempfile.TemporaryFile(mode="w+") as f:
-        saved = os.dup(2)
-        os.dup2(f.fileno(), 2)
-        try:
-            dist.all_reduce(torch.ones(1024), group=g)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        f.seek(0)
-        log = f.read()
+    log = native_stderr(lambda: dist.all_reduce(torch.ones(1024), group=g))
     if "allreduce algo=ring bytes=4096 us=" not in log:
         errs.append(f"debug log: {log!r}")
     auto = dist.group.WORLD._get_backend(torch.device("cpu"))
