@@ -8,6 +8,9 @@ memcpy bandwidth measured in the same run as the ceiling.
     python benchmarks/collectives.py --direct --ops all_reduce --max-bytes 64K
                                                            # also the backend called without
                                                            # torch.distributed's layers (latency)
+    python benchmarks/collectives.py --shared --ops all_reduce --min-bytes 1M
+                                                           # also ichiban on host-shared tensors
+                                                           # (ICHIBAN_SHARED_TENSORS=1)
     python benchmarks/collectives.py --tune                # measure the one-shot/two-shot crossover
                                                            # and write the table the backend loads
 
@@ -15,7 +18,8 @@ Columns: time per op (median, min-max over repetitions, slowest rank), algbw =
 bytes / time, busbw = algbw x the nccl-tests factor (all_reduce 2(n-1)/n;
 all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast 1). For ichiban's
 all_reduce it also prints the memory traffic the chosen algorithm needs per
-rank (one-shot (n+2)S, two-shot (5-2/n)S) and the fraction of the measured
+rank (one-shot (n+2)S, two-shot (5-2/n)S, in place on host-shared tensors
+(3-1/n)S) and the fraction of the measured
 memcpy bandwidth (bytes read + written, min(n, cores) threads) it achieves.
 """
 
@@ -38,6 +42,7 @@ import time
 import torch
 
 DIRECT = "ichiban-direct"  # column of --direct
+SHARED = "ichiban-shared"  # column of --shared: tensors in host-shared memory, in their own processes
 OPS = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"]
 BUSBW = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
          "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
@@ -167,7 +172,10 @@ def _worker(rank, n, port, cfg, out):
                        "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(n),
                        "GROUP_RANK": "0"})
     torch.set_num_threads(1)
-    import ichiban_comm.distributed  # noqa: F401
+    import ichiban_comm.distributed
+
+    if cfg.get("shared"):  # before any tensor or group exists
+        ichiban_comm.distributed.enable_shared_tensors()
 
     dist.init_process_group("gloo", rank=rank, world_size=n, timeout=datetime.timedelta(seconds=600))
     timer = dist.new_group(backend="gloo")
@@ -190,12 +198,15 @@ def _worker(rank, n, port, cfg, out):
                         continue
                     g = groups["ichiban"]
                 fn = _make_op(op, nbytes, n, rank, g, direct=b == DIRECT)
+                be = g._get_backend(torch.device("cpu")) if b.startswith("ichiban") else None
+                shared_before = be.shared_bytes if be is not None else 0
                 times = _time_op(fn, timer, cfg["reps"], cfg["budget_s"])
                 row = {"op": op, "bytes": nbytes, "backend": b, "world_size": n,
                        "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
-                if (b == "ichiban" or b.startswith("ichiban:")) and op == "all_reduce":
-                    be = g._get_backend(torch.device("cpu"))
+                if b != DIRECT and be is not None and op == "all_reduce":
                     row["algo"] = be.choose_allreduce(nbytes)
+                    if be.shared_bytes > shared_before:
+                        row["algo"] = "inplace"
                 rows.append(row)
                 del fn
     if rank == 0:
@@ -321,6 +332,13 @@ def annotate(rows: list[dict], memcpy: dict) -> None:
             r["memcpy_fraction"] = (tr * n / t / 1e9) / ceiling if t > 0 and tr else 0.0
 
 
+def _algo_columns(cols: dict) -> list[str]:
+    """The columns whose algorithm and memory traffic are printed: the first
+    ichiban one that has them, and the shared one."""
+    first = next((b for b, c in cols.items() if b != SHARED and "algo" in c), None)
+    return [b for b in (first, SHARED) if b is not None and "algo" in cols.get(b, {})]
+
+
 def print_table(rows: list[dict], backends: list[str]) -> None:
     by = {}
     for r in rows:
@@ -334,9 +352,9 @@ def print_table(rows: list[dict], backends: list[str]) -> None:
             for b in backends:
                 if b in cols:
                     head += f" | {b + ' time us (min-max)':>30} {'algbw':>7} {'busbw':>7}"
-            if any("algo" in c for c in cols.values()):
-                head += f" | {'algo':>8} {'traffic/rank':>12} {'of memcpy':>9}"
-            head += " | speedup vs gloo"
+            for b in _algo_columns(cols):
+                head += f" | {'algo' if b != SHARED else 'shared':>8} {'traffic/rank':>12} {'of memcpy':>9}"
+            head += " | speedup vs gloo" + (" | shared vs gloo" if SHARED in cols else "")
             print(head)
         line = f"{human(nbytes):>8}"
         for b in backends:
@@ -344,13 +362,14 @@ def print_table(rows: list[dict], backends: list[str]) -> None:
             if c:
                 tm = f"{c['median_s'] * 1e6:.1f} ({c['min_s'] * 1e6:.1f}-{c['max_s'] * 1e6:.1f})"
                 line += f" | {tm:>30} {c['algbw_gbps']:7.2f} {c['busbw_gbps']:7.2f}"
-        ich = next((c for b, c in cols.items() if b.startswith("ichiban") and "algo" in c), None)
-        if ich is not None:
+        for b in _algo_columns(cols):
+            ich = cols[b]
             line += (f" | {ich['algo']:>8} {human(int(ich['traffic_per_rank_bytes'])):>12} "
                      f"{100 * ich['memcpy_fraction']:8.0f}%")
-        g, i = cols.get("gloo"), cols.get("ichiban")
-        if g and i:
-            line += f" | {g['median_s'] / i['median_s']:.1f}x"
+        g = cols.get("gloo")
+        for b in ("ichiban", SHARED):
+            if g and cols.get(b):
+                line += f" | {g['median_s'] / cols[b]['median_s']:.1f}x"
         print(line)
 
 
@@ -395,6 +414,9 @@ def main(argv=None) -> None:
     ap.add_argument("--direct", action="store_true",
                     help=f"add a column '{DIRECT}' (all_reduce only): the backend object called from "
                     "Python without torch.distributed's wrapper and dispatcher, the way mpi4py calls MPI")
+    ap.add_argument("--shared", action="store_true",
+                    help=f"add a column '{SHARED}': ichiban with host-shared tensors "
+                    "(ichiban_comm.distributed.enable_shared_tensors), run in processes of its own")
     ap.add_argument("--json", help="write rows and machine facts here")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--_mpi-worker", dest="mpi_worker", help=argparse.SUPPRESS)
@@ -409,6 +431,7 @@ def main(argv=None) -> None:
         ap.error(f"--ops: unknown {bad}; expected some of {OPS}")
     backends = ["ichiban"] + [f"ichiban:{a.strip()}" for a in args.algos.split(",") if a.strip()]
     backends += [DIRECT] if args.direct else []
+    backends += [SHARED] if args.shared else []
     backends += [] if args.no_gloo else ["gloo"]
     if args.sizes:
         size_list = [parse_bytes(x.strip()) for x in args.sizes.split(",") if x.strip()]
@@ -423,7 +446,9 @@ def main(argv=None) -> None:
     print("# memcpy (read+write): " + ", ".join(f"{k} thread(s) {v:.1f} GB/s" for k, v in memcpy.items()))
     rows = []
     for n in args.world_sizes:
-        rows += run_world(n, cfg)
+        rows += run_world(n, {**cfg, "backends": [b for b in backends if b != SHARED]})
+        if args.shared:  # the allocator is per process: a world of its own
+            rows += run_world(n, {**cfg, "backends": [SHARED], "shared": True})
         mpi_rows = [] if args.no_mpi else run_mpi(n, cfg)
         if mpi_rows and "mpi" not in backends:
             backends.append("mpi")

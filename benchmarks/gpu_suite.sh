@@ -9,7 +9,9 @@
 # Each step has its own time limit (seconds, overridable) so one slow step cannot eat the rest:
 #   ICHIBAN_SUITE_BUILD_S (240)
 #   ICHIBAN_SUITE_TEST_S (180: with a cold Triton cache every kernel variant compiles first)
-#   ICHIBAN_SUITE_COLL_S (60): the collectives benchmark (all_reduce, 2/4/8 ranks, vs gloo)
+#   ICHIBAN_SUITE_SHARED_S (150): the host-shared tensor tests (CPU, on this machine's torch)
+#   ICHIBAN_SUITE_COLL_S (120): the collectives benchmark (all_reduce, 2/4/8 ranks, vs gloo,
+#     with and without host-shared tensors)
 #   ICHIBAN_SUITE_TOTAL_S (480): the kernel benchmark gets what is left of it (at least 120)
 # PYTHON (default python3) is the interpreter that holds torch.
 # A Liger-Kernel wheel placed in .whl/ (pure Python) is installed first, so the benchmark can
@@ -73,10 +75,14 @@ $PY -m ichiban_comm --version >>"$OUT/machine.txt" 2>&1
 step "gpu tests" "${ICHIBAN_SUITE_TEST_S:-180}" gpu_tests.log \
     env ICHIBAN_TEST_GPU=1 $PY -m pytest -q -m gpu tests --junitxml="$OUT/gpu_tests.xml"
 
+# The CPU allocator swap and peers mapping each other's arenas, on this machine's torch and kernel.
+step "shared tensor tests" "${ICHIBAN_SUITE_SHARED_S:-150}" shared_tests.log \
+    $PY -m pytest -q tests/distributed/test_ichiban_shared.py --junitxml="$OUT/shared_tests.xml"
+
 # Collectives on this machine's cores (ranks <= cores, unlike the 2-core development VM).
-step "collectives benchmark" "${ICHIBAN_SUITE_COLL_S:-60}" collectives.txt \
+step "collectives benchmark" "${ICHIBAN_SUITE_COLL_S:-120}" collectives.txt \
     $PY benchmarks/collectives.py --world-sizes 2 4 8 --ops all_reduce --sizes 8,4K,1M,16M,128M \
-    --reps 3 --budget-ms 20 --no-mpi --json "$OUT/collectives.json"
+    --reps 3 --budget-ms 20 --no-mpi --shared --json "$OUT/collectives.json"
 
 # The kernel benchmark gets the rest of the total and stops starting new ops 40 s before its limit
 # (one op with its torch.compile baseline takes up to ~30 s), so its table is always written.

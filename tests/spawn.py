@@ -134,3 +134,16 @@ def run_workers(fn, world_size: int, *, backend: str | None = "gloo", timeout: f
             lines.append(f"ranks {missing} did not finish within {timeout:.0f} s (killed)")
         raise WorkerError("multi-process test failed:\n" + "\n".join(lines))
     return [results[r] for r in range(world_size)]
+
+
+def random_tensor(shape, dtype, seed: int):
+    """Random values of any dtype the collectives take (never all zeros), reproducible
+    from `seed` in every process: booleans, floats from a normal, integers in [-1000, 1000)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    return torch.randint(-1000, 1000, shape, generator=g, dtype=dtype)

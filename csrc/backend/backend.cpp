@@ -76,6 +76,10 @@ IchibanBackend::IchibanBackend(const c10::intrusive_ptr<c10d::Store>& store, int
     if (creator) store->set(key, std::vector<uint8_t>{1});
     shm_barrier(*comm_, deadline());  // everyone has mapped it
     comm_->setup_direct(cfg_.direct, cfg_.direct_min_bytes, deadline());
+    comm_->setup_shared(cfg_.shared, deadline());
+    if (cfg_.debug && cfg_.shared && !comm_->shared())
+      std::fprintf(stderr, "[ichiban] group=%s rank=%d shared tensors not used: %s\n", cfg_.group_name.c_str(), rank_,
+                   comm_->shared_declined().empty() ? "a peer declined" : comm_->shared_declined().c_str());
   }
   if (creator) comm_->segment().unlink_name();
   worker_ = std::thread([this] { loop(); });
@@ -263,7 +267,10 @@ void IchibanBackend::allreduce_now(at::Tensor& t, RedOp op, const char* name) {
     shm_allgather(*comm_, shard.data_ptr(), full.data_ptr(), per * es, deadline());
     if (!full.is_same(t)) t.view({count}).copy_(full.narrow(0, 0, count));
   } else {
-    shm_allreduce(*comm_, algo, t.data_ptr(), count, dt, op, avg, deadline());
+    if (shm_allreduce(*comm_, algo, t.data_ptr(), count, dt, op, avg, deadline())) {
+      log(name, "inplace", count * es, t0);
+      return;
+    }
   }
   log(name, algo_name(algo), count * es, t0);
 }

@@ -44,6 +44,7 @@ struct BackendConfig {
   int yield_iters = 50;
   bool direct = true;                   // single-copy reads between ranks if every member can (ICHIBAN_CMA)
   int64_t direct_min_bytes = 256 << 10;  // ... for per-peer blocks of at least this size
+  bool shared = false;                  // read peers' host-shared tensors in place (shm/arena.h)
 };
 
 class IchibanBackend : public c10d::Backend {
@@ -103,6 +104,11 @@ class IchibanBackend : public c10d::Backend {
   bool direct() const { return comm_ && comm_->direct(); }
   int64_t direct_bytes() const { return comm_ ? comm_->direct_bytes() : 0; }
   int local_size() const { return comm_ ? comm_->size() : 1; }
+  // Whether this host's members read each other's host-shared tensors, why
+  // not (on this rank), and the bytes all-reduced that way.
+  bool shared() const { return comm_ && comm_->shared(); }
+  std::string shared_declined() const { return comm_ ? comm_->shared_declined() : ""; }
+  int64_t shared_bytes() const { return comm_ ? comm_->shared_bytes() : 0; }
   // The algorithm all-reduce would use for `bytes` (what ICHIBAN_DEBUG logs).
   Algo choose_allreduce(int64_t bytes) const;
   // How often the progress thread woke up (each wake-up looks at the queue).

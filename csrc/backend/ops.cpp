@@ -97,9 +97,9 @@ WorkPtr IchibanBackend::broadcast(std::vector<at::Tensor>& tensors, const c10d::
     const auto t0 = std::chrono::steady_clock::now();
     at::Tensor c = contig(t);
     // Root's rank within this host's segment equals its group rank on one host.
-    shm_broadcast(*comm_, c.data_ptr(), c.numel() * c.element_size(), root, deadline());
+    const bool shared = shm_broadcast(*comm_, c.data_ptr(), c.numel() * c.element_size(), root, deadline());
     if (rank_ != root) write_back(t, c);
-    log("broadcast", "oneshot", c.numel() * c.element_size(), t0);
+    log("broadcast", shared ? "shared" : "oneshot", c.numel() * c.element_size(), t0);
   });
 }
 
@@ -118,9 +118,9 @@ WorkPtr IchibanBackend::_allgather_base(at::Tensor& output, at::Tensor& input, c
     const auto t0 = std::chrono::steady_clock::now();
     at::Tensor in = contig(input);
     at::Tensor out = contig(output);
-    const bool direct = shm_allgather(*comm_, in.data_ptr(), out.data_ptr(), in.numel() * in.element_size(), deadline());
+    const char* path = shm_allgather(*comm_, in.data_ptr(), out.data_ptr(), in.numel() * in.element_size(), deadline());
     write_back(output, out);
-    log("all_gather_into_tensor", direct ? "direct" : "oneshot", in.numel() * in.element_size(), t0);
+    log("all_gather_into_tensor", path, in.numel() * in.element_size(), t0);
   });
 }
 
@@ -224,10 +224,11 @@ WorkPtr IchibanBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& inp
                    const auto t0 = std::chrono::steady_clock::now();
                    at::Tensor in = contig(input);
                    at::Tensor out = contig(output);
-                   shm_reduce_scatter(*comm_, in.data_ptr(), out.data_ptr(), out.numel(), out.scalar_type(), op,
-                                      op == RedOp::kAvg ? size_ : 1, deadline());
+                   const bool shared = shm_reduce_scatter(*comm_, in.data_ptr(), out.data_ptr(), out.numel(),
+                                                          out.scalar_type(), op, op == RedOp::kAvg ? size_ : 1,
+                                                          deadline());
                    write_back(output, out);
-                   log("reduce_scatter_tensor", "oneshot", in.numel() * in.element_size(), t0);
+                   log("reduce_scatter_tensor", shared ? "shared" : "oneshot", in.numel() * in.element_size(), t0);
                  });
 }
 

@@ -69,12 +69,14 @@ WorkPtr IchibanBackend::alltoall_base(at::Tensor& output, at::Tensor& input, std
   }
   return submit(!opts.asyncOp, OpType::ALLTOALL_BASE, "all_to_all_single", {output},
                  [this, output, input, in_off, in_len, out_off, out_len]() mutable {
+                   const auto t0 = std::chrono::steady_clock::now();
                    at::Tensor in = contig(input);
                    at::Tensor out = contig(output);
-                   shm_alltoall(*comm_, static_cast<const char*>(in.data_ptr()), in_off.data(), in_len.data(),
-                                static_cast<char*>(out.data_ptr()), out_off.data(), out_len.data(),
-                                out.scalar_type(), deadline());
+                   const char* path = shm_alltoall(*comm_, static_cast<const char*>(in.data_ptr()), in_off.data(),
+                                                   in_len.data(), static_cast<char*>(out.data_ptr()), out_off.data(),
+                                                   out_len.data(), out.scalar_type(), deadline());
                    write_back(output, out);
+                   log("all_to_all_single", path, in.numel() * in.element_size(), t0);
                  });
 }
 

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "common/errors.h"
+#include "shm/arena.h"
 
 namespace ichiban {
 
@@ -35,6 +38,14 @@ namespace {
 // Chunks and per-rank windows are cut on 64-byte boundaries so that no two
 // ranks write the same cache line.
 constexpr int64_t kAlign = 64;
+
+// Piece of a shared all-reduce: reduced, then copied to every peer while it
+// is still in the cache.
+constexpr int64_t kSharedPiece = 64 << 10;
+// Smaller all-reduces do not look for shared tensors (the arena's default
+// smallest block; below it the publishing barrier would cost more than the
+// copies it saves).
+constexpr int64_t kSharedMinBytes = 64 << 10;
 
 int64_t elems_per(int64_t bytes, int64_t es) {
   int64_t e = (bytes / kAlign * kAlign) / es;
@@ -103,6 +114,57 @@ class DirectReads {
   int err_ = 0;
   int peer_ = -1;
 };
+
+// The host-shared buffers of one op (ShmComm::shared, shm/arena.h). Each
+// rank publishes the arena offsets of its buffers, or -1 when one is outside
+// its arena or `usable` is false there; every rank sees every offset, so all
+// take the same path. When ok(), at(p, i) is rank p's buffer i as mapped
+// here, and the op ends with finish(): peers touch my buffers until then.
+// It costs a barrier, so ops ask only from kSharedMinBytes on.
+class SharedBuffers {
+ public:
+  static constexpr int kMax = 2;
+  SharedBuffers(ShmComm& c, std::initializer_list<std::pair<const void*, int64_t>> mine, bool usable = true)
+      : c_(c), k_(static_cast<int>(mine.size())), at_(static_cast<size_t>(c.size()) * mine.size()) {
+    int64_t off[kMax];
+    char* own[kMax];
+    int i = 0;
+    for (const auto& [ptr, bytes] : mine) {
+      own[i] = static_cast<char*>(const_cast<void*>(ptr));
+      off[i] = usable ? arena_offset(ptr, bytes) : -1;
+      usable = usable && off[i] >= 0;
+      ++i;
+    }
+    if (!usable) std::fill(off, off + k_, -1);
+    c.next_unit();
+    std::memcpy(c.my_slot(), off, k_ * sizeof(int64_t));
+    c.sync();
+    ok_ = true;
+    for (int p = 0; p < c.size(); ++p) {
+      for (i = 0; i < k_; ++i) {
+        int64_t o;
+        std::memcpy(&o, c.slot(p) + i * sizeof(int64_t), sizeof(o));
+        ok_ = ok_ && o >= 0;
+        if (o >= 0) at_[p * k_ + i] = p == c.rank() ? own[i] : c.peer_arena(p) + o;
+      }
+    }
+  }
+  bool ok() const { return ok_; }
+  char* at(int p, int i) const { return at_[p * k_ + i]; }
+  void finish(int64_t bytes) {
+    c_.next_unit();
+    c_.sync();
+    c_.count_shared(bytes);
+  }
+
+ private:
+  ShmComm& c_;
+  const int k_;
+  std::vector<char*> at_;
+  bool ok_ = false;
+};
+
+bool use_shared(const ShmComm& c, int64_t bytes) { return c.shared() && c.size() > 1 && bytes >= kSharedMinBytes; }
 
 void oneshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op, int avg, int64_t es) {
   const int n = c.size();
@@ -241,6 +303,35 @@ void twoshot(ShmComm& c, char* data, int64_t count, c10::ScalarType dt, RedOp op
   TwoShot(c, data, count, dt, op, avg).run();
 }
 
+// All-reduce on host-shared tensors (ShmComm::shared): every rank's tensor
+// is in its arena, which every peer maps, so nothing goes through the
+// segment. Rank r owns segment r of the tensors: it reduces it, piece by
+// piece, from every rank's tensor into its own, and writes the result
+// (still in cache) into every peer's. Nobody else reads or writes segment r
+// of any tensor, so no rank waits for another until the closing barrier,
+// after which no peer touches my tensor any more. Per rank that reads and
+// writes the message once (2S), where two-shot moves (5 - 2/n)S.
+void shared_allreduce(ShmComm& c, const SharedBuffers& sb, char* data, int64_t count, c10::ScalarType dt,
+                      RedOp op, int avg, int64_t es) {
+  const int n = c.size(), r = c.rank();
+  // Segments start on 64-byte boundaries: owners never write the same line.
+  const int64_t line = std::max<int64_t>(kAlign / es, 1);
+  const int64_t per = ((count + n - 1) / n + line - 1) / line * line;
+  const int64_t b = std::min(r * per, count), e = std::min((r + 1) * per, count);
+  const int64_t piece = elems_per(kSharedPiece, es);
+  SrcList srcs(n);
+  for (int64_t off = b; off < e; off += piece) {
+    const int64_t m = std::min(piece, e - off);
+    char* mine = data + off * es;
+    for (int p = 0; p < n; ++p) srcs[p] = sb.at(p, 0) + off * es;
+    reduce_n(dt, op, mine, srcs.data(), n, m, avg);
+    for (int k = 1; k < n; ++k) {
+      const int q = (r + k) % n;  // writers spread over owners
+      std::memcpy(sb.at(q, 0) + off * es, mine, m * es);
+    }
+  }
+}
+
 // Ring on shared memory: at step s rank r adds its own part of segment
 // (r - s - 1) mod n to the partial sum its left neighbour published, and
 // publishes the result; after n-1 steps rank r holds segment r reduced. Every
@@ -299,7 +390,7 @@ void shm_barrier(ShmComm& c, Deadline dl) {
   c.sync();
 }
 
-void shm_allreduce(ShmComm& c, Algo algo, void* data, int64_t count, c10::ScalarType dt, RedOp op,
+bool shm_allreduce(ShmComm& c, Algo algo, void* data, int64_t count, c10::ScalarType dt, RedOp op,
                    int avg_divisor, Deadline dl) {
   c.begin("allreduce", desc(kOpAllreduce, dt, count, static_cast<int>(op)), dl);
   const int64_t es = c10::elementSize(dt);
@@ -310,18 +401,36 @@ void shm_allreduce(ShmComm& c, Algo algo, void* data, int64_t count, c10::Scalar
       const void* src = data;
       reduce_n(dt, op, data, &src, 1, count, avg_divisor);
     }
-    return;
+    return false;
   }
   char* p = static_cast<char*>(data);
-  switch (algo) {
-    case Algo::kTwoShot: return twoshot(c, p, count, dt, op, avg_divisor, es);
-    case Algo::kRing: return ring(c, p, count, dt, op, avg_divisor, es);
-    default: return oneshot(c, p, count, dt, op, avg_divisor, es);
+  if (use_shared(c, count * es)) {
+    SharedBuffers sb(c, {{p, count * es}});
+    if (sb.ok()) {
+      shared_allreduce(c, sb, p, count, dt, op, avg_divisor, es);
+      sb.finish(count * es);  // every segment is everywhere; nobody touches my tensor any more
+      return true;
+    }
+    // Somebody's tensor is private: the algorithm below, after this extra barrier.
   }
+  switch (algo) {
+    case Algo::kTwoShot: twoshot(c, p, count, dt, op, avg_divisor, es); break;
+    case Algo::kRing: ring(c, p, count, dt, op, avg_divisor, es); break;
+    default: oneshot(c, p, count, dt, op, avg_divisor, es); break;
+  }
+  return false;
 }
 
-void shm_broadcast(ShmComm& c, void* data, int64_t bytes, int root, Deadline dl) {
+bool shm_broadcast(ShmComm& c, void* data, int64_t bytes, int root, Deadline dl) {
   c.begin("broadcast", byte_desc(kOpBroadcast, bytes, root), dl);
+  if (use_shared(c, bytes)) {  // every rank copies from the root's tensor
+    SharedBuffers sb(c, {{data, bytes}});
+    if (sb.ok()) {
+      if (c.rank() != root) std::memcpy(data, sb.at(root, 0), bytes);
+      sb.finish(bytes);
+      return true;
+    }
+  }
   // No single-copy path here: the root's copy in and the others' copies out
   // run at once on different cores, and measured faster than every rank
   // reading the root's buffer through the kernel (128 MiB, 2 ranks: 18.6
@@ -337,6 +446,7 @@ void shm_broadcast(ShmComm& c, void* data, int64_t bytes, int root, Deadline dl)
     if (c.rank() != root) std::memcpy(p + off, c.slot(root), m);
     off += m;
   } while (off < bytes);
+  return false;
 }
 
 namespace {
@@ -361,8 +471,26 @@ void gather_chunks(ShmComm& c, const void* in, void* out, int64_t bytes, int roo
 
 }  // namespace
 
-bool shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl) {
+const char* shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl) {
   c.begin("allgather", byte_desc(kOpAllgather, bytes), dl);
+  const int n = c.size(), r = c.rank();
+  char* dst = static_cast<char*>(out);
+  // In place (input = my own block of the output, which nobody else
+  // writes), or apart; otherwise a peer's write could reach my input.
+  const bool in_place = in == dst + r * bytes;
+  const bool apart = in_place || !overlap(in, bytes, out, n * bytes);
+  if (use_shared(c, n * bytes)) {  // every rank writes its input into every output
+    SharedBuffers sb(c, {{in, bytes}, {out, n * bytes}}, apart);
+    if (sb.ok()) {
+      for (int k = 1; k < n; ++k) {
+        const int q = (r + k) % n;
+        std::memcpy(sb.at(q, 1) + r * bytes, in, bytes);
+      }
+      if (!in_place) std::memcpy(dst + r * bytes, in, bytes);
+      sb.finish(n * bytes);
+      return "shared";
+    }
+  }
   // Single copy at 2 ranks only. Through the slots each input is copied once
   // and then read by every rank from cache; read directly, it is fetched from
   // memory once per peer. With 3 or more ranks that costs more than the copy
@@ -371,10 +499,7 @@ bool shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadlin
     // Every rank reads each peer's input straight into its output. Peers read
     // my input while I write my output, so the two must not overlap, except
     // in place (input = my own block of the output, which I never write).
-    const int n = c.size(), r = c.rank();
-    char* dst = static_cast<char*>(out);
-    const bool in_place = in == dst + r * bytes;
-    const uint64_t pub[2] = {addr(in), in_place || !overlap(in, bytes, out, n * bytes) ? 1u : 0u};
+    const uint64_t pub[2] = {addr(in), apart ? 1u : 0u};
     c.next_unit();
     std::memcpy(c.my_slot(), pub, sizeof(pub));
     c.sync();
@@ -388,19 +513,33 @@ bool shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadlin
       }
       if (!in_place) std::memcpy(dst + r * bytes, in, bytes);
       rd.finish();
-      return true;
+      return "direct";
     }
     // Somebody's buffers overlap: through the slots, like small messages.
   }
   gather_chunks(c, in, out, bytes, -1);
-  return false;
+  return "oneshot";
 }
 
-void shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c10::ScalarType dt, RedOp op,
+bool shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c10::ScalarType dt, RedOp op,
                         int avg_divisor, Deadline dl) {
   c.begin("reduce_scatter", desc(kOpReduceScatter, dt, count, static_cast<int>(op)), dl);
   const int n = c.size();
   const int64_t es = c10::elementSize(dt);
+  if (use_shared(c, n * count * es)) {  // rank r reduces block r straight from every rank's input
+    const int r = c.rank();
+    const char* own = static_cast<const char*>(in) + r * count * es;
+    // Peers read my input's other blocks: my output must be apart from them.
+    const bool apart = out == own || !overlap(in, n * count * es, out, count * es);
+    SharedBuffers sb(c, {{in, n * count * es}}, apart);
+    if (sb.ok()) {
+      SrcList srcs(n);
+      for (int p = 0; p < n; ++p) srcs[p] = sb.at(p, 0) + r * count * es;
+      reduce_n(dt, op, out, srcs.data(), n, count, avg_divisor);
+      sb.finish(n * count * es);
+      return true;
+    }
+  }
   const char* src = static_cast<const char*>(in);
   const int64_t per = elems_per(static_cast<int64_t>(c.slot_bytes()) / n, es);
   SrcList srcs(n);
@@ -415,6 +554,7 @@ void shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c1
     reduce_n(dt, op, static_cast<char*>(out) + off * es, srcs.data(), n, m, avg_divisor);
     off += m;
   } while (off < count);
+  return false;
 }
 
 namespace {
@@ -438,7 +578,7 @@ void check_alltoall_splits(ShmComm& c, c10::ScalarType dt) {
 
 }  // namespace
 
-void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64_t* in_len, char* out,
+const char* shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64_t* in_len, char* out,
                   const int64_t* out_off, const int64_t* out_len, c10::ScalarType dt, Deadline dl) {
   const int n = c.size();
   const int r = c.rank();
@@ -456,10 +596,11 @@ void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64
   const bool apart = !overlap(in, in_end, out, out_end);
   c.next_unit();
   // Every rank publishes its whole split table so that every rank checks
-  // every pair and all of them raise together; then, for single-copy reads,
-  // its input offsets, the input's address and whether input and output are
-  // apart: (3n + 2) int64 [sends; receives; input offsets; address; apart].
-  const bool table_fits = static_cast<size_t>(3 * n + 2) * sizeof(int64_t) <= c.slot_bytes();
+  // every pair and all of them raise together; then, for direct copies, its
+  // input offsets, the input's address, whether input and output are apart,
+  // and the input's arena offset (-1: not host-shared): (3n + 3) int64
+  // [sends; receives; input offsets; address; apart; arena offset].
+  const bool table_fits = static_cast<size_t>(3 * n + 3) * sizeof(int64_t) <= c.slot_bytes();
   if (table_fits) {
     int64_t* t = reinterpret_cast<int64_t*>(c.my_slot());
     std::memcpy(t, in_len, n * sizeof(int64_t));
@@ -467,25 +608,39 @@ void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64
     std::memcpy(t + 2 * n, in_off, n * sizeof(int64_t));
     t[3 * n] = static_cast<int64_t>(addr(in));
     t[3 * n + 1] = apart ? 1 : 0;
+    t[3 * n + 2] = c.shared() ? arena_offset(in, in_end) : -1;
   }
   c.sync();
   if (table_fits) check_alltoall_splits(c, dt);
   int64_t biggest = 0;
   for (int p = 0; p < n; ++p) biggest = std::max(biggest, c.peer_desc(p).count);
-  if (table_fits && c.use_direct(biggest)) {
-    bool all_apart = true;
-    for (int p = 0; p < n; ++p) all_apart = all_apart && reinterpret_cast<const int64_t*>(c.slot(p))[3 * n + 1] == 1;
-    if (all_apart) {  // each rank reads its block from every peer's input
-      DirectReads rd(c);
-      for (int k = 1; k < n; ++k) {
-        const int p = (r + k) % n;
-        const int64_t* t = reinterpret_cast<const int64_t*>(c.slot(p));
-        rd.read(p, out + out_off[p], static_cast<uint64_t>(t[3 * n]) + t[2 * n + r], out_len[p]);
-      }
-      if (out_len[r] > 0) std::memcpy(out + out_off[r], in + in_off[r], out_len[r]);
-      rd.finish();
-      return;
+  auto entry = [&](int p, int i) { return reinterpret_cast<const int64_t*>(c.slot(p))[3 * n + i]; };
+  bool all_apart = table_fits;
+  for (int p = 0; p < n && all_apart; ++p) all_apart = entry(p, 1) == 1;
+  bool all_shared = all_apart && c.shared() && n > 1;
+  for (int p = 0; p < n && all_shared; ++p) all_shared = entry(p, 2) >= 0;
+  if (all_shared) {  // each rank copies its block from every peer's input, mapped here
+    for (int k = 1; k < n; ++k) {
+      const int p = (r + k) % n;
+      const int64_t* t = reinterpret_cast<const int64_t*>(c.slot(p));
+      if (out_len[p] > 0) std::memcpy(out + out_off[p], c.peer_arena(p) + entry(p, 2) + t[2 * n + r], out_len[p]);
     }
+    if (out_len[r] > 0) std::memcpy(out + out_off[r], in + in_off[r], out_len[r]);
+    c.next_unit();
+    c.sync();  // nobody reads my input any more
+    c.count_shared(in_end);
+    return "shared";
+  }
+  if (all_apart && c.use_direct(biggest)) {  // each rank reads its block from every peer's input
+    DirectReads rd(c);
+    for (int k = 1; k < n; ++k) {
+      const int p = (r + k) % n;
+      const int64_t* t = reinterpret_cast<const int64_t*>(c.slot(p));
+      rd.read(p, out + out_off[p], static_cast<uint64_t>(t[3 * n]) + t[2 * n + r], out_len[p]);
+    }
+    if (out_len[r] > 0) std::memcpy(out + out_off[r], in + in_off[r], out_len[r]);
+    rd.finish();
+    return "direct";
   }
   const int64_t w = std::max<int64_t>(static_cast<int64_t>(c.slot_bytes()) / n / kAlign * kAlign, kAlign);
   for (int64_t off = 0; off < biggest; off += w) {
@@ -504,6 +659,7 @@ void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64
       else std::memcpy(out + out_off[p] + off, c.slot(p) + r * w, m);
     }
   }
+  return "oneshot";
 }
 
 void shm_gather(ShmComm& c, const void* in, void* out, int64_t bytes, int root, Deadline dl) {

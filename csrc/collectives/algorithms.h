@@ -7,6 +7,8 @@
 //   allreduce two-shot : write my chunk, barrier, rank r reduces segment r into
 //                        its own slot, barrier, everyone copies all segments out.
 //                        2 barriers/chunk; reads ~2C per rank: best for large C.
+//                        On host-shared tensors (shm/arena.h) it reads the
+//                        peers' tensors in place and copies nothing in.
 //   allreduce ring     : reduce-scatter by passing partial segments to the next
 //                        rank (n-1 steps), then all-gather: n barriers/chunk.
 #pragma once
@@ -30,25 +32,33 @@ using Deadline = std::chrono::steady_clock::time_point;
 void shm_barrier(ShmComm& c, Deadline dl);
 
 // data: count elements, reduced in place. avg_divisor: n of the whole group
-// (the hierarchical path divides only once, at the end).
-void shm_allreduce(ShmComm& c, Algo algo, void* data, int64_t count, c10::ScalarType dt, RedOp op,
+// (the hierarchical path divides only once, at the end). Returns true when
+// two-shot ran on host-shared tensors ("inplace": ShmComm::shared and every
+// rank's tensor in its arena).
+bool shm_allreduce(ShmComm& c, Algo algo, void* data, int64_t count, c10::ScalarType dt, RedOp op,
                    int avg_divisor, Deadline dl);
 
-// root's bytes to everyone.
-void shm_broadcast(ShmComm& c, void* data, int64_t bytes, int root, Deadline dl);
+// Ops on host-shared buffers (ShmComm::shared, shm/arena.h: every rank's
+// buffers in its arena, of kSharedMinBytes = 64 KiB or more) read and write
+// the peers' buffers directly instead of going through the slots.
 
-// in: bytes per rank; out: n*bytes, rank p's at p*bytes. True when the
-// inputs were read directly from the peers (ShmComm::use_direct).
-bool shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl);
+// root's bytes to everyone. True when it ran on host-shared buffers.
+bool shm_broadcast(ShmComm& c, void* data, int64_t bytes, int root, Deadline dl);
+
+// in: bytes per rank; out: n*bytes, rank p's at p*bytes. Returns the path:
+// "shared" (each rank wrote its input into every output), "direct" (inputs
+// read from the peers, ShmComm::use_direct) or "oneshot" (the slots).
+const char* shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, Deadline dl);
 
 // in: n*count elements; out: count elements (block r reduced over ranks).
-void shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c10::ScalarType dt, RedOp op,
+// True when it ran on host-shared buffers.
+bool shm_reduce_scatter(ShmComm& c, const void* in, void* out, int64_t count, c10::ScalarType dt, RedOp op,
                         int avg_divisor, Deadline dl);
 
 // Block q of `in` (in_off[q], in_len[q] bytes) goes to rank q; block p of
 // `out` (out_off[p], out_len[p]) comes from rank p. in_len[q] on rank p must
-// equal out_len[p] on rank q.
-void shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64_t* in_len, char* out,
+// equal out_len[p] on rank q. Returns the path, as shm_allgather.
+const char* shm_alltoall(ShmComm& c, const char* in, const int64_t* in_off, const int64_t* in_len, char* out,
                   const int64_t* out_off, const int64_t* out_len, c10::ScalarType dt, Deadline dl);
 
 // in: bytes from each rank; out (root only): n*bytes.

@@ -28,7 +28,7 @@ const char* redop_name(RedOp op) {
 namespace {
 
 // Elements per block: the accumulator (8 KiB as float64) stays in L1 while
-// every source streams through it once.
+// the sources stream through it.
 constexpr int64_t kBlock = 1024;
 
 template <typename T>
@@ -38,17 +38,51 @@ struct AccOf<c10::Half> { using type = float; };
 template <>
 struct AccOf<c10::BFloat16> { using type = float; };
 
+// Sources are read up to four at a time in one pass: one source per pass
+// reads each 4 KiB page on its own, where the hardware prefetcher (which
+// stops at page boundaries) starts cold every time; four concurrent streams
+// overlap those stalls (4-rank all-reduce of 128 MiB: the reduction went
+// from 1.5x to about memcpy's cost per byte). The order of operations is the
+// same left to right on every rank: ((s0 op s1) op s2) op s3 ...
 template <typename T, typename Op>
 void reduce_blocks(T* out, const void* const* srcs, int n, int64_t count, Op op, int avg_divisor) {
   using A = typename AccOf<T>::type;
   A acc[kBlock];
   for (int64_t i0 = 0; i0 < count; i0 += kBlock) {
     const int64_t m = std::min(kBlock, count - i0);
-    const T* __restrict s0 = static_cast<const T*>(srcs[0]) + i0;
-    for (int64_t j = 0; j < m; ++j) acc[j] = static_cast<A>(s0[j]);
-    for (int p = 1; p < n; ++p) {
-      const T* __restrict s = static_cast<const T*>(srcs[p]) + i0;
-      for (int64_t j = 0; j < m; ++j) acc[j] = op(acc[j], static_cast<A>(s[j]));
+    auto src = [&](int p) { return static_cast<const T*>(srcs[p]) + i0; };
+    int p;
+    const T* __restrict a = src(0);
+    if (n >= 4) {
+      const T* __restrict b = src(1);
+      const T* __restrict c = src(2);
+      const T* __restrict d = src(3);
+      for (int64_t j = 0; j < m; ++j)
+        acc[j] = op(op(op(static_cast<A>(a[j]), static_cast<A>(b[j])), static_cast<A>(c[j])), static_cast<A>(d[j]));
+      p = 4;
+    } else if (n == 3) {
+      const T* __restrict b = src(1);
+      const T* __restrict c = src(2);
+      for (int64_t j = 0; j < m; ++j) acc[j] = op(op(static_cast<A>(a[j]), static_cast<A>(b[j])), static_cast<A>(c[j]));
+      p = 3;
+    } else if (n == 2) {
+      const T* __restrict b = src(1);
+      for (int64_t j = 0; j < m; ++j) acc[j] = op(static_cast<A>(a[j]), static_cast<A>(b[j]));
+      p = 2;
+    } else {
+      for (int64_t j = 0; j < m; ++j) acc[j] = static_cast<A>(a[j]);
+      p = 1;
+    }
+    for (; p + 3 <= n; p += 3) {
+      const T* __restrict b = src(p);
+      const T* __restrict c = src(p + 1);
+      const T* __restrict d = src(p + 2);
+      for (int64_t j = 0; j < m; ++j)
+        acc[j] = op(op(op(acc[j], static_cast<A>(b[j])), static_cast<A>(c[j])), static_cast<A>(d[j]));
+    }
+    for (; p < n; ++p) {
+      const T* __restrict b = src(p);
+      for (int64_t j = 0; j < m; ++j) acc[j] = op(acc[j], static_cast<A>(b[j]));
     }
     if constexpr (!std::is_integral_v<A>) {
       if (avg_divisor > 1) {

@@ -11,6 +11,7 @@
 #include <c10/core/ScalarType.h>
 
 #include "common/errors.h"
+#include "shm/arena.h"
 #include "shm/cma.h"
 
 namespace ichiban {
@@ -46,6 +47,7 @@ struct ShmComm::RankCtl {
   alignas(64) std::atomic<uint32_t> step;  // futex word: barriers and pipeline progress
   int32_t pid;
   uint32_t direct_ok;  // setup_direct: this rank could read every peer
+  uint32_t shared_ok;  // setup_shared: this rank has an arena and mapped every peer's
   alignas(64) OpDesc desc[2];  // indexed by barrier parity
   alignas(64) std::atomic<uint32_t> stage[kStages];
 };
@@ -259,6 +261,43 @@ void ShmComm::setup_direct(bool want, int64_t min_bytes, std::chrono::steady_clo
   bool all = true;
   for (int p = 0; p < n_; ++p) all = all && ctl(p)->direct_ok == 1;
   direct_ = all;
+}
+
+void ShmComm::setup_shared(bool want, std::chrono::steady_clock::time_point deadline) {
+  shared_ = false;
+  peer_arena_.assign(n_, nullptr);
+  if (n_ == 1) return;
+  const ArenaInfo mine = want ? arena_info() : ArenaInfo{};
+  shared_why_ = !want ? "turned off on this rank" : mine.id == 0 ? "no arena in this process" : "";
+  OpDesc d;
+  d.op = kOpSetup;
+  begin("group setup", d, deadline);
+  next_unit();
+  std::memcpy(my_slot(), &mine, sizeof(mine));
+  sync();
+  bool ok = mine.id != 0;
+  for (int p = 0; p < n_ && ok; ++p) {
+    if (p == rank_) continue;
+    ArenaInfo peer;
+    std::memcpy(&peer, slot(p), sizeof(peer));
+    if (peer.id == 0) {
+      ok = false;
+      shared_why_ = rank_and_pid(p, peer.pid) + " has no arena";
+      break;
+    }
+    std::string err;
+    peer_arena_[p] = arena_map_peer(peer, &err);
+    if (!peer_arena_[p]) {
+      ok = false;
+      shared_why_ = "cannot map the arena of " + rank_and_pid(p, peer.pid) + ": " + err;
+    }
+  }
+  ctl(rank_)->shared_ok = ok ? 1 : 0;
+  sync();  // the same unit: nobody writes the slots meanwhile
+  bool all = true;
+  for (int p = 0; p < n_; ++p) all = all && ctl(p)->shared_ok == 1;
+  if (ok && !all) shared_why_ = "a peer could not map every arena";
+  shared_ = all;
 }
 
 int ShmComm::read_peer(int p, void* dst, uint64_t src, int64_t bytes) {

@@ -114,6 +114,18 @@ class ShmComm {
   [[noreturn]] void direct_failed(int p, int err);
   int64_t direct_bytes() const { return direct_bytes_.load(std::memory_order_relaxed); }
 
+  // Host-shared tensors (shm/arena.h). setup_shared is collective, once,
+  // after setup_direct: every member with an arena publishes it, maps every
+  // peer's, and shared() is true on all members only if all of them could.
+  // Then an op may read and write a peer's tensors in place when every peer
+  // publishes their arena offsets (collectives/algorithms.h).
+  void setup_shared(bool want, std::chrono::steady_clock::time_point deadline);
+  bool shared() const { return shared_; }
+  const std::string& shared_declined() const { return shared_why_; }  // why not, on this rank ("" if it is)
+  char* peer_arena(int p) const { return peer_arena_[p]; }  // peer p's arena mapped here (read-write)
+  void count_shared(int64_t bytes) { shared_bytes_.fetch_add(bytes, std::memory_order_relaxed); }
+  int64_t shared_bytes() const { return shared_bytes_.load(std::memory_order_relaxed); }  // of ops run that way
+
  private:
   struct Header;
   struct RankCtl;
@@ -145,6 +157,10 @@ class ShmComm {
   int64_t direct_min_ = INT64_MAX;
   uint64_t probe_ = 0;  // read by peers in setup_direct
   std::atomic<int64_t> direct_bytes_{0};
+  bool shared_ = false;
+  std::string shared_why_;
+  std::vector<char*> peer_arena_;
+  std::atomic<int64_t> shared_bytes_{0};
 };
 
 }  // namespace ichiban

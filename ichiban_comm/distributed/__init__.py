@@ -13,7 +13,11 @@ CPU tensors move through shared memory inside a host and hierarchically
 """
 
 from .backend import ICHIBAN, register, is_registered  # noqa: F401
+from .shared_tensors import (enable_from_env, enable_shared_tensors, is_shared,  # noqa: F401
+                             shared_tensor_stats, shared_tensors_enabled, trim_shared_tensors)
 
 register()
+enable_from_env()
 
-__all__ = ["ICHIBAN", "register", "is_registered"]
+__all__ = ["ICHIBAN", "register", "is_registered", "enable_shared_tensors", "shared_tensors_enabled",
+           "is_shared", "shared_tensor_stats", "trim_shared_tensors"]

@@ -202,7 +202,8 @@ def _create_backend(dist_opts, backend_options=None):
         timeout_s=timeout_s, host_of=host_of, labels=global_ranks, slot_bytes=int(cfg["slot_bytes"]),
         oneshot_max_bytes=int(cfg["oneshot_max_bytes"]), algo=cfg["algo"], debug=debug,
         spin_iters=spin, yield_iters=yields, fallback=fallback, inter=inter, cuda=cuda,
-        direct=_wants_direct(), direct_min_bytes=int(cfg["direct_min_bytes"]))
+        direct=_wants_direct(), direct_min_bytes=int(cfg["direct_min_bytes"]),
+        shared=bool(_C.backend.shared_tensors_enabled()))
 
 
 def is_registered() -> bool:

@@ -99,6 +99,8 @@ def traffic_per_rank(algo: str, nbytes: int, n: int) -> float:
         return (5 - 2 / n) * nbytes
     if algo == "ring":
         return 5 * nbytes
+    if algo == "inplace":  # on host-shared tensors: read every rank's segment, write it to every rank
+        return 2 * nbytes
     raise ValueError(f"unknown algorithm {algo!r}")
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import ichiban_comm  # noqa: F401  registers "ichiban" (torch < 2.14 reads no entry point)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spawn import native_stderr, run_workers  # noqa: E402
+from spawn import native_stderr, random_tensor, run_workers  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.bool]
 
@@ -42,13 +42,7 @@ def _cma_available() -> bool:
         child.wait()
 
 
-def _rand(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    if dtype == torch.bool:
-        return torch.rand(shape, generator=g) > 0.5
-    if dtype.is_floating_point:
-        return torch.randn(shape, generator=g).to(dtype)
-    return torch.randint(-1000, 1000, shape, generator=g, dtype=dtype)
+_rand = random_tensor
 
 
 def _ops(rank, ws, group):
