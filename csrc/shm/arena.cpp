@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -24,6 +25,8 @@ namespace ichiban {
 
 namespace {
 
+constexpr char kArenaName[] = "ichiban-tensors";  // the memfd's name; /proc/<pid>/fd shows "/memfd:<name>"
+
 constexpr uint64_t kPage = 4096;
 constexpr uint64_t kHeaderBytes = kPage;  // page 0 holds the id; blocks start after it
 
@@ -34,7 +37,7 @@ uint64_t round_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 class Arena {
  public:
   Arena(uint64_t reserve, uint64_t min_bytes) : reserve_(round_up(reserve, kPage)), min_bytes_(min_bytes) {
-    fd_ = static_cast<int>(syscall(SYS_memfd_create, "ichiban-tensors", 1u /* MFD_CLOEXEC */));
+    fd_ = static_cast<int>(syscall(SYS_memfd_create, kArenaName, 1u /* MFD_CLOEXEC */));
     ICHIBAN_CHECK(fd_ >= 0, "ichiban: shared tensors: memfd_create failed: ", std::strerror(errno));
     if (ftruncate(fd_, static_cast<off_t>(reserve_)) != 0) {
       const int e = errno;
@@ -247,6 +250,14 @@ char* arena_map_peer(const ArenaInfo& peer, std::string* err) {
   if (it != cache->end()) return it->second;
   char path[64];
   std::snprintf(path, sizeof(path), "/proc/%d/fd/%d", peer.pid, peer.fd);
+  // In another pid namespace the pid may name some other process: check the
+  // descriptor is an arena before opening it (the id check follows).
+  char target[128] = {0};
+  const ssize_t tl = readlink(path, target, sizeof(target) - 1);
+  if (tl >= 0 && std::string(target).rfind(std::string("/memfd:") + kArenaName, 0) != 0) {
+    *err = std::string(path) + " is not an arena (" + target + ")";
+    return nullptr;
+  }
   int fd = open(path, O_RDWR | O_CLOEXEC);
   if (fd < 0) {  // /proc hidden or restricted: ask for the descriptor itself
     const int e = errno;
@@ -259,6 +270,12 @@ char* arena_map_peer(const ArenaInfo& peer, std::string* err) {
       *err = std::string("opening ") + path + ": " + std::strerror(e);
       return nullptr;
     }
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < peer.reserve) {
+    close(fd);
+    *err = std::string(path) + " is smaller than the arena it should be";
+    return nullptr;
   }
   void* p = mmap(nullptr, peer.reserve, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
   const int e = errno;
