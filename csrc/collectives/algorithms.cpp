@@ -42,9 +42,10 @@ constexpr int64_t kAlign = 64;
 // Piece of a shared all-reduce: reduced, then copied to every peer while it
 // is still in the cache.
 constexpr int64_t kSharedPiece = 64 << 10;
-// Smaller all-reduces do not look for shared tensors (the arena's default
+// Smaller ops do not look for host-shared buffers (the arena's default
 // smallest block; below it the publishing barrier would cost more than the
-// copies it saves).
+// copies it saves). all_to_all publishes its offsets in the barrier it has
+// anyway, so it looks at every size.
 constexpr int64_t kSharedMinBytes = 64 << 10;
 
 int64_t elems_per(int64_t bytes, int64_t es) {

@@ -58,6 +58,7 @@ class Arena {
   }
 
   char* base() const { return base_; }
+  uint64_t reserve() const { return reserve_; }
   uint64_t min_bytes() const { return min_bytes_; }
   ArenaInfo info() const { return ArenaInfo{static_cast<int32_t>(getpid()), fd_, id_, reserve_}; }
 
@@ -175,7 +176,7 @@ std::mutex g_enable_mu;
 
 bool in_arena(const void* p) {
   const char* c = static_cast<const char*>(p);
-  return g_arena && c >= g_arena->base() && c < g_arena->base() + g_arena->info().reserve;
+  return g_arena && c >= g_arena->base() && c < g_arena->base() + g_arena->reserve();
 }
 
 void delete_block(void* p) {

@@ -282,14 +282,14 @@ void ShmComm::setup_shared(bool want, std::chrono::steady_clock::time_point dead
     std::memcpy(&peer, slot(p), sizeof(peer));
     if (peer.id == 0) {
       ok = false;
-      shared_why_ = rank_and_pid(p, peer.pid) + " has no arena";
+      shared_why_ = rank_and_pid(p, ctl(p)->pid) + " has no arena";
       break;
     }
     std::string err;
     peer_arena_[p] = arena_map_peer(peer, &err);
     if (!peer_arena_[p]) {
       ok = false;
-      shared_why_ = "cannot map the arena of " + rank_and_pid(p, peer.pid) + ": " + err;
+      shared_why_ = "cannot map the arena of " + rank_and_pid(p, ctl(p)->pid) + ": " + err;
     }
   }
   ctl(rank_)->shared_ok = ok ? 1 : 0;
