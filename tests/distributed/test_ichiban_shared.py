@@ -458,3 +458,36 @@ def test_fsdp2_on_shared_tensors_matches_one_process(monkeypatch):
     # FSDP2's all-gathers and reduce-scatters work on views into its own flat buffers.
     monkeypatch.setenv("ICHIBAN_SHARED_TENSORS", "1")
     assert run_workers(_fsdp_body, 2, backend="ichiban", timeout=180) == [(True, True)] * 2
+
+
+def _hier_body(rank, ws):
+    # Declared as 2 hosts x 2 ranks: the intra-host reduce-scatter and all-gather
+    # of the hierarchical all-reduce run on the shared tensors.
+    be = dist.group.WORLD._get_backend(torch.device("cpu"))
+    bad = []
+    if be.num_hosts != 2 or be.local_size != 2:
+        bad.append(f"expected 2 hosts x 2 local ranks, got {be.num_hosts} x {be.local_size}")
+    before_inter, before_shared = be.inter_host_bytes, be.shared_bytes
+    for op in ("SUM", "AVG", "MAX"):
+        for n in (100_003, 1 << 17):
+            ins = [_input(torch.float32, 10 * p + n % 7, n) for p in range(ws)]
+            t = ins[rank].clone()
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+            if not _close(t, _reference(ins, op)):
+                bad.append(f"{op} {n}")
+    return bad, be.inter_host_bytes > before_inter, be.shared_bytes > before_shared
+
+
+def test_hierarchical_allreduce_on_shared_tensors(tmp_path, monkeypatch):
+    import json
+
+    topo = {"hosts": [{"name": "h0"}, {"name": "h1"}],
+            "ranks": [{"rank": r, "host": f"h{r // 2}", "local_rank": r % 2} for r in range(4)]}
+    path = tmp_path / "topology.json"
+    path.write_text(json.dumps(topo))
+    monkeypatch.setenv("ICHIBAN_SHARED_TENSORS", "1")
+    res = run_workers(_hier_body, 4, backend="ichiban", timeout=240, env={"ICHIBAN_TOPOLOGY": str(path)})
+    for bad, inter, shared in res:
+        assert bad == [], bad
+        assert inter, "the inter-host engine moved nothing"
+        assert shared, "the intra-host steps did not run on the shared tensors"
