@@ -18,8 +18,8 @@ Columns: time per op (median, min-max over repetitions, slowest rank), algbw =
 bytes / time, busbw = algbw x the nccl-tests factor (all_reduce 2(n-1)/n;
 all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast 1). For ichiban's
 all_reduce it also prints the memory traffic the chosen algorithm needs per
-rank (one-shot (n+2)S, two-shot (5-2/n)S, in place on host-shared tensors
-(3-1/n)S) and the fraction of the measured
+rank (one-shot (n+2)S, two-shot (5-2/n)S, in place on host-shared tensors 2S)
+and the fraction of the measured
 memcpy bandwidth (bytes read + written, min(n, cores) threads) it achieves.
 """
 
