@@ -371,6 +371,8 @@ def test_forked_child_allocates_privately_and_shares_the_parents_tensors():
         t = torch.zeros(1 << 20)
         pid = os.fork()
         if pid == 0:
+            import signal
+            signal.alarm(60)        # a hung child must not outlive the test
             ok = not d.shared_tensors_enabled() and not d.is_shared(torch.empty(1 << 20))
             t.fill_(7)              # shared with the parent, not a copy
             del t                   # must not hand the parent's block out again
