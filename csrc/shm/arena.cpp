@@ -197,7 +197,8 @@ class SharedCpuAllocator final : public c10::Allocator {
     }
     c10::DataPtr d = g_prev->allocate(n);
     // Keep one raw deleter for both kinds when the previous allocator has one.
-    if (g_prev->raw_deleter() && d.get() == d.get_context() && d.get_deleter() == g_prev->raw_deleter()) {
+    const c10::DeleterFnPtr prev = g_prev->raw_deleter();
+    if (prev && d.get() == d.get_context() && d.get_deleter() == prev) {
       void* p = d.release_context();
       return {p, p, &delete_block, d.device()};
     }

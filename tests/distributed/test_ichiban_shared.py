@@ -237,6 +237,14 @@ def test_other_collectives_on_shared_tensors(ws, monkeypatch):
         assert bad == [], bad
 
 
+def _debug_group():
+    """A new "ichiban" group created with ICHIBAN_DEBUG=1 (left set), and what it logged."""
+    os.environ["ICHIBAN_DEBUG"] = "1"
+    made = []
+    log = native_stderr(lambda: made.append(dist.new_group(backend="ichiban")))
+    return made[0], log
+
+
 def _declined_body(rank, ws):
     # The parent did not set ICHIBAN_SHARED_TENSORS: only rank 0 enables it.
     from ichiban_comm.distributed import enable_shared_tensors, shared_tensors_enabled
@@ -244,14 +252,7 @@ def _declined_body(rank, ws):
     if rank == 0:
         enable_shared_tensors()
     assert shared_tensors_enabled() == (rank == 0)
-    os.environ["ICHIBAN_DEBUG"] = "1"
-    group = None
-
-    def make():
-        nonlocal group
-        group = dist.new_group(backend="ichiban")
-
-    log = native_stderr(make)
+    group, log = _debug_group()
     os.environ.pop("ICHIBAN_DEBUG")
     be = group._get_backend(torch.device("cpu"))
     t = torch.randn(1 << 18, generator=torch.Generator().manual_seed(rank))
@@ -271,14 +272,7 @@ def test_a_rank_without_an_arena_turns_it_off_for_the_group(monkeypatch):
 
 
 def _debug_body(rank, ws):
-    os.environ["ICHIBAN_DEBUG"] = "1"
-    group = None
-
-    def make():
-        nonlocal group
-        group = dist.new_group(backend="ichiban")
-
-    native_stderr(make)
+    group, _ = _debug_group()
     t = torch.randn(1 << 18)
     log = native_stderr(lambda: dist.all_reduce(t, group=group))
     os.environ.pop("ICHIBAN_DEBUG")
