@@ -8,11 +8,16 @@
 #
 # Each step has its own time limit (seconds, overridable) so one slow step cannot eat the rest:
 #   ICHIBAN_SUITE_BUILD_S (240)
+#   ICHIBAN_SUITE_DIAG_S (120): failing ops must raise, not crash (and, if one crashes, the same
+#     cases against a build with the system g++, ICHIBAN_SUITE_ALT_S (240) with its build)
 #   ICHIBAN_SUITE_TEST_S (180: with a cold Triton cache every kernel variant compiles first)
 #   ICHIBAN_SUITE_SHARED_S (150): the host-shared tensor tests (CPU, on this machine's torch)
 #   ICHIBAN_SUITE_COLL_S (120): the collectives benchmark (all_reduce, 2/4/8 ranks, vs gloo,
 #     with and without host-shared tensors)
 #   ICHIBAN_SUITE_TOTAL_S (480): the kernel benchmark gets what is left of it (at least 120)
+# ICHIBAN_SUITE_STEPS (default "diag,gpu,shared,coll,kernels") picks the steps after the build,
+#   e.g. ICHIBAN_SUITE_STEPS=diag for the failing-op diagnosis alone (build + about 1-6 minutes):
+#   with every step, and a crash to diagnose, the suite can outlast one 600 s device call.
 # PYTHON (default python3) is the interpreter that holds torch.
 # A Liger-Kernel wheel placed in .whl/ (pure Python) is installed first, so the benchmark can
 # compare against it on a machine without network access.
@@ -30,6 +35,14 @@ FAILED=0
 log() { echo "[gpu_suite +$(($(date +%s) - START))s] $*" | tee -a "$OUT/suite.log"; }
 
 # step NAME LIMIT_S LOGFILE CMD...: run with a hard time limit, record the outcome
+STEPS=",${ICHIBAN_SUITE_STEPS:-diag,gpu,shared,coll,kernels},"
+want() { [[ "$STEPS" == *",$1,"* ]]; }
+for s in ${STEPS//,/ }; do
+    case $s in diag | gpu | shared | coll | kernels) ;;
+    *) echo "ICHIBAN_SUITE_STEPS: unknown step '$s' (expected some of diag,gpu,shared,coll,kernels)" >&2; exit 2 ;;
+    esac
+done
+
 step() {
     local name=$1 limit=$2 logfile=$3
     shift 3
@@ -72,15 +85,37 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -e ichiban_comm/triton_kernels ] || ln -s ../triton_kernels ichiban_comm/triton_kernels  # as setup.py maps it
 $PY -m ichiban_comm --version >>"$OUT/machine.txt" 2>&1
 
-step "gpu tests" "${ICHIBAN_SUITE_TEST_S:-180}" gpu_tests.log \
+# An op that fails inside the backend (a timeout, a dead peer) must raise; on one lent machine
+# it killed the process with SIGSEGV instead. Each case runs in a process of its own, and one
+# that dies is run again under gdb/cuda-gdb for its native stack (scripts/diag_failing_op.py).
+if want diag && ! step "failing-op diagnosis" "${ICHIBAN_SUITE_DIAG_S:-120}" failing_ops.log \
+        $PY scripts/diag_failing_op.py all --gdb; then
+    # Was it this build's compiler? Build the C++ part again with the system g++, if that is
+    # another compiler, in a copy of the tree, and run the cases against that build.
+    ALT_CXX=/usr/bin/g++
+    if [ -x "$ALT_CXX" ] && [ "$(readlink -f "$ALT_CXX")" != "$(readlink -f "$(command -v "${CXX:-c++}")")" ]; then
+        ALT=$(mktemp -d)
+        tar -cf - --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude=./build --exclude='*.so' \
+            --exclude="./$(basename "$OUT")" . | tar -xf - -C "$ALT"
+        step "failing-op diagnosis, built with $ALT_CXX" "${ICHIBAN_SUITE_ALT_S:-240}" failing_ops_alt.log \
+            bash -c "cd '$ALT' && CXX='$ALT_CXX' ICHIBAN_FORCE_CPU=1 MAX_JOBS=\$(nproc) $PY setup.py build_ext --inplace \
+                     >'$OUT/build_alt.log' 2>&1 || { tail -20 '$OUT/build_alt.log'; exit 1; }; \
+                     PYTHONPATH='$ALT' $PY scripts/diag_failing_op.py all --gdb"
+        rm -rf "$ALT"
+    else
+        log "no other system compiler than ${CXX:-c++} to compare builds with"
+    fi
+fi
+
+want gpu && step "gpu tests" "${ICHIBAN_SUITE_TEST_S:-180}" gpu_tests.log \
     env ICHIBAN_TEST_GPU=1 $PY -m pytest -q -m gpu tests --junitxml="$OUT/gpu_tests.xml"
 
 # The CPU allocator swap and peers mapping each other's arenas, on this machine's torch and kernel.
-step "shared tensor tests" "${ICHIBAN_SUITE_SHARED_S:-150}" shared_tests.log \
+want shared && step "shared tensor tests" "${ICHIBAN_SUITE_SHARED_S:-150}" shared_tests.log \
     $PY -m pytest -q tests/distributed/test_ichiban_shared.py --junitxml="$OUT/shared_tests.xml"
 
 # Collectives on this machine's cores (ranks <= cores, unlike the 2-core development VM).
-step "collectives benchmark" "${ICHIBAN_SUITE_COLL_S:-120}" collectives.txt \
+want coll && step "collectives benchmark" "${ICHIBAN_SUITE_COLL_S:-120}" collectives.txt \
     $PY benchmarks/collectives.py --world-sizes 2 4 8 --ops all_reduce --sizes 8,4K,1M,16M,128M \
     --reps 3 --budget-ms 20 --no-mpi --shared --json "$OUT/collectives.json"
 
@@ -88,7 +123,7 @@ step "collectives benchmark" "${ICHIBAN_SUITE_COLL_S:-120}" collectives.txt \
 # (one op with its torch.compile baseline takes up to ~30 s), so its table is always written.
 BENCH_S=$(( ${ICHIBAN_SUITE_TOTAL_S:-480} - ($(date +%s) - START) ))
 [ "$BENCH_S" -lt 120 ] && BENCH_S=120
-step "kernel benchmark" "$BENCH_S" kernels.txt \
+want kernels && step "kernel benchmark" "$BENCH_S" kernels.txt \
     $PY benchmarks/kernels.py --json "$OUT/kernels.json" --budget $((BENCH_S - 40))
 
 log "done: $FAILED failed step(s); results in $OUT"

@@ -285,3 +285,17 @@ def test_sync_ops_do_not_wake_the_progress_thread():
         # a few spurious wake-ups are allowed; one per op (600) is the bug
         assert inline < 30, f"the progress thread woke {inline} times for 600 inline ops"
         assert queued >= 1
+
+
+def test_failing_op_diagnosis_script():
+    # scripts/diag_failing_op.py is the GPU suite's check that failing ops raise rather than
+    # crash; here every case must raise, including two not covered above (a size mismatch on
+    # the caller's thread, and a timeout under TORCH_SHOW_CPP_STACKTRACES=1).
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "diag_failing_op.py")
+    res = subprocess.run([sys.executable, script, "all"], capture_output=True, text=True, timeout=240)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "7 of 7 cases raised as they should" in res.stdout, out[-4000:]
+    for case in ("timeout-sync-cpptrace", "mismatch-sync", "dead-peer"):
+        assert f"PASS {case} " in res.stdout, out[-4000:]
+    assert "mismatched collectives" in res.stdout and "ranks still missing: [1]" in res.stdout
