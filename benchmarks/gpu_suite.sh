@@ -2,7 +2,8 @@
 # GPU suite: build the extension on a CUDA machine, run the GPU-marked tests (Triton kernels,
 # the CUDA checkpoint path, CUDA tensors through the "ichiban" backend's NCCL group), the kernel
 # benchmark and a short CPU collectives benchmark on that machine's cores, and write everything
-# under $OUT (default: ./gpu_results). About 8 minutes.
+# under $OUT (default: ./gpu_results). About 9 minutes (every step; the kernel benchmark takes
+# what ICHIBAN_SUITE_TOTAL_S leaves).
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh
 #
@@ -13,7 +14,8 @@
 #   ICHIBAN_SUITE_TEST_S (180: with a cold Triton cache every kernel variant compiles first)
 #   ICHIBAN_SUITE_SHARED_S (150): the host-shared tensor tests (CPU, on this machine's torch)
 #   ICHIBAN_SUITE_COLL_S (120): the collectives benchmark (all_reduce, 2/4/8 ranks, vs gloo,
-#     with and without host-shared tensors)
+#     with and without host-shared tensors); ICHIBAN_SUITE_SPIN_S (90): its ichiban rows again
+#     with a long spin before waiters sleep
 #   ICHIBAN_SUITE_TOTAL_S (480): the kernel benchmark gets what is left of it (at least 120)
 # ICHIBAN_SUITE_STEPS (default "diag,gpu,shared,coll,kernels") picks the steps after the build,
 #   e.g. ICHIBAN_SUITE_STEPS=diag for the failing-op diagnosis alone (build + about 1-6 minutes):
@@ -118,6 +120,14 @@ want shared && step "shared tensor tests" "${ICHIBAN_SUITE_SHARED_S:-150}" share
 want coll && step "collectives benchmark" "${ICHIBAN_SUITE_COLL_S:-120}" collectives.txt \
     $PY benchmarks/collectives.py --world-sizes 2 4 8 --ops all_reduce --sizes 8,4K,1M,16M,128M \
     --reps 3 --budget-ms 20 --no-mpi --shared --json "$OUT/collectives.json"
+
+# The same all_reduce rows with waiters that spin about 100x longer before they sleep
+# (ICHIBAN_SPIN="polls,yields"; the default policy is tuned on a 2-core VM, where a long spin
+# holds the core a peer needs). With a core per rank, a futex wake-up may cost more than the
+# spin: compare the ichiban column of this table with the one above, on the same machine.
+want coll && step "collectives benchmark, long spin" "${ICHIBAN_SUITE_SPIN_S:-90}" collectives_spin.txt \
+    env ICHIBAN_SPIN=20000,20 $PY benchmarks/collectives.py --world-sizes 4 8 --ops all_reduce \
+    --sizes 8,4K,1M,16M --reps 3 --budget-ms 20 --no-mpi --no-gloo --json "$OUT/collectives_spin.json"
 
 # The kernel benchmark gets the rest of the total and stops starting new ops 40 s before its limit
 # (one op with its torch.compile baseline takes up to ~30 s), so its table is always written.
