@@ -2,8 +2,9 @@
 # GPU suite: build the extension on a CUDA machine, run the GPU-marked tests (Triton kernels,
 # the CUDA checkpoint path, CUDA tensors through the "ichiban" backend's NCCL group), the kernel
 # benchmark and a short CPU collectives benchmark on that machine's cores, and write everything
-# under $OUT (default: ./gpu_results). About 9 minutes (every step; the kernel benchmark takes
-# what ICHIBAN_SUITE_TOTAL_S leaves).
+# under $OUT (default: ./gpu_results). About 10 minutes with every step (the kernel benchmark
+# takes what ICHIBAN_SUITE_TOTAL_S leaves, at least 2): close to a 600 s device call, so lower
+# ICHIBAN_SUITE_TOTAL_S or pick steps with ICHIBAN_SUITE_STEPS there.
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh
 #
@@ -15,7 +16,8 @@
 #   ICHIBAN_SUITE_SHARED_S (150): the host-shared tensor tests (CPU, on this machine's torch)
 #   ICHIBAN_SUITE_COLL_S (120): the collectives benchmark (all_reduce, 2/4/8 ranks, vs gloo,
 #     with and without host-shared tensors); ICHIBAN_SUITE_SPIN_S (90): its ichiban rows again
-#     with a long spin before waiters sleep
+#     with a long spin before waiters sleep; ICHIBAN_SUITE_TUNE_S (90): the one-shot/two-shot
+#     crossovers (--tune, into $OUT/tune.json)
 #   ICHIBAN_SUITE_TOTAL_S (480): the kernel benchmark gets what is left of it (at least 120)
 # ICHIBAN_SUITE_STEPS (default "diag,gpu,shared,coll,kernels") picks the steps after the build,
 #   e.g. ICHIBAN_SUITE_STEPS=diag for the failing-op diagnosis alone (build + about 1-6 minutes):
@@ -128,6 +130,12 @@ want coll && step "collectives benchmark" "${ICHIBAN_SUITE_COLL_S:-120}" collect
 want coll && step "collectives benchmark, long spin" "${ICHIBAN_SUITE_SPIN_S:-90}" collectives_spin.txt \
     env ICHIBAN_SPIN=20000,20 $PY benchmarks/collectives.py --world-sizes 4 8 --ops all_reduce \
     --sizes 8,4K,1M,16M --reps 3 --budget-ms 20 --no-mpi --no-gloo --json "$OUT/collectives_spin.json"
+
+# One-shot vs two-shot crossovers on this host (the model's choice is checked on the 2-core VM
+# only); written to $OUT/tune.json, not to the cache the backend would load.
+want coll && step "collectives tune" "${ICHIBAN_SUITE_TUNE_S:-90}" collectives_tune.txt \
+    env ICHIBAN_TUNE_FILE="$OUT/tune.json" $PY benchmarks/collectives.py --tune --world-sizes 2 4 8 \
+    --max-bytes 4M
 
 # The kernel benchmark gets the rest of the total and stops starting new ops 40 s before its limit
 # (one op with its torch.compile baseline takes up to ~30 s), so its table is always written.

@@ -9,15 +9,22 @@ of all ranks together, while each rank reduces on its own core:
 
     one-shot  1 barrier;  each rank writes S, reads n*S, writes S: (n+2)*S;
               reduces (n-1)*S
-    two-shot  3 barriers; each rank copies in the (n-1)/n of S its peers
-              reduce, reduces its own S/n from its buffer and the peers'
-              slots (reads S, writes 2S/n), copies the other (n-1)/n of S
-              out: (5-2/n)*S; reduces (n-1)*S/n
+    two-shot  1 barrier, then per chunk 2 waits for the peers' stages; each
+              rank copies in the (n-1)/n of S its peers reduce, reduces its
+              own S/n from its buffer and the peers' slots (reads S, writes
+              2S/n), copies the other (n-1)/n of S out: (5-2/n)*S; reduces
+              (n-1)*S/n
     ring      n barriers, ~5*S per rank
 
-so two-shot wins above S* = 2*alpha / (beta*(n-1)(n-2) + gamma*(n-1)^2/n), where
-``predict_us`` crosses; for n = 2 the traffic is equal and only the smaller
-share of reduction work pays for the extra barriers.
+A stage wait only waits for a peer that is behind. With a core per rank the
+peers run the same stages at once and the waits cost about nothing (2-core
+VM, 2 ranks: two-shot measured 14.7 against one-shot's 21.6 us at 4 KiB, where
+counting them as barriers predicted two-shot 10 us slower); when ranks
+outnumber cores each wait hands the core over and costs alpha like a barrier.
+So with a core per rank two-shot wins at every size the page floor below
+leaves it (one-shot does more reduction work and moves as much or more), and
+when oversubscribed above S* = 2*alpha / (beta*(n-1)(n-2) + gamma*(n-1)^2/n),
+where ``predict_us`` crosses.
 ``benchmarks/collectives.py --tune`` measures the real crossover on a machine
 and writes it to the table (keyed by host and world size) that overrides the
 model. Rank 0 of each group decides and shares its choice through the store,
@@ -108,18 +115,20 @@ def _reduced_per_rank(algo: str, nbytes: int, n: int) -> float:
     return {"oneshot": (n - 1) * nbytes, "twoshot": (n - 1) * nbytes / n, "ring": (n - 1) * nbytes / n}[algo]
 
 
-def _barriers(algo: str, n: int) -> int:
+def _sync_s(algo: str, n: int) -> float:
+    """Seconds one op spends synchronising (module docstring)."""
+    over = oversubscribed(n)
+    alpha = ALPHA_S["shm_oversubscribed" if over else "shm"]
     # two-shot: an opening barrier, then per chunk a wait for the peers'
-    # copy-in and one for their reductions
-    return {"oneshot": 1, "twoshot": 3, "ring": n}[algo]
+    # copy-in and one for their reductions, which cost only when oversubscribed
+    return {"oneshot": 1, "twoshot": 3 if over else 1, "ring": n}[algo] * alpha
 
 
 def predict_us(algo: str, nbytes: int, local_size: int) -> float:
     """Model time of one all-reduce (microseconds), for the debug log and the tuner."""
     n = max(local_size, 1)
     traffic = traffic_per_rank(algo, nbytes, n)  # raises on an unknown name
-    alpha = ALPHA_S["shm_oversubscribed" if oversubscribed(n) else "shm"]
-    t = (_barriers(algo, n) * alpha + BETA_S_PER_BYTE["shm"] * n * traffic
+    t = (_sync_s(algo, n) + BETA_S_PER_BYTE["shm"] * n * traffic
          + GAMMA_S_PER_BYTE * _reduced_per_rank(algo, nbytes, n))
     return t * 1e6
 
@@ -127,15 +136,16 @@ def predict_us(algo: str, nbytes: int, local_size: int) -> float:
 def model_oneshot_max_bytes(local_size: int) -> int:
     """Largest message for which one-shot beats two-shot under the model.
 
-    one-shot minus two-shot = -2*alpha + S * (beta*(n-1)(n-2) + gamma*(n-1)^2/n),
-    which grows with S, so the crossover is where it is zero.
+    one-shot minus two-shot = -(extra sync of two-shot) + S * (beta*(n-1)(n-2)
+    + gamma*(n-1)^2/n), which grows with S, so the crossover is where it is
+    zero: 2*alpha / (...) when ranks outnumber cores, else nothing, and the
+    page floor keeps one-shot for the smallest messages.
     """
     n = local_size
     if n <= 1:
         return ALWAYS
-    alpha = ALPHA_S["shm_oversubscribed" if oversubscribed(n) else "shm"]
     per_byte = BETA_S_PER_BYTE["shm"] * (n - 1) * (n - 2) + GAMMA_S_PER_BYTE * (n - 1) ** 2 / n
-    s = (_barriers("twoshot", n) - _barriers("oneshot", n)) * alpha / per_byte
+    s = (_sync_s("twoshot", n) - _sync_s("oneshot", n)) / per_byte
     return int(min(max(s, _MIN_ONESHOT), _MAX_ONESHOT))
 
 

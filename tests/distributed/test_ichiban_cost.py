@@ -15,18 +15,22 @@ def test_one_rank_never_needs_two_shot():
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
-@pytest.mark.parametrize("oversubscribed", [False, True])
-def test_model_crossover_is_where_predictions_cross(monkeypatch, n, oversubscribed):
-    monkeypatch.setattr(cost, "oversubscribed", lambda k: oversubscribed)
+def test_oversubscribed_crossover_is_where_predictions_cross(monkeypatch, n):
+    # more ranks than cores: two-shot's stage waits cost like barriers
+    monkeypatch.setattr(cost, "oversubscribed", lambda k: True)
     s = cost.model_oneshot_max_bytes(n)
     assert 4096 < s < 64 << 20
     assert cost.predict_us("oneshot", s // 2, n) < cost.predict_us("twoshot", s // 2, n)
     assert cost.predict_us("oneshot", s * 2, n) > cost.predict_us("twoshot", s * 2, n)
 
 
-def test_crossover_never_below_a_page(monkeypatch):
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_with_a_core_per_rank_two_shot_wins_above_a_page(monkeypatch, n):
+    # Its stage waits overlap the peers' work, so only the page floor keeps one-shot.
     monkeypatch.setattr(cost, "oversubscribed", lambda k: False)
-    assert cost.model_oneshot_max_bytes(8) == 4096  # the model alone would say ~1 KB
+    assert cost.model_oneshot_max_bytes(n) == 4096
+    for size in (4096, 1 << 16, 1 << 24):
+        assert cost.predict_us("twoshot", size, n) < cost.predict_us("oneshot", size, n)
 
 
 def test_traffic_matches_the_algorithms():
