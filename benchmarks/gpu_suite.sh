@@ -38,7 +38,7 @@ FAILED=0
 
 log() { echo "[gpu_suite +$(($(date +%s) - START))s] $*" | tee -a "$OUT/suite.log"; }
 
-# step NAME LIMIT_S LOGFILE CMD...: run with a hard time limit, record the outcome
+# The steps after the build that run (ICHIBAN_SUITE_STEPS).
 STEPS=",${ICHIBAN_SUITE_STEPS:-diag,gpu,shared,coll,kernels},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 for s in ${STEPS//,/ }; do
@@ -47,6 +47,7 @@ for s in ${STEPS//,/ }; do
     esac
 done
 
+# step NAME LIMIT_S LOGFILE CMD...: run with a hard time limit, record the outcome
 step() {
     local name=$1 limit=$2 logfile=$3
     shift 3
