@@ -191,7 +191,7 @@ def _worker(rank, n, port, cfg, out):
             groups[b] = None  # the "ichiban" group, called directly
     # Every column is warmed before the first timed row. In fresh processes
     # the first op timed ran up to 1.8x slower than the same op timed later
-    # (4 ranks on 2 cores, 8 B: 72 us first, 39 us after), which charged
+    # (4 ranks on 2 cores, 8 B: 72-88 us first, 39-57 us after), which charged
     # the start-up to whichever size came first.
     for b, g in groups.items():
         if b == DIRECT and cfg["ops"][0] != "all_reduce":
