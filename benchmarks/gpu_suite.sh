@@ -100,8 +100,7 @@ if want diag && ! step "failing-op diagnosis" "${ICHIBAN_SUITE_DIAG_S:-120}" fai
     ALT_CXX=/usr/bin/g++
     if [ -x "$ALT_CXX" ] && [ "$(readlink -f "$ALT_CXX")" != "$(readlink -f "$(command -v "${CXX:-c++}")")" ]; then
         ALT=$(mktemp -d)
-        tar -cf - --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude=./build --exclude='*.so' \
-            --exclude="./$(basename "$OUT")" . | tar -xf - -C "$ALT"
+        scripts/copy_tree.sh "$ALT"
         step "failing-op diagnosis, built with $ALT_CXX" "${ICHIBAN_SUITE_ALT_S:-240}" failing_ops_alt.log \
             bash -c "cd '$ALT' && CXX='$ALT_CXX' ICHIBAN_FORCE_CPU=1 MAX_JOBS=\$(nproc) $PY setup.py build_ext --inplace \
                      >'$OUT/build_alt.log' 2>&1 || { tail -20 '$OUT/build_alt.log'; exit 1; }; \

@@ -23,8 +23,7 @@ UBSAN=$($CXX -print-file-name=libubsan.so)
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-tar -cf - --exclude=./.git --exclude="./$VENV" --exclude=./.whl --exclude=./build --exclude='*.so' . |
-    tar -xf - -C "$WORK"
+scripts/copy_tree.sh "$WORK"
 echo "[sanitized] building in $WORK (log: $WORK/build.log)"
 (cd "$WORK" && CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer" \
     LDFLAGS="-fsanitize=address,undefined" ICHIBAN_FORCE_CPU=1 "$PY" setup.py build_ext --inplace \

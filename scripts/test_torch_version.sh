@@ -77,9 +77,7 @@ say "torch $TORCH_VERSION, triton $TRITON_VERSION in $VENV"
 mkdir -p "$DIR/src"
 find "$DIR/src" -mindepth 1 -type f ! -path '*/ichiban_comm/_C*.so' ! -path '*/ichiban_comm/_build_info.py' \
   ! -path '*.egg-info/*' -delete
-# (a venv inside the tree is left out even where .gitignore does not name it)
-(cd "$ROOT" && git ls-files -z -c -o --exclude-standard --exclude='.venv*/' --exclude='venv/' \
-  | tar --null -T - -cf -) | tar -xf - -C "$DIR/src"
+"$ROOT/scripts/copy_tree.sh" "$DIR/src"
 src_stamp="$(cd "$DIR/src" && find setup.py csrc -type f | sort | xargs cat | sha256sum | cut -c1-16)-$ICHIBAN_FORCE_CPU"
 if [ "$(cat "$VENV/.build-stamp" 2>/dev/null)" != "$src_stamp" ] \
    || ! (cd "$DIR" && "$VENV/bin/python" -c "import ichiban_comm._native as n; n.load()") >> "$LOG" 2>&1; then
