@@ -11,6 +11,9 @@ memcpy bandwidth measured in the same run as the ceiling.
     python benchmarks/collectives.py --shared --ops all_reduce --min-bytes 1M
                                                            # also ichiban on host-shared tensors
                                                            # (ICHIBAN_SHARED_TENSORS=1)
+    python benchmarks/collectives.py --floor --max-bytes 64K
+                                                           # also torch.distributed's own cost per
+                                                           # call (a backend that does nothing)
     python benchmarks/collectives.py --tune                # measure the one-shot/two-shot crossover
                                                            # and write the table the backend loads
 
@@ -43,6 +46,7 @@ import torch
 
 DIRECT = "ichiban-direct"  # column of --direct
 SHARED = "ichiban-shared"  # column of --shared: tensors in host-shared memory, in their own processes
+FLOOR = "torch-floor"  # column of --floor: the same calls on torch's fake process group, which does nothing
 OPS = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"]
 BUSBW = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
          "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
@@ -132,7 +136,8 @@ _CALIBRATE = 5  # ops timed to choose the iterations per repetition
 
 
 def _time_op(fn, timer_group, reps: int, budget_s: float) -> list[float]:
-    """Seconds per op for each repetition, the slowest rank's.
+    """Seconds per op for each repetition, the slowest rank's (timer_group
+    None: one process, nobody to agree with).
 
     The repetitions run back to back, with no barrier between them: ranks
     leave a Gloo op up to milliseconds apart, and with more ranks than cores
@@ -142,15 +147,20 @@ def _time_op(fn, timer_group, reps: int, budget_s: float) -> list[float]:
     """
     import torch.distributed as dist
 
+    def slowest(t: torch.Tensor) -> torch.Tensor:
+        if timer_group is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=timer_group)
+        return t
+
     for _ in range(3):  # first touch of buffers and shared slots
         fn()
-    dist.barrier(group=timer_group)
+    if timer_group is not None:
+        dist.barrier(group=timer_group)
     fn()
     t0 = time.perf_counter()
     for _ in range(_CALIBRATE):
         fn()
-    one = torch.tensor([(time.perf_counter() - t0) / _CALIBRATE], dtype=torch.float64)
-    dist.all_reduce(one, op=dist.ReduceOp.MAX, group=timer_group)
+    one = slowest(torch.tensor([(time.perf_counter() - t0) / _CALIBRATE], dtype=torch.float64))
     iters = int(min(max(budget_s / max(float(one), 1e-7), 1), 2000))
     for _ in range(iters):
         fn()
@@ -160,9 +170,7 @@ def _time_op(fn, timer_group, reps: int, budget_s: float) -> list[float]:
         for _ in range(iters):
             fn()
         local.append((time.perf_counter() - t0) / iters)
-    times = torch.tensor(local, dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=timer_group)
-    return times.tolist()
+    return slowest(torch.tensor(local, dtype=torch.float64)).tolist()
 
 
 def _worker(rank, n, port, cfg, out):
@@ -223,13 +231,43 @@ def _worker(rank, n, port, cfg, out):
     dist.destroy_process_group()
 
 
-def run_world(n: int, cfg: dict) -> list[dict]:
+def _floor_worker(n, cfg, out):
+    """The benchmark's calls through torch.distributed on torch's fake process
+    group (world size n, this process rank 0): every op returns at once, so
+    the time is torch's own per call, the least any backend can take through
+    dist.*."""
+    import torch.distributed as dist
+
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError as e:
+        raise RuntimeError(f"--floor needs torch's fake process group "
+                           f"(torch.testing._internal.distributed.fake_pg): {e}") from e
+    torch.set_num_threads(1)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=n)
+    g = dist.group.WORLD
+    _time_op(_make_op(cfg["ops"][0], cfg["sizes"][0], n, 0, g), None, 1, cfg["budget_s"])  # warm-up
+    rows = []
+    for op in cfg["ops"]:
+        for nbytes in cfg["sizes"]:
+            times = _time_op(_make_op(op, nbytes, n, 0, g), None, cfg["reps"], cfg["budget_s"])
+            rows.append({"op": op, "bytes": nbytes, "backend": FLOOR, "world_size": n,
+                         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)})
+    out.put(rows)
+    dist.destroy_process_group()
+
+
+def run_world(n: int, cfg: dict, floor: bool = False) -> list[dict]:
+    """The rows of n ranks (floor: of one process on torch's fake group of n)."""
     ctx = mp.get_context("spawn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, n, port, cfg, out)) for r in range(n)]
+    if floor:
+        procs = [ctx.Process(target=_floor_worker, args=(n, cfg, out))]
+    else:
+        procs = [ctx.Process(target=_worker, args=(r, n, port, cfg, out)) for r in range(n)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + cfg["timeout_s"]
@@ -430,6 +468,10 @@ def main(argv=None) -> None:
     ap.add_argument("--shared", action="store_true",
                     help=f"add a column '{SHARED}': ichiban with host-shared tensors "
                     "(ichiban_comm.distributed.enable_shared_tensors), run in processes of its own")
+    ap.add_argument("--floor", action="store_true",
+                    help=f"add a column '{FLOOR}': the same torch.distributed calls on torch's fake "
+                    "process group, which communicates nothing (one process): what torch's own layers "
+                    "cost per call, under every backend's time")
     ap.add_argument("--json", help="write rows and machine facts here")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--_mpi-worker", dest="mpi_worker", help=argparse.SUPPRESS)
@@ -446,6 +488,7 @@ def main(argv=None) -> None:
     backends += [DIRECT] if args.direct else []
     backends += [SHARED] if args.shared else []
     backends += [] if args.no_gloo else ["gloo"]
+    backends += [FLOOR] if args.floor else []
     if args.sizes:
         size_list = [parse_bytes(x.strip()) for x in args.sizes.split(",") if x.strip()]
     else:
@@ -459,9 +502,11 @@ def main(argv=None) -> None:
     print("# memcpy (read+write): " + ", ".join(f"{k} thread(s) {v:.1f} GB/s" for k, v in memcpy.items()))
     rows = []
     for n in args.world_sizes:
-        rows += run_world(n, {**cfg, "backends": [b for b in backends if b != SHARED]})
+        rows += run_world(n, {**cfg, "backends": [b for b in backends if b not in (SHARED, FLOOR)]})
         if args.shared:  # the allocator is per process: a world of its own
             rows += run_world(n, {**cfg, "backends": [SHARED], "shared": True})
+        if args.floor:
+            rows += run_world(n, cfg, floor=True)
         mpi_rows = [] if args.no_mpi else run_mpi(n, cfg)
         if mpi_rows and "mpi" not in backends:
             backends.append("mpi")

@@ -94,11 +94,18 @@ def _sweep_stale_segments() -> None:
 def _spin_policy(local_size: int) -> tuple[int, int]:
     """(busy polls, sched_yield polls) before a waiter sleeps on the futex.
 
-    Short on purpose: measured on a loaded 2-core box, 200 polls (a few
-    microseconds) then 2 yields gave 17 us all-reduce latency at 2 ranks where
-    20000 polls and 100 yields gave 600 us: a long spin holds the core the peer
-    needs, and a futex wake-up schedules the sleeper promptly.
-    ICHIBAN_SPIN="polls[,yields]" overrides.
+    The spin is short on purpose: measured on a loaded 2-core box, 200 polls
+    (a few microseconds) then 2 yields gave 17 us all-reduce latency at 2
+    ranks where 20000 polls and 100 yields gave 600 us: a long spin holds the
+    core the peer needs. Yields do not: with nothing else runnable one returns
+    at once (a longer, cheap wait), and otherwise it hands the core over. A
+    futex sleep costs a wake-up (in a VM, an interrupt to a halted vCPU)
+    whenever the peer is more than the spin late, which torch.distributed's
+    Python layer between two ops often makes it. 2 ranks on 2 cores,
+    alternating runs: 8 B - 4 KiB all_reduce 9.2-12.3 us with 50 yields
+    against 10.1-15.0 us with 2 (three rounds); 2-128 MiB unchanged within
+    noise; with a CPU-bound process beside them, 26.8-63.5 us against
+    37.1-63.3 us. ICHIBAN_SPIN="polls[,yields]" overrides.
     """
     spin = os.environ.get("ICHIBAN_SPIN")
     if spin:
@@ -114,7 +121,7 @@ def _spin_policy(local_size: int) -> tuple[int, int]:
         # polls and 50 yields (and with 0 and 50) against 46 us with 50 and 2
         # (19 and 14 runs); 32 MiB unchanged within noise.
         return 20, 50
-    return 200, 2
+    return 200, 50
 
 
 def _group_config(store, rank: int, local_size: int) -> dict:
