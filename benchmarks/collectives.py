@@ -124,10 +124,13 @@ def _make_op(op: str, nbytes: int, n: int, rank: int, group, direct: bool = Fals
         return lambda: dist.broadcast(big, src=0, group=group)
     if op == "all_gather":
         part = big[: elems // n].clone()
-        return lambda: dist.all_gather_into_tensor(big, part, group=group)
+        # torch 2.14 renamed all_gather_into_tensor and reduce_scatter_tensor (the old names warn)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        return lambda: gather(big, part, group=group)
     if op == "reduce_scatter":
         part = torch.empty(elems // n)
-        return lambda: dist.reduce_scatter_tensor(part, big, group=group)
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        return lambda: scatter(part, big, group=group)
     out = torch.empty_like(big)
     return lambda: dist.all_to_all_single(out, big, group=group)
 
@@ -471,7 +474,9 @@ def main(argv=None) -> None:
     ap.add_argument("--floor", action="store_true",
                     help=f"add a column '{FLOOR}': the same torch.distributed calls on torch's fake "
                     "process group, which communicates nothing (one process): what torch's own layers "
-                    "cost per call, under every backend's time")
+                    "cost per call, under every backend's time (for all_gather, reduce_scatter and "
+                    "all_to_all the fake group also copies its input into the output, which counts "
+                    "at large sizes)")
     ap.add_argument("--json", help="write rows and machine facts here")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--_mpi-worker", dest="mpi_worker", help=argparse.SUPPRESS)

@@ -62,6 +62,11 @@ def _reduce_scatter_cases(rank, ws, fails, seed):
                 m = mismatch(out, shard, op, f"reduce_scatter_tensor {dtype} {op} n={n}")
                 if m:
                     fails.append(m)
+                if hasattr(dist, "reduce_scatter_single"):  # its name from torch 2.14 on
+                    out1 = torch.empty(n, dtype=dtype)
+                    dist.reduce_scatter_single(out1, ins[rank].clone(), op=op)
+                    if not torch.equal(out1, out):
+                        fails.append(f"reduce_scatter_single {dtype} {op} n={n}: differs from reduce_scatter_tensor")
                 # list form with 2-D chunks
                 outl = torch.empty(n, 2, dtype=dtype)
                 ins2 = [make(seed + 5000, r, (ws, n, 2), dtype, op) for r in range(ws)]
@@ -101,6 +106,11 @@ def _copy_cases(rank, ws, fails, seed):
             dist.all_gather_into_tensor(out, ins[rank])
             if not torch.equal(out, want_all):
                 fails.append(f"all_gather_into_tensor {dtype} n={n}")
+            if hasattr(dist, "all_gather_single"):  # its name from torch 2.14 on
+                out1 = torch.empty(ws * n, 3, dtype=dtype)
+                dist.all_gather_single(out1, ins[rank])
+                if not torch.equal(out1, want_all):
+                    fails.append(f"all_gather_single {dtype} n={n}")
             # all_gather (list)
             outs = [torch.empty(n, 3, dtype=dtype) for _ in range(ws)]
             dist.all_gather(outs, ins[rank])
