@@ -153,6 +153,7 @@ class IchibanBackend : public c10d::Backend {
   std::deque<std::function<void()>> queue_;
   bool stop_ = false;
   bool busy_ = false;  // a job is running (on the worker or inline)
+  std::atomic<int> queued_{0};  // queue_.size(), read without the lock by the idle worker
   std::atomic<int64_t> wakeups_{0};
   std::thread worker_;
 };

@@ -1,9 +1,12 @@
 #include "backend/work.h"
 
+#include <sched.h>
+
 namespace ichiban {
 
-IchibanWork::IchibanWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs)
-    : c10d::Work(rank, type), outputs_(std::move(outputs)), seq_(seq) {}
+IchibanWork::IchibanWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,
+                         int wait_yields)
+    : c10d::Work(rank, type), outputs_(std::move(outputs)), seq_(seq), wait_yields_(wait_yields) {}
 
 void IchibanWork::settle(c10::ivalue::Future& f) const {
   if (error_) {
@@ -11,6 +14,13 @@ void IchibanWork::settle(c10::ivalue::Future& f) const {
   } else {
     f.markCompleted(c10::IValue(outputs_));
   }
+}
+
+bool IchibanWork::wait(std::chrono::milliseconds timeout) {
+  // A few yields before c10d's condition-variable sleep: an op that
+  // finishes meanwhile costs the progress thread no futex wake-up of us.
+  for (int i = 0; i < wait_yields_ && !isCompleted(); ++i) sched_yield();
+  return c10d::Work::wait(timeout);
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> IchibanWork::getFuture() {

@@ -8,6 +8,7 @@
 #include <ATen/core/ivalue.h>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
+#include <chrono>
 #include <exception>
 #include <mutex>
 #include <vector>
@@ -16,8 +17,10 @@ namespace ichiban {
 
 class IchibanWork : public c10d::Work {
  public:
-  IchibanWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs);
+  // wait_yields: sched_yield rounds in wait() before sleeping (the group's wait policy).
+  IchibanWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs, int wait_yields = 0);
 
+  bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
   std::vector<at::Tensor> result() override { return outputs_; }
   uint64_t getSequencenumber() const override { return seq_; }
@@ -34,6 +37,7 @@ class IchibanWork : public c10d::Work {
 
   std::vector<at::Tensor> outputs_;
   uint64_t seq_;
+  int wait_yields_;
   std::mutex future_mu_;  // guards future_, done_, error_
   c10::intrusive_ptr<c10::ivalue::Future> future_;
   bool done_ = false;
