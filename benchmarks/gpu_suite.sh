@@ -121,7 +121,7 @@ want shared && step "shared tensor tests" "${ICHIBAN_SUITE_SHARED_S:-150}" share
 # Collectives on this machine's cores (ranks <= cores, unlike the 2-core development VM).
 want coll && step "collectives benchmark" "${ICHIBAN_SUITE_COLL_S:-120}" collectives.txt \
     $PY benchmarks/collectives.py --world-sizes 2 4 8 --ops all_reduce --sizes 8,4K,1M,16M,128M \
-    --reps 3 --budget-ms 20 --no-mpi --shared --json "$OUT/collectives.json"
+    --reps 3 --budget-ms 20 --no-mpi --shared --floor --json "$OUT/collectives.json"
 
 # The same all_reduce rows with waiters that spin about 100x longer before they sleep
 # (ICHIBAN_SPIN="polls,yields"; the default policy is tuned on a 2-core VM, where a long spin
