@@ -138,6 +138,11 @@ def _make_op(op: str, nbytes: int, n: int, rank: int, group, direct: bool = Fals
 _CALIBRATE = 5  # ops timed to choose the iterations per repetition
 
 
+def _row(op: str, nbytes: int, backend: str, n: int, times: list[float]) -> dict:
+    return {"op": op, "bytes": nbytes, "backend": backend, "world_size": n,
+            "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
 def _time_op(fn, timer_group, reps: int, budget_s: float) -> list[float]:
     """Seconds per op for each repetition, the slowest rank's (timer_group
     None: one process, nobody to agree with).
@@ -220,8 +225,7 @@ def _worker(rank, n, port, cfg, out):
                 be = g._get_backend(torch.device("cpu")) if b.startswith("ichiban") else None
                 shared_before = be.shared_bytes if be is not None else 0
                 times = _time_op(fn, timer, cfg["reps"], cfg["budget_s"])
-                row = {"op": op, "bytes": nbytes, "backend": b, "world_size": n,
-                       "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+                row = _row(op, nbytes, b, n, times)
                 if b != DIRECT and be is not None and op == "all_reduce":
                     row["algo"] = be.choose_allreduce(nbytes)
                     if be.shared_bytes > shared_before:
@@ -254,8 +258,7 @@ def _floor_worker(n, cfg, out):
     for op in cfg["ops"]:
         for nbytes in cfg["sizes"]:
             times = _time_op(_make_op(op, nbytes, n, 0, g), None, cfg["reps"], cfg["budget_s"])
-            rows.append({"op": op, "bytes": nbytes, "backend": FLOOR, "world_size": n,
-                         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)})
+            rows.append(_row(op, nbytes, FLOOR, n, times))
     out.put(rows)
     dist.destroy_process_group()
 
@@ -364,8 +367,7 @@ def _mpi_worker(cfg: dict) -> None:
     for op in cfg["ops"]:
         for nbytes in cfg["sizes"]:
             times = measure(op, nbytes)
-            rows.append({"op": op, "bytes": nbytes, "backend": "mpi", "world_size": n,
-                         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)})
+            rows.append(_row(op, nbytes, "mpi", n, times))
     if rank == 0:
         print("MPIROWS " + json.dumps(rows), flush=True)
 

@@ -4,13 +4,12 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
-#include <sched.h>
-
 #include <cstdio>
 
 #include "backend/tensor_utils.h"
 #include "backend/work.h"
 #include "common/errors.h"
+#include "shm/wait.h"
 
 namespace ichiban {
 
@@ -154,7 +153,7 @@ void IchibanBackend::loop() {
     // without a wake-up. With Work::wait's yields, 8 B async_op=True + wait(),
     // groups of both policies interleaved in one run: 2 ranks 10.2 against
     // 11.9 us (2 yields), 4 ranks 54 against 76 us.
-    for (int i = 0; i < cfg_.yield_iters && queued_.load(std::memory_order_acquire) == 0; ++i) sched_yield();
+    yield_until(cfg_.yield_iters, [&] { return queued_.load(std::memory_order_acquire) > 0; });
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [&] {

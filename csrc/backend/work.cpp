@@ -1,6 +1,6 @@
 #include "backend/work.h"
 
-#include <sched.h>
+#include "shm/wait.h"
 
 namespace ichiban {
 
@@ -19,7 +19,7 @@ void IchibanWork::settle(c10::ivalue::Future& f) const {
 bool IchibanWork::wait(std::chrono::milliseconds timeout) {
   // A few yields before c10d's condition-variable sleep: an op that
   // finishes meanwhile costs the progress thread no futex wake-up of us.
-  for (int i = 0; i < wait_yields_ && !isCompleted(); ++i) sched_yield();
+  yield_until(wait_yields_, [this] { return isCompleted(); });
   return c10d::Work::wait(timeout);
 }
 

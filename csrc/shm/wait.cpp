@@ -46,10 +46,7 @@ void flag_wait(std::atomic<uint32_t>* word, uint32_t target, std::atomic<uint32_
     if (reached(word->load(std::memory_order_acquire), target)) return;
     cpu_relax();
   }
-  for (int i = 0; i < policy.yield_iters; ++i) {
-    if (reached(word->load(std::memory_order_acquire), target)) return;
-    sched_yield();
-  }
+  if (yield_until(policy.yield_iters, [&] { return reached(word->load(std::memory_order_acquire), target); })) return;
   while (true) {
     sleepers->fetch_add(1, std::memory_order_seq_cst);
     uint32_t v = word->load(std::memory_order_seq_cst);

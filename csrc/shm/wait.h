@@ -8,6 +8,8 @@
 // uncontended path costs no system call.
 #pragma once
 
+#include <sched.h>
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -19,6 +21,19 @@ struct WaitPolicy {
   int yield_iters = 50;   // sched_yield polls before sleeping
   int sleep_ms = 20;      // futex slice: how often a sleeper checks deadlines and peers
 };
+
+// Up to `rounds` sched_yield calls until done() holds; returns done(). With
+// nothing else runnable on the core a yield returns at once, otherwise it
+// hands the core over: the cheap wait before any sleep (flags, the progress
+// thread's queue, Work::wait).
+template <typename Done>
+bool yield_until(int rounds, Done done) {
+  for (int i = 0; i < rounds; ++i) {
+    if (done()) return true;
+    sched_yield();
+  }
+  return done();
+}
 
 // (int32)(v - target) >= 0: counters wrap.
 inline bool reached(uint32_t v, uint32_t target) { return static_cast<int32_t>(v - target) >= 0; }
