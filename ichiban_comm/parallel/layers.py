@@ -89,6 +89,7 @@ def _check_divisible(what: str, n: int, tp: int, parts: int = 1) -> None:
 def _shard_param(full: torch.Tensor, spec: ShardSpec) -> nn.Parameter:
     p = nn.Parameter(spec.local(full.detach()).clone(), requires_grad=full.requires_grad)
     p.tp_shard = spec
+    p._tp_dim = spec.dim  # the split dimension alone, for code that needs only that
     return p
 
 
