@@ -1,0 +1,176 @@
+"""ShardedOptimizer (ZeRO-1 over dp) against torch's AdamW in one process; DDP over "ichiban".
+
+    python -m pytest -q tests/parallel/test_optim.py
+"""
+
+import pytest
+import torch
+
+from spawn import run_workers
+
+from _util import pack, unpack
+
+STEPS = 4
+BATCH = 8   # global batch; every dp size used here divides it
+
+
+class Tiny(torch.nn.Module):
+    """Awkward shapes: rows that no dp size divides, a 1-row matrix, a vector shorter than dp,
+    a 0-dim parameter, and a frozen one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(6, 7)
+        self.b = torch.nn.Linear(7, 3)
+        self.row = torch.nn.Parameter(torch.randn(1, 3))
+        self.short = torch.nn.Parameter(torch.randn(2))
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+        self.frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        y = self.b(h) * self.scale + self.row + self.frozen
+        return (y.pow(2).sum(-1) + self.short.sum() * h[:, :2].sum(-1)).mean()
+
+
+def _data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 6, generator=g)
+
+
+def _groups(model):
+    return [{"params": [model.a.weight, model.b.weight, model.row, model.frozen]},
+            {"params": [model.a.bias, model.b.bias, model.short, model.scale], "weight_decay": 0.0}]
+
+
+def _reference(steps, clip, accumulate):
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.AdamW(_groups(model), lr=0.05, weight_decay=0.1)
+    norms = []
+    for step in range(steps):
+        x = _data(step)
+        if accumulate:
+            for half in x.chunk(2):
+                (model(half) / 2).backward()
+        else:
+            model(x).backward()
+        if clip:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        opt.step()
+        opt.zero_grad()
+    return model, opt, norms
+
+
+def _sharded_body(rank, world, steps, clip, accumulate, bucket_mb):
+    import torch.distributed as dist
+    from ichiban_comm.parallel.optim import ShardedOptimizer
+
+    torch.manual_seed(0)
+    model = Tiny()
+    if rank:   # the constructor broadcasts dp rank 0's parameters
+        with torch.no_grad():
+            model.a.weight.add_(1.0)
+    opt = ShardedOptimizer(torch.optim.AdamW, _groups(model), None, lr=0.05, weight_decay=0.1,
+                           bucket_mb=bucket_mb)
+    norms = []
+    for step in range(steps):
+        x = _data(step).chunk(world)[rank]
+        if accumulate:
+            first, second = x.chunk(2)
+            with opt.no_sync():
+                (model(first) / 2).backward()
+            (model(second) / 2).backward()
+        else:
+            model(x).backward()
+        if clip:
+            norms.append(float(opt.clip_grad_norm_(clip)))
+        opt.step()
+        opt.zero_grad()
+    sd = opt.state_dict()
+    numel = opt.local_state_numel()
+    # The state reloaded into a fresh ShardedOptimizer steps on exactly like the original.
+    opt2 = ShardedOptimizer(torch.optim.AdamW, _groups(model), None, lr=0.05, weight_decay=0.1)
+    opt2.load_state_dict(sd)
+    assert dist.get_world_size() == world
+    return pack((model.state_dict(), sd, numel, norms, len(opt._buckets)))
+
+
+@pytest.mark.parametrize("world,backend,clip,accumulate", [
+    (2, "gloo", None, False),
+    (2, "ichiban", 0.5, True),
+    (4, "ichiban", 0.5, False),
+])
+def test_sharded_adamw_matches_torch_adamw(world, backend, clip, accumulate):
+    results = [unpack(r) for r in run_workers(_sharded_body, world, backend=backend, timeout=90,
+                                              args=(STEPS, clip, accumulate, 0.0002))]
+    ref_model, ref_opt, ref_norms = _reference(STEPS, clip, accumulate)
+    ref_params = ref_model.state_dict()
+    ref_sd = ref_opt.state_dict()
+    total_state = sum(v.numel() for st in ref_opt.state.values() for v in st.values())
+    n_trained = len(ref_opt.state)
+    for rank, (params, sd, numel, norms, nbuckets) in enumerate(results):
+        assert nbuckets > 1  # the tiny bucket size splits the model
+        for k, v in ref_params.items():
+            torch.testing.assert_close(params[k], v, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {k}")
+        assert sd["param_groups"] == ref_sd["param_groups"]
+        assert sorted(sd["state"]) == sorted(ref_sd["state"])
+        for i, st in ref_sd["state"].items():
+            for k, v in st.items():
+                torch.testing.assert_close(sd["state"][i][k], v, rtol=1e-5, atol=1e-6,
+                                           msg=f"rank {rank} state {i} {k}")
+        if clip:
+            assert norms == pytest.approx(ref_norms, rel=1e-5)
+            assert max(ref_norms) > clip  # the clipping was exercised
+        # Per-rank state is 1/dp of the whole, up to rounding rows up to a multiple of dp: each
+        # rank holds its rows' exp_avg and exp_avg_sq, plus one step counter per parameter.
+        bound = 2 * sum(-(-(p.shape[0] if p.dim() else 1) // world) * (p[0].numel() if p.dim() else 1)
+                        for p in ref_model.parameters() if p.requires_grad)
+        assert numel - n_trained <= bound
+    assert sum(r[2] - n_trained for r in results) == total_state - n_trained  # nothing duplicated
+
+
+def _errors_body(rank, world):
+    from ichiban_comm.parallel.optim import ShardedOptimizer
+
+    torch.manual_seed(0)
+    model = Tiny()
+    with pytest.raises(TypeError, match="optimizer_class"):
+        ShardedOptimizer(torch.nn.Linear, model.parameters(), None)
+    with pytest.raises(ValueError, match="bucket_mb"):
+        ShardedOptimizer(torch.optim.AdamW, model.parameters(), None, bucket_mb=0)
+    with pytest.raises(ValueError, match="params is empty"):
+        ShardedOptimizer(torch.optim.AdamW, [], None)
+    opt = ShardedOptimizer(torch.optim.AdamW, model.parameters(), None, lr=0.1, bucket_mb=1e-4)
+    model(_data(0)).backward()
+    with pytest.raises(RuntimeError, match="no_sync"):
+        model(_data(0)).backward()
+    opt.zero_grad()   # finishes the reductions in flight: the next step starts clean
+    model(_data(1)).backward()
+    opt.step()
+    with pytest.raises(ValueError, match="closure"):
+        opt.step(lambda: 0.0)
+    return True
+
+
+def test_sharded_optimizer_errors():
+    assert run_workers(_errors_body, 2, backend="ichiban", timeout=60) == [True, True]
+
+
+def _ddp_body(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)))
+    model(_data(0).chunk(world)[rank]).pow(2).mean().backward()
+    return pack([p.grad for p in model.parameters()])
+
+
+def test_ddp_over_ichiban_unchanged():
+    grads = run_workers(_ddp_body, 2, backend="ichiban", timeout=60)
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))
+    ref(_data(0)).pow(2).mean().backward()
+    for rank_grads in map(unpack, grads):
+        for g, p in zip(rank_grads, ref.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
