@@ -37,7 +37,7 @@ import torch.nn as nn
 from . import layers as L
 
 __all__ = ["parallelize", "ParallelizeReport", "auto_plan", "KNOWN_MODELS", "PlanError",
-           "gather_state_dict"]
+           "gather_state_dict", "clip_grad_norm_"]
 
 STYLES = ("colwise", "rowwise", "vocab", "sequence", "sequence_input")
 
@@ -367,3 +367,33 @@ def gather_state_dict(model: nn.Module, group, grads: bool = False) -> dict:
             continue
         out[name] = L.gather_full(t, getattr(p, "tp_shard", None), group)
     return out
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, dims=None, norm_type: float = 2.0):
+    """``torch.nn.utils.clip_grad_norm_`` for a tensor- (and pipeline-) parallel model whose
+    gradients are already equal over dp: split parameters count every rank's piece, parameters
+    whole on every tensor rank count once, stages add up. Returns the total norm (the same on
+    every rank). For ZeRO use ``ShardedOptimizer.clip_grad_norm_``."""
+    import torch.distributed as dist
+
+    params = [p for p in parameters if p.grad is not None]
+    tp_rank = getattr(dims, "tp_rank", 0)
+    norm_type = float(norm_type)
+    if norm_type == float("inf"):
+        raise ValueError("norm_type=inf is not supported here; use 2.0")
+    mine = [p.grad for p in params if getattr(p, "tp_shard", None) is not None or tp_rank == 0]
+    total = torch.zeros((), dtype=torch.float32)
+    for g in mine:
+        total += torch.linalg.vector_norm(g.float(), norm_type).pow(norm_type).cpu()
+    if dims is not None:
+        t = total.reshape(1)
+        for size, group in ((dims.tp, dims.tp_group), (dims.pp, dims.pp_group)):
+            if size > 1:
+                dist.all_reduce(t, group=group)
+        total = t[0]
+    total = total.pow(1.0 / norm_type)
+    coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+    return total
