@@ -5,6 +5,9 @@
     ichiban-train --ckpt-every 50 --ckpt-dir runs/ckpt      # async checkpoints while training
     ichiban-train --ckpt-dir runs/ckpt --resume             # continue from the newest checkpoint
     torchrun --nproc-per-node 2 -m ichiban_comm.train       # data parallel over the "ichiban" backend
+    ichiban-train --nproc 4 --tp 2 --dp 2                   # 4 local ranks: tensor x data parallel
+    ichiban-train --nproc 4 --tp 2 --zero                   # ... with the optimizer state sharded over dp
+    ichiban-train --nproc 2 --pp 2                          # two pipeline stages
     python -m ichiban_comm.train --help
 
 The norms, SwiGLU, rotary embeddings and the (fused linear) cross-entropy run
@@ -66,10 +69,30 @@ def parse_args(argv=None):
     g.add_argument("--stop-at", type=int, default=None,
                    help="end this run after step N of the --steps schedule (a job split across "
                         "allocations; continue later with --resume)")
-    g = p.add_argument_group("distributed (under torchrun)")
+    g = p.add_argument_group("distributed (under torchrun, or --nproc)")
     g.add_argument("--backend", default="ichiban",
                    help="torch.distributed backend when WORLD_SIZE > 1 (ichiban, gloo, nccl)")
+    g.add_argument("--nproc", type=int, default=0,
+                   help="start this many ranks on this machine (no torchrun needed)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (stages)")
+    g.add_argument("--dp", type=int, default=-1, help="data-parallel size (-1: the rest)")
+    g.add_argument("--zero", action="store_true",
+                   help="shard the optimizer state over dp (ZeRO-1, ShardedOptimizer)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tp: norms and the residual stream hold 1/tp of the sequence")
+    g.add_argument("--microbatches", type=int, default=0,
+                   help="with --pp: micro-batches per step (0: --pp)")
     args = p.parse_args(argv)
+    for name in ("tp", "pp"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.dp == 0 or args.dp < -1:
+        p.error(f"--dp must be >= 1 or -1 (the rest), got {args.dp}")
+    if args.nproc < 0:
+        p.error(f"--nproc must be >= 0, got {args.nproc}")
+    if args.microbatches < 0:
+        p.error(f"--microbatches must be >= 0, got {args.microbatches}")
     if args.ckpt_every < 0:
         p.error(f"--ckpt-every must be >= 0, got {args.ckpt_every}")
     if args.keep_last < 1:
@@ -100,17 +123,37 @@ def select_ops(name: str):
     return FusedOps
 
 
-def build(args):
+def build(args, dims=None):
+    """(model, optimizer, pipeline): the full model made with one seed (so every split starts
+    from the same numbers), split by --tp, cut by --pp, its optimizer sharded by --zero."""
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
                     d_model=args.d_model)
     torch.manual_seed(args.seed)
     model = GPT(cfg, ops=select_ops(args.ops))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
-    return model, opt
+    model.tp_report, model.full_params = None, model.num_params()
+    if dims is not None and dims.tp > 1:
+        from .parallel import parallelize
+
+        parallelize(model, dims, plan="auto", sequence_parallel=args.sequence_parallel)
+    pipe = None
+    stage = model
+    if dims is not None and dims.pp > 1:
+        from .parallel.pipeline import pipeline_gpt
+
+        pipe = pipeline_gpt(model, dims, n_microbatches=args.microbatches or dims.pp)
+        stage = pipe.module
+    named = list(stage.named_parameters())
+    groups = [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    if args.zero:
+        from .parallel import ShardedOptimizer
+
+        opt = ShardedOptimizer(torch.optim.AdamW, groups, dims, lr=args.lr, betas=(0.9, 0.95))
+    else:
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    if pipe is not None:
+        pipe.optimizer = opt  # micro-batches accumulate under no_sync() with --zero
+    return model, opt, pipe
 
 
 @torch.no_grad()
@@ -122,31 +165,130 @@ def evaluate(model, data: ByteBatches, n: int) -> float:
 
 
 def _init_distributed(args):
-    """(rank, world_size); under torchrun, a process group on --backend."""
+    """(rank, world_size, dims); under torchrun or --nproc, a process group on --backend and
+    the tp x pp x dp groups placed by the topology (dims is None in one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
+        if args.tp * args.pp > 1 or args.zero or args.dp > 1:
+            raise SystemExit(f"error: --tp {args.tp} --pp {args.pp} --dp {args.dp}"
+                             f"{' --zero' if args.zero else ''} needs several ranks: add --nproc "
+                             f"{args.tp * args.pp * max(args.dp, 1 if not args.zero else 2)} "
+                             f"(or run under torchrun)")
+        return 0, 1, None
     import torch.distributed as dist
 
     if args.backend == "ichiban":
         from . import distributed  # noqa: F401  (registers the backend)
     dist.init_process_group(args.backend)
-    return dist.get_rank(), dist.get_world_size()
+    from .parallel import init_parallel
+
+    dims = init_parallel(tp=args.tp, pp=args.pp, dp=args.dp)
+    return dist.get_rank(), dist.get_world_size(), dims
 
 
-def _open_checkpointer(args):
+def _strip_nproc(argv):
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_local(nproc: int, argv) -> int:
+    """Start nproc ranks of this job on this machine (what torchrun --nproc-per-node does for
+    one host): each gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT.
+    A rank that fails ends the others; the exit code is the first failure's."""
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "ichiban_comm.train"] + _strip_nproc(argv)
+    procs = []
+    for r in range(nproc):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),
+                   LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(cmd, env=env))
+    rc = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            bad = [p for p in procs if p.returncode not in (None, 0)]
+            if bad:
+                rc = bad[0].returncode
+                print(f"ichiban-train: rank {procs.index(bad[0])} exited with {rc}; stopping the "
+                      "other ranks", file=sys.stderr)
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        rc = 130
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    if rc == 0:
+        rc = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return rc
+
+
+def _open_checkpointer(args, dims=None):
     if not (args.ckpt_every or args.resume):
         return None
+    if dims is not None and (dims.tp > 1 or dims.pp > 1 or args.zero):
+        raise SystemExit("error: --ckpt-every/--resume with --tp/--pp/--zero: each rank holds a "
+                         "different shard; save with ichiban_comm.parallel.checkpoint instead")
     from .checkpoint import AsyncCheckpointer
 
     return AsyncCheckpointer(args.ckpt_dir, keep_last=args.keep_last)
 
 
+def _pipeline_step(pipe, dims, x, y, opt, zero):
+    """One pipelined forward/backward; the loss (known on the last stage) reaches every stage
+    and, without ZeRO, the stage's gradients are averaged over dp."""
+    import torch.distributed as dist
+
+    loss = pipe.step(x if dims.is_first_stage else None, y if dims.is_last_stage else None)
+    t = loss.detach().reshape(1).clone() if loss is not None else torch.zeros(1)
+    dist.all_reduce(t, group=dims.pp_group)  # only the last stage adds a non-zero loss
+    if dims.dp > 1 and not zero:
+        for p in pipe.module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=dims.dp_group)
+                p.grad.div_(dims.dp)
+    return t[0]
+
+
+def _clip(module, opt, dims, args):
+    if args.zero:
+        return opt.clip_grad_norm_(args.grad_clip)
+    if dims is not None and (dims.tp > 1 or dims.pp > 1):
+        from .parallel.plans import clip_grad_norm_
+
+        return clip_grad_norm_(module.parameters(), args.grad_clip, dims)
+    return torch.nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.nproc:
+        return launch_local(args.nproc, sys.argv[1:] if argv is None else list(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world = _init_distributed(args)
+    rank, world, dims = _init_distributed(args)
+    dp, dp_rank = (dims.dp, dims.dp_rank) if dims is not None else (1, 0)
     lead = rank == 0
     say = print if lead else (lambda *a, **k: None)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -154,19 +296,23 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     corpus = stdlib_corpus(args.data_bytes or None)
     data = ByteBatches(corpus, args.seq_len, args.batch_size, seed=args.seed)
-    model, opt = build(args)
+    model, opt, pipe = build(args, dims)
     core = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core)
-    say(f"ichiban-train: {core.num_params() / 1e6:.2f}M parameters "
+    if dims is not None:
+        say(dims.layout.describe(), flush=True)
+        if core.tp_report is not None:
+            say(core.tp_report, flush=True)
+    if dp > 1 and not args.zero and pipe is None:
+        model = torch.nn.parallel.DistributedDataParallel(core, process_group=dims.dp_group)
+    say(f"ichiban-train: {core.full_params / 1e6:.2f}M parameters "
         f"({args.n_layer} layers, d_model {args.d_model}, {args.n_head} heads), "
         f"ops: {core.ops.name}; data: {len(corpus) / 2**20:.1f} MiB of standard-library source "
         f"({time.perf_counter() - t0:.1f} s to load); {args.steps} steps of "
-        f"{world}x{args.batch_size}x{args.seq_len} tokens; torch {torch.__version__}, "
+        f"{dp}x{args.batch_size}x{args.seq_len} tokens; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads" + (f", {world} ranks on {args.backend}" if world > 1 else ""),
         flush=True)
 
-    ckpt = _open_checkpointer(args)
+    ckpt = _open_checkpointer(args, dims)
     start = 0
     if args.resume:
         latest = ckpt.latest_step()
@@ -186,7 +332,7 @@ def main(argv=None) -> int:
         return 0
 
     metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a" if start else "w") if lead else None
-    tokens_per_step = world * args.batch_size * args.seq_len
+    tokens_per_step = dp * args.batch_size * args.seq_len
     losses: list[float] = []
     saves: list = []
     window_t, window_tokens = time.perf_counter(), 0
@@ -196,11 +342,15 @@ def main(argv=None) -> int:
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = data.batch(step * world + rank)  # each rank its own batch, fixed by the step
-        loss = model(x, y)
+        # each data-parallel replica its own batch, fixed by the step (tp ranks share it)
+        x, y = data.batch(step * dp + dp_rank)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if pipe is not None:
+            loss = _pipeline_step(pipe, dims, x, y, opt, args.zero)
+        else:
+            loss = model(x, y)
+            loss.backward()
+        grad_norm = _clip(core if pipe is None else pipe.module, opt, dims, args)
         opt.step()
         window_tokens += tokens_per_step
 
@@ -236,12 +386,13 @@ def main(argv=None) -> int:
         "start_step": start,
         "first_loss": losses[0],
         "last_loss": sum(losses[-k:]) / k,
-        "val_loss": evaluate(core, data, args.eval_batches),
+        "val_loss": evaluate(core, data, args.eval_batches) if pipe is None else None,
         "tokens_per_s": len(losses) * tokens_per_step / elapsed,
         "train_seconds": elapsed,
-        "params": core.num_params(),
+        "params": core.full_params,
         "ops": core.ops.name,
         "world_size": world,
+        "tp": args.tp, "pp": args.pp, "dp": dp, "zero": args.zero,
     }
     if saves:
         summary["checkpoints"] = len(saves)
@@ -252,7 +403,8 @@ def main(argv=None) -> int:
     ckpt_note = (f"; {len(saves)} checkpoint(s) in {args.ckpt_dir}, median pause "
                  f"{summary['ckpt_blocking_ms_median']:.1f} ms" if saves else "")
     say(f"done: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
-        f"(mean of last {k} steps), validation {summary['val_loss']:.3f}; "
+        f"(mean of last {k} steps), validation "
+        f"{'n/a (pipeline)' if summary['val_loss'] is None else format(summary['val_loss'], '.3f')}; "
         f"{summary['tokens_per_s']:,.0f} tok/s over {elapsed:.1f} s{ckpt_note}; "
         f"metrics in {args.out_dir}/", flush=True)
     if lead and summary["last_loss"] >= summary["first_loss"]:

@@ -83,12 +83,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        # chunk/-1 rather than C and n_head: under tensor parallelism qkv holds this rank's heads
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        # (B, T, nh * hs) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = self.ops.rope(q, k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -161,6 +162,8 @@ class GPT(nn.Module):
         h = self.hidden(idx)
         if targets is None:
             return self.lm_head(h)
+        if hasattr(self.lm_head, "loss"):  # a vocabulary-parallel head computes its own loss
+            return self.lm_head.loss(h.reshape(-1, h.size(-1)), targets.reshape(-1))
         # The loss never needs the full (B*T, V) logits: the ops decide how to chunk.
         return self.ops.linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight,
                                              targets.reshape(-1))

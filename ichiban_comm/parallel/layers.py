@@ -1,0 +1,566 @@
+"""Tensor-parallel layers on plain tensors: each is a module over an explicit ``group`` whose
+collectives are autograd Functions (no DTensor, no per-op dispatch).
+
+* :class:`ColumnParallelLinear` — output features split: ``y_r = x W_r^T + b_r``. Its backward
+  issues the all-reduce of ``dx`` asynchronously and computes ``dW`` while it runs.
+* :class:`RowParallelLinear` — input features split: ``y = sum_r x_r W_r^T + b`` (all-reduce;
+  reduce-scatter along the sequence when sequence parallel).
+* :class:`VocabParallelEmbedding` — rows of the table split by vocabulary.
+* :class:`ParallelLMHead` — the output head split by vocabulary; ``loss()`` is the
+  vocabulary-parallel ``fused_linear_cross_entropy(..., group=)``: the ``(tokens, vocab)``
+  logits never exist, only per-row statistics cross the group.
+* Sequence parallel regions: :func:`gather_sequence` (all-gather forward, reduce-scatter
+  backward), :func:`scatter_sequence` (slice forward, all-gather backward) and
+  :func:`reduce_scatter_sequence`; :func:`sequence_parallel_norm` hooks a norm so it runs on
+  this rank's slice of the sequence and hands the full sequence on.
+
+Every split parameter carries ``param.tp_shard`` (a :class:`ShardSpec`) that says how the full
+tensor maps to this rank's piece, so checkpoints, gradient checks and ``load_state_dict`` of a
+full (unsplit) state dict all slice and gather the same way. Parameters that every tensor
+rank holds whole but whose gradients come from a slice of the sequence carry
+``param.sequence_parallel = True``; their gradients are summed over the group by a hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ShardSpec", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+           "ParallelLMHead", "gather_sequence", "gather_sequence_replicated_grad", "scatter_sequence", "reduce_scatter_sequence",
+           "reduce_from_group", "sequence_parallel_norm", "gather_full", "SEQ_DIM"]
+
+SEQ_DIM = 1  # (B, T, C) activations, as transformers and the project's GPT lay them out
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# ---- how a full tensor maps to this rank's piece -----------------------------------------
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """The full tensor is ``parts`` equal segments along ``dim`` (1, or 3 for a fused q|k|v);
+    each segment is cut into ``tp`` equal chunks and rank r holds chunk r of every segment,
+    concatenated. ``full_shape`` is the unsplit shape."""
+
+    dim: int
+    parts: int
+    tp: int
+    rank: int
+    full_shape: tuple
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        if tuple(full.shape) != tuple(self.full_shape):
+            raise ValueError(f"expected the full tensor of shape {tuple(self.full_shape)}, got "
+                             f"{tuple(full.shape)}")
+        segs = full.chunk(self.parts, dim=self.dim)
+        return torch.cat([s.chunk(self.tp, dim=self.dim)[self.rank] for s in segs], dim=self.dim)
+
+    def full(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's piece, in rank order."""
+        per = [p.chunk(self.parts, dim=self.dim) for p in pieces]
+        return torch.cat([per[r][s] for s in range(self.parts) for r in range(self.tp)],
+                         dim=self.dim)
+
+    @property
+    def local_shape(self) -> tuple:
+        s = list(self.full_shape)
+        s[self.dim] //= self.tp
+        return tuple(s)
+
+
+def _check_divisible(what: str, n: int, tp: int, parts: int = 1) -> None:
+    if n % (parts * tp):
+        unit = f" ({parts} fused parts of {n // parts})" if parts > 1 else ""
+        raise ValueError(f"{what}={n}{unit} is not divisible by tp={tp}: every tensor-parallel "
+                         f"rank needs an equal share")
+
+
+def _shard_param(full: torch.Tensor, spec: ShardSpec) -> nn.Parameter:
+    p = nn.Parameter(spec.local(full.detach()).clone(), requires_grad=full.requires_grad)
+    p.tp_shard = spec
+    p._tp_dim = spec.dim  # the split dimension alone, for code that needs only that
+    return p
+
+
+def gather_full(t: torch.Tensor, spec: ShardSpec | None, group) -> torch.Tensor:
+    """The full tensor of a split parameter (or its gradient) from every rank of ``group``."""
+    if spec is None or spec.tp == 1:
+        return t
+    pieces = [torch.empty_like(t) for _ in range(spec.tp)]
+    dist.all_gather(pieces, t.contiguous(), group=group)
+    return spec.full(pieces)
+
+
+class _SliceOnLoad:
+    """Lets ``load_state_dict`` take a full (unsplit) tensor for any split parameter: it is
+    sliced by the parameter's ShardSpec; a tensor already of the local shape is taken as is."""
+
+    def _install_slicing(self):
+        self._register_load_state_dict_pre_hook(self._slice_full, with_module=False)
+
+    def _slice_full(self, state_dict, prefix, *args):
+        for name, p in self.named_parameters(recurse=False):
+            key = prefix + name
+            spec = getattr(p, "tp_shard", None)
+            if spec is None or key not in state_dict:
+                continue
+            t = state_dict[key]
+            if tuple(t.shape) == tuple(spec.full_shape) and spec.tp > 1:
+                state_dict[key] = spec.local(t)
+
+
+# ---- collectives as autograd Functions -----------------------------------------------------
+
+class _ReduceFn(torch.autograd.Function):
+    """All-reduce forward (the partial sums of a row-parallel layer), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _CopyFn(torch.autograd.Function):
+    """Identity forward, all-reduce backward: a replicated input feeding split weights."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def _all_gather_dim(x, dim, group):
+    n = _size(group)
+    xt = x.movedim(dim, 0).contiguous()  # (T/tp, ...)
+    out = xt.new_empty((n * xt.shape[0],) + tuple(xt.shape[1:]))
+    dist.all_gather_single(out, xt, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter_dim(x, dim, group):
+    n = _size(group)
+    xt = x.movedim(dim, 0).contiguous()  # (T, ...)
+    if xt.shape[0] % n:
+        raise ValueError(f"sequence parallel: the sequence length {xt.shape[0]} (dim {dim}) is "
+                         f"not divisible by tp={n}; pad the sequence to a multiple of {n}")
+    out = xt.new_empty((xt.shape[0] // n,) + tuple(xt.shape[1:]))
+    dist.reduce_scatter_single(out, xt, group=group)
+    return out.movedim(0, dim)
+
+
+def _slice_dim(x, dim, group):
+    n, r = _size(group), _rank(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"sequence parallel: the sequence length {x.shape[dim]} (dim {dim}) is "
+                         f"not divisible by tp={n}; pad the sequence to a multiple of {n}")
+    return x.chunk(n, dim=dim)[r].contiguous()
+
+
+class _GatherSeqFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_dim(g, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterSeqFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather_dim(g, ctx.dim, ctx.group), None, None
+
+
+class _ScatterSeqFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _slice_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather_dim(g, ctx.dim, ctx.group), None, None
+
+
+class _GatherSeqSliceGradFn(torch.autograd.Function):
+    """All-gather forward; backward keeps this rank's slice of a gradient that is already the
+    same summed whole on every rank (what a vocabulary-parallel head hands back)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather_dim(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _slice_dim(g, ctx.dim, ctx.group), None, None
+
+
+def gather_sequence_replicated_grad(x, group, dim: int = SEQ_DIM):
+    """Like :func:`gather_sequence`, for a consumer whose input gradient is already summed
+    over the group (the vocabulary-parallel head): backward slices instead of reduce-scattering."""
+    return x if _size(group) == 1 else _GatherSeqSliceGradFn.apply(x, group, dim)
+
+
+def gather_sequence(x, group, dim: int = SEQ_DIM):
+    """This rank's slice of the sequence -> the whole sequence (reduce-scatter backward)."""
+    return x if _size(group) == 1 else _GatherSeqFn.apply(x, group, dim)
+
+
+def scatter_sequence(x, group, dim: int = SEQ_DIM):
+    """The whole (replicated) sequence -> this rank's slice (all-gather backward)."""
+    return x if _size(group) == 1 else _ScatterSeqFn.apply(x, group, dim)
+
+
+def reduce_scatter_sequence(x, group, dim: int = SEQ_DIM):
+    """Partial sums of the whole sequence -> the summed slice of this rank (all-gather bwd)."""
+    return x if _size(group) == 1 else _ReduceScatterSeqFn.apply(x, group, dim)
+
+
+def reduce_from_group(x, group):
+    return x if _size(group) == 1 else _ReduceFn.apply(x, group)
+
+
+def copy_to_group(x, group):
+    return x if _size(group) == 1 else _CopyFn.apply(x, group)
+
+
+def _sum_grad_over(group):
+    def hook(g):
+        g = g.clone()
+        dist.all_reduce(g, group=group)
+        return g
+    return hook
+
+
+def mark_sequence_parallel(p: nn.Parameter, group) -> None:
+    """A parameter whole on every rank whose gradient is computed from this rank's slice of the
+    sequence: its gradient is summed over ``group`` as backward produces it."""
+    if getattr(p, "sequence_parallel", False) or _size(group) == 1:
+        return
+    p.sequence_parallel = True
+    p.register_hook(_sum_grad_over(group))
+
+
+def sequence_parallel_norm(norm: nn.Module, group, dim: int = SEQ_DIM) -> nn.Module:
+    """Make ``norm`` (any module normalising the last dim) run on this rank's slice of the
+    sequence and return the whole sequence: forward all-gather, backward reduce-scatter.
+    Its parameters' gradients are summed over the group."""
+    if _size(group) == 1:
+        return norm
+    for p in norm.parameters():
+        mark_sequence_parallel(p, group)
+    norm.register_forward_hook(lambda m, inp, out: gather_sequence(out, group, dim))
+    return norm
+
+
+# ---- linear layers -------------------------------------------------------------------------
+
+class _ColumnLinearFn(torch.autograd.Function):
+    """y = x W^T + b with W this rank's output rows; x replicated over the group.
+
+    Backward: dx = dy W is a partial sum over the group. Its all-reduce is issued
+    asynchronously and the weight gradient dW = dy^T x is computed while it runs; the wait
+    comes last. ``reduce_dx=False`` under sequence parallelism, where the reduce-scatter of
+    the gathered input's backward sums dx instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, reduce_dx):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.reduce_dx, ctx.has_bias = group, reduce_dx, bias is not None
+        return F.linear(x, weight, bias)  # (..., out/tp)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gy2 = gy.reshape(-1, gy.shape[-1])  # (N, out/tp)
+        dx = work = None
+        if ctx.needs_input_grad[0]:
+            dx = (gy2 @ weight).view(*gy.shape[:-1], weight.shape[1])  # (..., in), partial
+            if ctx.reduce_dx:
+                work = dist.all_reduce(dx, group=ctx.group, async_op=True)
+        dw = gy2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None  # overlap
+        db = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if work is not None:
+            work.wait()
+        return dx, dw, db, None, None
+
+
+class _ParallelLinearBase(_SliceOnLoad, nn.Module):
+    def __init__(self, group, conv1d: bool):
+        super().__init__()
+        self.group = group
+        self.tp = _size(group)
+        self.tp_rank = _rank(group)
+        self.conv1d = conv1d  # weight stored (in, out) like transformers' Conv1D
+
+    def _w(self):
+        return self.weight.t() if self.conv1d else self.weight  # (out, in) view
+
+    @staticmethod
+    def _module_layout(module):
+        if isinstance(module, nn.Linear):
+            return module.weight, module.bias, False
+        if type(module).__name__ == "Conv1D":  # transformers' GPT-2 projection: (in, out)
+            return module.weight, module.bias, True
+        raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+class ColumnParallelLinear(_ParallelLinearBase):
+    """``nn.Linear`` with its output features split over ``group``.
+
+    ``parts``: the output is that many equal fused blocks (3 for q|k|v in one matmul, 2 for
+    gate|up), each split separately so every rank gets its heads of each block.
+    ``sequence_parallel``: the input comes from a :func:`gather_sequence` (whose backward sums
+    dx), so dx is not all-reduced here. The output is this rank's features (not gathered).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, group=None, parts=1,
+                 sequence_parallel=False, conv1d=False, dtype=None, device=None):
+        super().__init__(group, conv1d)
+        _check_divisible("out_features", out_features, self.tp, parts)
+        self.in_features, self.out_features, self.parts = in_features, out_features, parts
+        self.sequence_parallel = sequence_parallel
+        full_shape = (in_features, out_features) if conv1d else (out_features, in_features)
+        full = torch.empty(full_shape, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(full, a=5 ** 0.5)
+        self.weight = _shard_param(full, ShardSpec(1 if conv1d else 0, parts, self.tp,
+                                                   self.tp_rank, full_shape))
+        if bias:
+            self.bias = _shard_param(torch.zeros(out_features, dtype=dtype, device=device),
+                                     ShardSpec(0, parts, self.tp, self.tp_rank, (out_features,)))
+        else:
+            self.register_parameter("bias", None)
+        self._install_slicing()
+
+    @classmethod
+    def from_module(cls, module, group, parts=1, sequence_parallel=False):
+        """Split an existing nn.Linear / Conv1D (its full weight sliced: the same numbers at
+        every tp)."""
+        w, b, conv1d = cls._module_layout(module)
+        out_f, in_f = (w.shape[1], w.shape[0]) if conv1d else w.shape
+        self = cls.__new__(cls)
+        _ParallelLinearBase.__init__(self, group, conv1d)
+        _check_divisible("out_features", out_f, self.tp, parts)
+        self.in_features, self.out_features, self.parts = in_f, out_f, parts
+        self.sequence_parallel = sequence_parallel
+        self.weight = _shard_param(w, ShardSpec(1 if conv1d else 0, parts, self.tp, self.tp_rank,
+                                                tuple(w.shape)))
+        if b is not None:
+            self.bias = _shard_param(b, ShardSpec(0, parts, self.tp, self.tp_rank, tuple(b.shape)))
+        else:
+            self.register_parameter("bias", None)
+        self._install_slicing()
+        return self
+
+    def forward(self, x):
+        if self.tp == 1:
+            return F.linear(x, self._w(), self.bias)
+        return _ColumnLinearFn.apply(x, self._w(), self.bias, self.group,
+                                     not self.sequence_parallel)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features // self.tp}/"
+                f"{self.out_features}, tp={self.tp}, parts={self.parts}, "
+                f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}")
+
+
+class RowParallelLinear(_ParallelLinearBase):
+    """``nn.Linear`` with its input features split over ``group``: the input is this rank's
+    features (a column-parallel layer's output); the partial products are all-reduced, or
+    reduce-scattered along the sequence when ``sequence_parallel``. The bias is added once,
+    after the sum."""
+
+    def __init__(self, in_features, out_features, bias=True, group=None,
+                 sequence_parallel=False, conv1d=False, dtype=None, device=None):
+        super().__init__(group, conv1d)
+        _check_divisible("in_features", in_features, self.tp)
+        self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel = sequence_parallel
+        full_shape = (in_features, out_features) if conv1d else (out_features, in_features)
+        full = torch.empty(full_shape, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(full, a=5 ** 0.5)
+        self.weight = _shard_param(full, ShardSpec(0 if conv1d else 1, 1, self.tp, self.tp_rank,
+                                                   full_shape))
+        self._finish(nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+                     if bias else None)
+
+    @classmethod
+    def from_module(cls, module, group, sequence_parallel=False):
+        w, b, conv1d = cls._module_layout(module)
+        out_f, in_f = (w.shape[1], w.shape[0]) if conv1d else w.shape
+        self = cls.__new__(cls)
+        _ParallelLinearBase.__init__(self, group, conv1d)
+        _check_divisible("in_features", in_f, self.tp)
+        self.in_features, self.out_features = in_f, out_f
+        self.sequence_parallel = sequence_parallel
+        self.weight = _shard_param(w, ShardSpec(0 if conv1d else 1, 1, self.tp, self.tp_rank,
+                                                tuple(w.shape)))
+        self._finish(nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
+                     if b is not None else None)
+        return self
+
+    def _finish(self, bias):
+        self.register_parameter("bias", bias)
+        if bias is not None and self.sequence_parallel:
+            mark_sequence_parallel(self.bias, self.group)  # added on this rank's tokens only
+        self._install_slicing()
+
+    def forward(self, x):
+        y = F.linear(x, self._w())  # (..., out) partial over the group
+        if self.tp > 1:
+            y = reduce_scatter_sequence(y, self.group) if self.sequence_parallel \
+                else reduce_from_group(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features // self.tp}/{self.in_features}, "
+                f"out_features={self.out_features}, tp={self.tp}, bias={self.bias is not None}, "
+                f"sequence_parallel={self.sequence_parallel}")
+
+
+# ---- vocabulary-parallel embedding and head ----------------------------------------------------
+
+class VocabParallelEmbedding(_SliceOnLoad, nn.Module):
+    """``nn.Embedding`` with its rows split by vocabulary: rank r holds ids
+    ``[r V/tp, (r+1) V/tp)``, looks up the ids it owns (zeros elsewhere) and the group sums."""
+
+    def __init__(self, num_embeddings, embedding_dim, group=None, padding_idx=None, dtype=None,
+                 device=None, _weight=None):
+        super().__init__()
+        self.group, self.tp, self.tp_rank = group, _size(group), _rank(group)
+        _check_divisible("num_embeddings (vocabulary size)", num_embeddings, self.tp)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self.per_rank = num_embeddings // self.tp
+        self.vocab_start = self.tp_rank * self.per_rank
+        if _weight is None:
+            _weight = torch.empty(num_embeddings, embedding_dim, dtype=dtype, device=device)
+            nn.init.normal_(_weight)
+        self.weight = _shard_param(_weight, ShardSpec(0, 1, self.tp, self.tp_rank,
+                                                      (num_embeddings, embedding_dim)))
+        self._install_slicing()
+
+    @classmethod
+    def from_module(cls, module: nn.Embedding, group):
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"expected nn.Embedding, got {type(module).__name__}")
+        return cls(module.num_embeddings, module.embedding_dim, group, module.padding_idx,
+                   _weight=module.weight)
+
+    def forward(self, ids):
+        if self.tp == 1:
+            return F.embedding(ids, self.weight, self.padding_idx)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.per_rank)
+        pad = None
+        if self.padding_idx is not None and 0 <= self.padding_idx - self.vocab_start < self.per_rank:
+            pad = self.padding_idx - self.vocab_start  # its row gets no gradient, as in nn.Embedding
+        out = F.embedding(local.masked_fill(outside, 0), self.weight, pad)  # (..., C)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_group(out, self.group)
+
+    def extra_repr(self):
+        return (f"{self.per_rank}/{self.num_embeddings}, {self.embedding_dim}, tp={self.tp}, "
+                f"vocab_start={self.vocab_start}")
+
+
+class _GatherLastFn(torch.autograd.Function):
+    """All-gather along the last dim (vocabulary); backward keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_dim(x, x.dim() - 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.chunk(_size(ctx.group), dim=-1)[_rank(ctx.group)].contiguous(), None
+
+
+class ParallelLMHead(_SliceOnLoad, nn.Module):
+    """The output projection split by vocabulary.
+
+    ``forward(h)`` returns the full logits (gathered: for generation and inspection);
+    ``loss(h, target)`` never builds them: it is ``fused_linear_cross_entropy(h, W_r, target,
+    group=)``, whose ``dh`` is already summed over the group. ``weight`` may be shared with a
+    :class:`VocabParallelEmbedding` (tied embeddings): both are split the same way.
+    """
+
+    def __init__(self, in_features, vocab_size, bias=False, group=None, dtype=None,
+                 device=None, _weight=None, _bias=None):
+        super().__init__()
+        self.group, self.tp, self.tp_rank = group, _size(group), _rank(group)
+        _check_divisible("vocab_size", vocab_size, self.tp)
+        self.in_features, self.vocab_size = in_features, vocab_size
+        if isinstance(_weight, nn.Parameter) and getattr(_weight, "tp_shard", None) is not None:
+            self.weight = _weight  # already split (tied with the embedding)
+        else:
+            if _weight is None:
+                _weight = torch.empty(vocab_size, in_features, dtype=dtype, device=device)
+                nn.init.normal_(_weight, 0.0, 0.02)
+            self.weight = _shard_param(_weight, ShardSpec(0, 1, self.tp, self.tp_rank,
+                                                          (vocab_size, in_features)))
+        if bias or _bias is not None:
+            b = _bias if _bias is not None else torch.zeros(vocab_size, dtype=dtype, device=device)
+            self.bias = _shard_param(b, ShardSpec(0, 1, self.tp, self.tp_rank, (vocab_size,)))
+        else:
+            self.register_parameter("bias", None)
+        self._install_slicing()
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, group, tied_weight=None):
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"expected nn.Linear for the output head, got "
+                            f"{type(module).__name__}")
+        return cls(module.in_features, module.out_features, group=group,
+                   _weight=tied_weight if tied_weight is not None else module.weight,
+                   _bias=module.bias)
+
+    def forward(self, h):
+        if self.tp == 1:
+            return F.linear(h, self.weight, self.bias)
+        local = _ColumnLinearFn.apply(h, self.weight, self.bias, self.group, True)  # (.., V/tp)
+        return _GatherLastFn.apply(local, self.group)
+
+    def loss(self, h, target, ignore_index: int = -100, reduction: str = "mean", **kwargs):
+        """Cross-entropy of ``h @ W.T`` against ``target`` over the split vocabulary."""
+        from ..triton_kernels import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(h, self.weight, target, bias=self.bias,
+                                          ignore_index=ignore_index, reduction=reduction,
+                                          group=self.group if self.tp > 1 else None, **kwargs)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, vocab={self.vocab_size // self.tp}/"
+                f"{self.vocab_size}, tp={self.tp}, bias={self.bias is not None}")
