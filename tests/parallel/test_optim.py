@@ -97,9 +97,8 @@ def _sharded_body(rank, world, steps, clip, accumulate, bucket_mb):
 
 
 @pytest.mark.parametrize("world,backend,clip,accumulate", [
-    (2, "gloo", None, False),
     (2, "ichiban", 0.5, True),
-    (4, "ichiban", 0.5, False),
+    (4, "gloo", None, False),
 ])
 def test_sharded_adamw_matches_torch_adamw(world, backend, clip, accumulate):
     results = [unpack(r) for r in run_workers(_sharded_body, world, backend=backend, timeout=90,
@@ -130,7 +129,9 @@ def test_sharded_adamw_matches_torch_adamw(world, backend, clip, accumulate):
     assert sum(r[2] - n_trained for r in results) == total_state - n_trained  # nothing duplicated
 
 
-def _errors_body(rank, world):
+def _errors_and_ddp_body(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     from ichiban_comm.parallel.optim import ShardedOptimizer
 
     torch.manual_seed(0)
@@ -150,24 +151,16 @@ def _errors_body(rank, world):
     opt.step()
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: 0.0)
-    return True
 
-
-def test_sharded_optimizer_errors():
-    assert run_workers(_errors_body, 2, backend="ichiban", timeout=60) == [True, True]
-
-
-def _ddp_body(rank, world):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+    # DDP over the same backend, unchanged by any of this.
     torch.manual_seed(0)
-    model = DDP(torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)))
-    model(_data(0).chunk(world)[rank]).pow(2).mean().backward()
-    return pack([p.grad for p in model.parameters()])
+    ddp = DDP(torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)))
+    ddp(_data(0).chunk(world)[rank]).pow(2).mean().backward()
+    return pack([p.grad for p in ddp.parameters()])
 
 
-def test_ddp_over_ichiban_unchanged():
-    grads = run_workers(_ddp_body, 2, backend="ichiban", timeout=60)
+def test_errors_and_ddp_over_ichiban():
+    grads = run_workers(_errors_and_ddp_body, 2, backend="ichiban", timeout=90)
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))
     ref(_data(0)).pow(2).mean().backward()
