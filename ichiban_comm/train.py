@@ -93,6 +93,9 @@ def parse_args(argv=None):
         p.error(f"--nproc must be >= 0, got {args.nproc}")
     if args.microbatches < 0:
         p.error(f"--microbatches must be >= 0, got {args.microbatches}")
+    if args.sequence_parallel and args.pp > 1:
+        p.error("--sequence-parallel with --pp > 1 is not supported: only the first stage's "
+                "first block slices the sequence")
     if args.ckpt_every < 0:
         p.error(f"--ckpt-every must be >= 0, got {args.ckpt_every}")
     if args.keep_last < 1:

@@ -57,3 +57,13 @@ def test_tp2_zero_dp2_follows_ddp(tmp_path, capfd):
     assert "tp=2 x pp=1 x dp=2" in out
     assert summary["zero"] and summary["dp"] == 2
     assert losses == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_follows_one_process(tmp_path, capfd):
+    _, ref = _run(tmp_path, "one", [])
+    summary, losses = _run(tmp_path, "tp2pp2", ["--nproc", "4", "--tp", "2", "--pp", "2"])
+    out = capfd.readouterr().out
+    assert "tp=2 x pp=2 x dp=1" in out and "pp groups: [[0, 2], [1, 3]]" in out
+    assert summary["pp"] == 2 and summary["val_loss"] is None
+    assert losses == pytest.approx(ref, rel=1e-4)
