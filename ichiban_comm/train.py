@@ -6,7 +6,7 @@
     ichiban-train --ckpt-dir runs/ckpt --resume             # continue from the newest checkpoint
     torchrun --nproc-per-node 2 -m ichiban_comm.train       # data parallel over the "ichiban" backend
     ichiban-train --nproc 4 --tp 2 --dp 2                   # 4 local ranks: tensor x data parallel
-    ichiban-train --nproc 4 --tp 2 --zero                   # ... with the optimizer state sharded over dp
+    ichiban-train --nproc 4 --tp 2 --zero                   # ... the optimizer state sharded over dp
     ichiban-train --nproc 2 --pp 2                          # two pipeline stages
     python -m ichiban_comm.train --help
 

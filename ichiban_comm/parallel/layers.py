@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["ShardSpec", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-           "ParallelLMHead", "gather_sequence", "gather_sequence_replicated_grad", "scatter_sequence", "reduce_scatter_sequence",
+           "ParallelLMHead", "gather_sequence", "gather_sequence_replicated_grad",
+           "scatter_sequence", "reduce_scatter_sequence",
            "reduce_from_group", "sequence_parallel_norm", "gather_full", "SEQ_DIM"]
 
 SEQ_DIM = 1  # (B, T, C) activations, as transformers and the project's GPT lay them out
@@ -489,9 +490,10 @@ class VocabParallelEmbedding(_SliceOnLoad, nn.Module):
             return F.embedding(ids, self.weight, self.padding_idx)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.per_rank)
-        pad = None
-        if self.padding_idx is not None and 0 <= self.padding_idx - self.vocab_start < self.per_rank:
-            pad = self.padding_idx - self.vocab_start  # its row gets no gradient, as in nn.Embedding
+        pad = None  # the padding row, when this rank owns it, gets no gradient (as nn.Embedding)
+        if self.padding_idx is not None and \
+                0 <= self.padding_idx - self.vocab_start < self.per_rank:
+            pad = self.padding_idx - self.vocab_start
         out = F.embedding(local.masked_fill(outside, 0), self.weight, pad)  # (..., C)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_group(out, self.group)

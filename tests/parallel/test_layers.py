@@ -26,8 +26,8 @@ def test_shard_spec_slices_and_reassembles(dim, parts, tp):
     torch.testing.assert_close(specs[0].full(pieces), full, rtol=0, atol=0)
     if parts == 3:  # rank r holds its rows of q, of k and of v
         q, k, v = full.chunk(3, dim=dim)
-        torch.testing.assert_close(pieces[1], torch.cat([t.chunk(tp, dim=dim)[1] for t in (q, k, v)],
-                                                        dim=dim))
+        mine = torch.cat([t.chunk(tp, dim=dim)[1] for t in (q, k, v)], dim=dim)
+        torch.testing.assert_close(pieces[1], mine)
 
 
 def _grads_full(mod, names, group):

@@ -45,7 +45,8 @@ def test_nproc_tp2_follows_one_process(tmp_path, capfd):
 
 
 def test_nproc_without_enough_ranks_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--tp 2 --pp 1 --dp -1 needs several ranks: add --nproc 2"):
+    with pytest.raises(SystemExit, match="--tp 2 --pp 1 --dp -1 needs several ranks: add "
+                                         "--nproc 2"):
         train.main(TINY + ["--out-dir", str(tmp_path), "--tp", "2"])
 
 
