@@ -251,10 +251,12 @@ def main(argv=None) -> int:
           f"{args.batch} x {args.seq} tokens; {args.rounds} rounds x {args.steps} steps; "
           f"{os.cpu_count()} cpus, torch {torch.__version__}", flush=True)
     cores = os.cpu_count() or 1
+    load = [os.getloadavg()[0]]
     unsplit_all, loss_u = run_unsplit(args, cores)
     pair = run_pair(args)
     unsplit_1, _ = run_unsplit(args, 1)
     unsplit_all2, _ = run_unsplit(args, cores)
+    load.append(os.getloadavg()[0])
     med = {row: statistics.median(pair["times"][row]) for row in ROWS}
     med["unsplit"] = statistics.median(unsplit_all + unsplit_all2)
     med["unsplit-1thread"] = statistics.median(unsplit_1)
@@ -264,15 +266,20 @@ def main(argv=None) -> int:
              "ours-ichiban": "ours tp=2, ichiban", "dtensor-ichiban": "DTensor tp=2, ichiban",
              "ours-ichiban-nooverlap": "ours tp=2, ichiban, no overlap",
              "ddp-ichiban": "DDP dp=2, ichiban (2 batches)"}
+    # The baseline is the faster unsplit run (all cores, or one thread when the cores are
+    # oversubscribed and OpenMP's barriers cost more than they give).
+    base = min(med["unsplit"], med["unsplit-1thread"])
     rows = []
     for key in ["unsplit", "unsplit-1thread"] + ROWS:
         tok = tokens * (2 if key.startswith("ddp") else 1)
         row = {"config": key, "label": label[key], "step_ms": 1e3 * med[key],
-               "tokens_per_s": tok / med[key], "vs_unsplit": med["unsplit"] / med[key]}
+               "tokens_per_s": tok / med[key], "vs_unsplit": base / med[key]}
         if key.startswith("ours"):
             backend = key.split("-")[1]
             row["vs_dtensor_same_backend"] = med[f"dtensor-{backend}"] / med[key]
         rows.append(row)
+    print(f"\nload average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end; "
+          "'x unsplit': the faster unsplit row over this row")
     print(f"\n{'configuration':<36}{'step ms':>10}{'tok/s':>10}{'x unsplit':>11}{'x DTensor':>11}")
     for r in rows:
         vs_d = f"{r['vs_dtensor_same_backend']:.2f}" if "vs_dtensor_same_backend" in r else ""
@@ -290,6 +297,7 @@ def main(argv=None) -> int:
     if args.json:
         doc = {"benchmark": "parallel", "args": vars(args), "rows": rows, "overlap": overlap,
                "last_losses": losses,
+               "load_average_1min": {"start": load[0], "end": load[1]},
                "machine": {"cpus": cores, "platform": platform.platform(),
                            "python": sys.version.split()[0], "torch": torch.__version__},
                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
