@@ -548,6 +548,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.state = self.optim.state
         self.param_groups = self.optim.param_groups
 
+    @torch.no_grad()
+    def reload_params(self) -> None:
+        """Take this rank's rows from the model's parameters again (after they were loaded or
+        changed in place outside step())."""
+        for s in self._slot_of.values():
+            s.shard.data.copy_(self._own_rows(s, s.param.data))
+
     def materialize_state(self) -> None:
         """Create the wrapped optimizer's state (zeros) without changing any parameter: one step
         with zero gradients and lr=0. Needed before loading state in place (a fresh torch
