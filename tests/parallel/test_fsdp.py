@@ -79,7 +79,7 @@ def _body(rank, world):
 
 
 def test_fully_shard_with_tensor_parallel_layers_matches_one_process():
-    results = [unpack(r) for r in run_workers(_body, 4, backend="gloo", timeout=150)]
+    results = [unpack(r) for r in run_workers(_body, 4, backend="ichiban", timeout=150)]
     ref_losses, ref_params = _reference()
     for losses, params, n_sharded, n_params in results:
         assert n_sharded == n_params   # every parameter is held by FSDP as a dp-sharded DTensor

@@ -154,6 +154,9 @@ def _errors_and_ddp_body(rank, world):
         model(_data(0)).backward()
     opt.zero_grad()   # finishes the reductions in flight: the next step starts clean
     model(_data(1)).backward()
+    # Every bucket was handed to the backend from the hooks, while backward ran: none waits
+    # for step().
+    assert len(opt._buckets) > 1 and all(b.launched for b in opt._buckets)
     opt.step()
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: 0.0)
