@@ -160,6 +160,12 @@ def _errors_and_ddp_body(rank, world):
     opt.step()
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: 0.0)
+    # torch's LR schedulers drive it like any optimizer (the groups are the wrapped optimizer's).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    model(_data(2)).backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == opt.optim.param_groups[0]["lr"] == pytest.approx(0.05)
 
     # DDP over the same backend, unchanged by any of this.
     torch.manual_seed(0)
