@@ -142,8 +142,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         groups = list(params)
         if not groups:
             raise ValueError("params is empty: ShardedOptimizer got no parameters to optimize")
-        if not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
+        groups = [dict(g) for g in groups] if isinstance(groups[0], dict) else [{"params": groups}]
         self._params: list[torch.Tensor] = []
         seen = set()
         for g in groups:
