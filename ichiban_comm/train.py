@@ -6,7 +6,7 @@
     ichiban-train --ckpt-dir runs/ckpt --resume             # continue from the newest checkpoint
     torchrun --nproc-per-node 2 -m ichiban_comm.train       # data parallel over the "ichiban" backend
     ichiban-train --nproc 4 --tp 2 --dp 2                   # 4 local ranks: tensor x data parallel
-    ichiban-train --nproc 4 --tp 2 --zero                   # ... with the optimizer state sharded over dp
+    ichiban-train --nproc 4 --tp 2 --zero                   # ... the optimizer state sharded over dp
     ichiban-train --nproc 2 --pp 2                          # two pipeline stages
     python -m ichiban_comm.train --help
 
@@ -93,6 +93,9 @@ def parse_args(argv=None):
         p.error(f"--nproc must be >= 0, got {args.nproc}")
     if args.microbatches < 0:
         p.error(f"--microbatches must be >= 0, got {args.microbatches}")
+    if args.sequence_parallel and args.pp > 1:
+        p.error("--sequence-parallel with --pp > 1 is not supported: only the first stage's "
+                "first block slices the sequence")
     if args.ckpt_every < 0:
         p.error(f"--ckpt-every must be >= 0, got {args.ckpt_every}")
     if args.keep_last < 1:

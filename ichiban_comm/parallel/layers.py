@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["ShardSpec", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-           "ParallelLMHead", "gather_sequence", "gather_sequence_replicated_grad", "scatter_sequence", "reduce_scatter_sequence",
+           "ParallelLMHead", "gather_sequence", "gather_sequence_replicated_grad",
+           "scatter_sequence", "reduce_scatter_sequence",
            "reduce_from_group", "sequence_parallel_norm", "gather_full", "SEQ_DIM"]
 
 SEQ_DIM = 1  # (B, T, C) activations, as transformers and the project's GPT lay them out
@@ -295,9 +296,10 @@ class _ColumnLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, reduce_dx):
+    def forward(ctx, x, weight, bias, group, reduce_dx, overlap=True):
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.reduce_dx, ctx.has_bias = group, reduce_dx, bias is not None
+        ctx.overlap = overlap
         return F.linear(x, weight, bias)  # (..., out/tp)
 
     @staticmethod
@@ -309,11 +311,14 @@ class _ColumnLinearFn(torch.autograd.Function):
             dx = (gy2 @ weight).view(*gy.shape[:-1], weight.shape[1])  # (..., in), partial
             if ctx.reduce_dx:
                 work = dist.all_reduce(dx, group=ctx.group, async_op=True)
+                if not ctx.overlap:  # the baseline the benchmark measures: dx reduced first
+                    work.wait()
+                    work = None
         dw = gy2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None  # overlap
         db = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         if work is not None:
             work.wait()
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 class _ParallelLinearBase(_SliceOnLoad, nn.Module):
@@ -351,6 +356,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         _check_divisible("out_features", out_features, self.tp, parts)
         self.in_features, self.out_features, self.parts = in_features, out_features, parts
         self.sequence_parallel = sequence_parallel
+        self.overlap = True
         full_shape = (in_features, out_features) if conv1d else (out_features, in_features)
         full = torch.empty(full_shape, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(full, a=5 ** 0.5)
@@ -374,6 +380,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         _check_divisible("out_features", out_f, self.tp, parts)
         self.in_features, self.out_features, self.parts = in_f, out_f, parts
         self.sequence_parallel = sequence_parallel
+        self.overlap = True  # False: wait for the dx all-reduce before dW (for measuring)
         self.weight = _shard_param(w, ShardSpec(1 if conv1d else 0, parts, self.tp, self.tp_rank,
                                                 tuple(w.shape)))
         if b is not None:
@@ -387,7 +394,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         if self.tp == 1:
             return F.linear(x, self._w(), self.bias)
         return _ColumnLinearFn.apply(x, self._w(), self.bias, self.group,
-                                     not self.sequence_parallel)
+                                     not self.sequence_parallel, self.overlap)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features // self.tp}/"
@@ -483,9 +490,10 @@ class VocabParallelEmbedding(_SliceOnLoad, nn.Module):
             return F.embedding(ids, self.weight, self.padding_idx)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.per_rank)
-        pad = None
-        if self.padding_idx is not None and 0 <= self.padding_idx - self.vocab_start < self.per_rank:
-            pad = self.padding_idx - self.vocab_start  # its row gets no gradient, as in nn.Embedding
+        pad = None  # the padding row, when this rank owns it, gets no gradient (as nn.Embedding)
+        if self.padding_idx is not None and \
+                0 <= self.padding_idx - self.vocab_start < self.per_rank:
+            pad = self.padding_idx - self.vocab_start
         out = F.embedding(local.masked_fill(outside, 0), self.weight, pad)  # (..., C)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_group(out, self.group)

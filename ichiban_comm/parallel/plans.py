@@ -150,7 +150,7 @@ def auto_plan(model: nn.Module, tp: int):
     return KNOWN_MODELS[name](model, tp)
 
 
-# ---- the report ------------------------------------------------------------------------------------
+# ---- the report ------------------------------------------------------------
 
 class ParallelizeReport:
     """What ``parallelize`` did: one row per module (name, style, what it became)."""
@@ -176,7 +176,7 @@ class ParallelizeReport:
     __repr__ = __str__
 
 
-# ---- applying a plan ----------------------------------------------------------------------------------
+# ---- applying a plan ------------------------------------------------------------
 
 def _normalise(plan: dict) -> list[tuple[str, dict]]:
     if not isinstance(plan, dict) or not plan:
@@ -282,7 +282,8 @@ def _apply(mod, style, spec, group, sp, new_params):
     if style == "colwise":
         new = L.ColumnParallelLinear.from_module(mod, group, parts=spec.get("parts", 1),
                                                  sequence_parallel=sp)
-        return new, f"weight {_shape(new.weight)} (of {'x'.join(map(str, new.weight.tp_shard.full_shape))})" \
+        full = "x".join(map(str, new.weight.tp_shard.full_shape))
+        return new, f"weight {_shape(new.weight)} (of {full})" \
             + (f", {new.parts} fused parts" if new.parts > 1 else "")
     if style == "rowwise":
         new = L.RowParallelLinear.from_module(mod, group, sequence_parallel=sp)

@@ -45,7 +45,8 @@ def test_nproc_tp2_follows_one_process(tmp_path, capfd):
 
 
 def test_nproc_without_enough_ranks_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--tp 2 --pp 1 --dp -1 needs several ranks: add --nproc 2"):
+    with pytest.raises(SystemExit, match="--tp 2 --pp 1 --dp -1 needs several ranks: add "
+                                         "--nproc 2"):
         train.main(TINY + ["--out-dir", str(tmp_path), "--tp", "2"])
 
 
@@ -56,4 +57,14 @@ def test_tp2_zero_dp2_follows_ddp(tmp_path, capfd):
     out = capfd.readouterr().out
     assert "tp=2 x pp=1 x dp=2" in out
     assert summary["zero"] and summary["dp"] == 2
+    assert losses == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_follows_one_process(tmp_path, capfd):
+    _, ref = _run(tmp_path, "one", [])
+    summary, losses = _run(tmp_path, "tp2pp2", ["--nproc", "4", "--tp", "2", "--pp", "2"])
+    out = capfd.readouterr().out
+    assert "tp=2 x pp=2 x dp=1" in out and "pp groups: [[0, 2], [1, 3]]" in out
+    assert summary["pp"] == 2 and summary["val_loss"] is None
     assert losses == pytest.approx(ref, rel=1e-4)

@@ -1,0 +1,311 @@
+"""Tensor-parallel training step: ichiban_comm.parallel against torch's DTensor
+``parallelize_module``, on the same model and batch, in one run.
+
+Rows (median step time of forward + backward + AdamW step, and tokens/s):
+  * ``unsplit``          the whole model in one process (all cores; and with one thread)
+  * ``ours tp=2``        ``parallelize(model, dims)`` over gloo and over "ichiban"
+  * ``dtensor tp=2``     ``parallelize_module`` Colwise/Rowwise (embedding Rowwise, head Colwise
+                         with replicated logits), over gloo and over "ichiban"
+  * ``ours tp=2, no overlap``  the column-parallel dx all-reduce waited before dW
+  * ``ddp dp=2``         the whole model on each rank, DDP over "ichiban" (twice the tokens)
+and, per backend, how much of the column-parallel dx all-reduce the overlap hides: with
+``t_ar`` the all-reduce alone, ``t_w`` the weight-gradient matmul alone and ``t_ov`` both with
+the all-reduce issued asynchronously first, hidden = (t_ar + t_w - t_ov) / t_ar.
+
+The split configurations run interleaved inside one pair of processes (one thread each), round
+after round, so machine noise hits them alike; the unsplit model runs in this process between
+the rounds.
+
+    python benchmarks/parallel.py                         # table
+    python benchmarks/parallel.py --json out.json         # table + rows as JSON
+    python benchmarks/parallel.py --d-model 512 --layers 8 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+
+# This folder holds kernels.py, which would shadow the `kernels` package transformers imports.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+ROWS = ["ours-gloo", "dtensor-gloo", "ours-ichiban", "dtensor-ichiban", "ours-ichiban-nooverlap",
+        "ddp-ichiban"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--ffn", type=int, default=1024, help="MLP intermediate size")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration and round")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    for k in ("d_model", "layers", "heads", "kv_heads", "ffn", "vocab", "batch", "seq", "steps",
+              "rounds"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    return args
+
+
+def build_model(args):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=args.vocab, hidden_size=args.d_model,
+                         intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                         max_position_embeddings=max(128, args.seq), tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    return tf.LlamaForCausalLM(cfg).float()
+
+
+def batch(args):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    return ids, ids.clone()
+
+
+def time_steps(model, opt, ids, labels, n, warmup):
+    """Per-step wall times (s) of forward + backward + optimizer step."""
+    times = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return times, loss.detach().item()
+
+
+def _dtensor(model, group):
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    mesh = DeviceMesh.from_group(group, "cpu")
+    parallelize_module(model, mesh, {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+        "model.layers.*.self_attn.q_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.k_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.v_proj": ColwiseParallel(),
+        "model.layers.*.self_attn.o_proj": RowwiseParallel(),
+        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
+        "model.layers.*.mlp.up_proj": ColwiseParallel(),
+        "model.layers.*.mlp.down_proj": RowwiseParallel(),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    })
+    return model
+
+
+def _overlap_probe(args, group, reps=200):
+    """(t_ar, t_w, t_ov) medians in seconds at the model's MLP shapes: dx (tokens, d_model)
+    all-reduced, dW = gy^T x with gy (tokens, ffn/tp)."""
+    import torch
+    import torch.distributed as dist
+
+    n = args.batch * args.seq
+    tp = dist.get_world_size(group)
+    x = torch.randn(n, args.d_model)
+    gy = torch.randn(n, args.ffn // tp)
+    dx = torch.randn(n, args.d_model)
+    res = {"ar": [], "w": [], "ov": []}
+    for _ in range(reps):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        dist.all_reduce(dx, group=group)
+        res["ar"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        gy.t() @ x
+        res["w"].append(time.perf_counter() - t0)
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        work = dist.all_reduce(dx, group=group, async_op=True)
+        gy.t() @ x
+        work.wait()
+        res["ov"].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in res.items()}
+
+
+def _worker(rank, world, port, args, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    try:
+        import torch
+        import torch.distributed as dist
+        from types import SimpleNamespace
+
+        import ichiban_comm  # noqa: F401  (registers "ichiban")
+        from ichiban_comm.parallel import parallelize
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo")
+        groups = {"gloo": dist.new_group([0, 1], backend="gloo"),
+                  "ichiban": dist.new_group([0, 1], backend="ichiban")}
+        ids, labels = batch(args)
+        base = build_model(args)
+        setups = {}
+        for row in ROWS:
+            kind, backend = row.split("-")[0], row.split("-")[1]
+            m = copy.deepcopy(base)
+            if kind == "ours":
+                parallelize(m, SimpleNamespace(tp=2, tp_group=groups[backend]), plan="auto")
+                if row.endswith("nooverlap"):
+                    for mod in m.modules():
+                        if hasattr(mod, "overlap"):
+                            mod.overlap = False
+            elif kind == "dtensor":
+                _dtensor(m, groups[backend])
+            else:  # ddp
+                m = torch.nn.parallel.DistributedDataParallel(m, process_group=groups[backend])
+            setups[row] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
+        times = {row: [] for row in ROWS}
+        losses = {}
+        for r in range(args.rounds):
+            for row in ROWS:
+                m, opt = setups[row]
+                dist.barrier()
+                t, losses[row] = time_steps(m, opt, ids, labels, args.steps,
+                                            args.warmup if r == 0 else 1)
+                times[row] += t
+        probe = {b: _overlap_probe(args, groups[b]) for b in ("gloo", "ichiban")}
+        dist.barrier()
+        dist.destroy_process_group()
+        out.put((rank, "ok", {"times": times, "losses": losses, "probe": probe}))
+    except BaseException:  # noqa: BLE001
+        import traceback
+
+        out.put((rank, "error", traceback.format_exc()))
+
+
+def run_pair(args, timeout=1800):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, args, out), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while len(results) < 2:
+            rank, status, payload = out.get(timeout=max(1.0, deadline - time.monotonic()))
+            if status != "ok":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    return results[0]
+
+
+def run_unsplit(args, threads):
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    m = build_model(args)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    ids, labels = batch(args)
+    t, loss = time_steps(m, opt, ids, labels, args.steps * args.rounds, args.warmup)
+    torch.set_num_threads(saved)
+    return t, loss
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    tokens = args.batch * args.seq
+    print(f"tensor-parallel step: Llama d_model {args.d_model}, {args.layers} layers, "
+          f"{args.heads} heads ({args.kv_heads} kv), ffn {args.ffn}, vocab {args.vocab}; batch "
+          f"{args.batch} x {args.seq} tokens; {args.rounds} rounds x {args.steps} steps; "
+          f"{os.cpu_count()} cpus, torch {torch.__version__}", flush=True)
+    cores = os.cpu_count() or 1
+    load = [os.getloadavg()[0]]
+    unsplit_all, loss_u = run_unsplit(args, cores)
+    pair = run_pair(args)
+    unsplit_1, _ = run_unsplit(args, 1)
+    unsplit_all2, _ = run_unsplit(args, cores)
+    load.append(os.getloadavg()[0])
+    med = {row: statistics.median(pair["times"][row]) for row in ROWS}
+    med["unsplit"] = statistics.median(unsplit_all + unsplit_all2)
+    med["unsplit-1thread"] = statistics.median(unsplit_1)
+    label = {"unsplit": f"unsplit, 1 process ({cores} threads)",
+             "unsplit-1thread": "unsplit, 1 process (1 thread)",
+             "ours-gloo": "ours tp=2, gloo", "dtensor-gloo": "DTensor tp=2, gloo",
+             "ours-ichiban": "ours tp=2, ichiban", "dtensor-ichiban": "DTensor tp=2, ichiban",
+             "ours-ichiban-nooverlap": "ours tp=2, ichiban, no overlap",
+             "ddp-ichiban": "DDP dp=2, ichiban (2 batches)"}
+    # The baseline is the faster unsplit run (all cores, or one thread when the cores are
+    # oversubscribed and OpenMP's barriers cost more than they give).
+    base = min(med["unsplit"], med["unsplit-1thread"])
+    rows = []
+    for key in ["unsplit", "unsplit-1thread"] + ROWS:
+        tok = tokens * (2 if key.startswith("ddp") else 1)
+        row = {"config": key, "label": label[key], "step_ms": 1e3 * med[key],
+               "tokens_per_s": tok / med[key], "vs_unsplit": base / med[key]}
+        if key.startswith("ours"):
+            backend = key.split("-")[1]
+            row["vs_dtensor_same_backend"] = med[f"dtensor-{backend}"] / med[key]
+        rows.append(row)
+    print(f"\nload average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end; "
+          "'x unsplit': the faster unsplit row over this row")
+    print(f"\n{'configuration':<36}{'step ms':>10}{'tok/s':>10}{'x unsplit':>11}{'x DTensor':>11}")
+    for r in rows:
+        vs_d = f"{r['vs_dtensor_same_backend']:.2f}" if "vs_dtensor_same_backend" in r else ""
+        print(f"{r['label']:<36}{r['step_ms']:>10.1f}{r['tokens_per_s']:>10.0f}"
+              f"{r['vs_unsplit']:>11.2f}{vs_d:>11}")
+    overlap = {}
+    print("\ncolumn-parallel dx all-reduce under the dW matmul (medians, us):")
+    for b, p in pair["probe"].items():
+        hidden = max(0.0, min(1.0, (p["ar"] + p["w"] - p["ov"]) / p["ar"])) if p["ar"] else 0.0
+        overlap[b] = {"all_reduce_us": 1e6 * p["ar"], "dw_matmul_us": 1e6 * p["w"],
+                      "overlapped_us": 1e6 * p["ov"], "hidden_fraction": hidden}
+        print(f"  {b:<8} all-reduce {1e6 * p['ar']:.1f}, dW {1e6 * p['w']:.1f}, both overlapped "
+              f"{1e6 * p['ov']:.1f} -> {100 * hidden:.0f}% of the all-reduce hidden")
+    losses = dict(pair["losses"], unsplit=loss_u)
+    if args.json:
+        doc = {"benchmark": "parallel", "args": vars(args), "rows": rows, "overlap": overlap,
+               "last_losses": losses,
+               "load_average_1min": {"start": load[0], "end": load[1]},
+               "machine": {"cpus": cores, "platform": platform.platform(),
+                           "python": sys.version.split()[0], "torch": torch.__version__},
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
