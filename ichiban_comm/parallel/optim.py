@@ -8,7 +8,9 @@
 
 Sharding is per parameter along dim 0, torch.chunk style: dp rank ``d`` owns rows
 ``[d*c, min((d+1)*c, rows))`` with ``c = ceil(rows/dp)`` of every parameter (a 0-dim
-parameter counts as one row). A bucket is laid out rank-major: rank ``d``'s segment is the
+parameter counts as one row). A tensor-parallel parameter that fuses ``parts`` column blocks
+along dim 0 (q|k|v, gate|up: ``param.tp_shard.parts``) is sharded the same way inside each
+part, so every rank's rows stay one rectangle of the unsplit parameter. A bucket is laid out rank-major: rank ``d``'s segment is the
 concatenation of its (zero-padded) row chunks of the bucket's parameters, so one
 ``reduce_scatter_tensor`` hands every rank exactly the gradient rows it owns, and one
 ``all_gather_into_tensor`` of the same layout brings the updated rows back. Row sharding
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["ShardedOptimizer", "tp_shard_dim"]
+__all__ = ["ShardedOptimizer", "tp_shard_dim", "dp_outer"]
 
 # Bucket size: large enough that per-collective latency is amortised, small enough that the
 # first reduce-scatter starts early in backward (the same trade-off as DDP's 25 MiB default).
@@ -41,16 +43,25 @@ DEFAULT_BUCKET_MB = 25.0
 
 
 def tp_shard_dim(p: torch.Tensor) -> int | None:
-    """The dimension a tensor-parallel layer split this parameter along (None: replicated over
-    the tp group). Set by the layers of ``ichiban_comm.parallel``."""
-    return getattr(p, "_tp_dim", None)
+    """The dimension a tensor-parallel layer split this parameter along (None: whole on every
+    rank of the tp group). Read from ``param.tp_shard``, set by ``ichiban_comm.parallel``'s layers."""
+    spec = getattr(p, "tp_shard", None)
+    return None if spec is None or spec.tp == 1 else spec.dim
+
+
+def dp_outer(p: torch.Tensor) -> int:
+    """Blocks along dim 0 that are row-sharded over dp separately: the fused parts of a
+    column-parallel parameter split along dim 0, else 1."""
+    spec = getattr(p, "tp_shard", None)
+    return spec.parts if spec is not None and spec.dim == 0 and spec.parts > 1 else 1
 
 
 @dataclass
 class _Slot:
     param: torch.Tensor
     index: int          # position in the order the parameters were given
-    rows: int
+    outer: int          # blocks along dim 0 sharded separately (fused parts), usually 1
+    rows: int           # rows per block
     row_numel: int
     chunk: int          # rows per rank (padded)
     offset: int         # element offset of this parameter inside each rank's segment
@@ -59,7 +70,21 @@ class _Slot:
 
     @property
     def slot_numel(self) -> int:
-        return self.chunk * self.row_numel
+        return self.outer * self.chunk * self.row_numel
+
+    @property
+    def shard_shape(self) -> tuple:
+        """This rank's rows: (own, *rest); (outer, own, *rest) for a fused parameter."""
+        p = self.param
+        if not p.dim():
+            return (self.own,)
+        return ((self.outer,) if self.outer > 1 else ()) + (self.own,) + tuple(p.shape[1:])
+
+    def seg_view(self, seg: torch.Tensor) -> torch.Tensor:
+        """This parameter's owned rows inside one rank's bucket segment, shaped shard_shape
+        (strided for a fused parameter on a rank that owns fewer than chunk rows)."""
+        v = seg[self.offset:self.offset + self.slot_numel].view(self.outer, self.chunk, self.row_numel)
+        return v[:, :self.own].view(self.shard_shape)
 
 
 @dataclass
@@ -117,8 +142,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         groups = list(params)
         if not groups:
             raise ValueError("params is empty: ShardedOptimizer got no parameters to optimize")
-        if not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
+        groups = [dict(g) for g in groups] if isinstance(groups[0], dict) else [{"params": groups}]
         self._params: list[torch.Tensor] = []
         seen = set()
         for g in groups:
@@ -164,11 +188,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         trainable = [(i, p) for i, p in enumerate(self._params) if p.requires_grad]
         # Reverse order: backward produces the last layers' gradients first.
         for i, p in reversed(trainable):
-            rows = p.shape[0] if p.dim() else 1
-            row_numel = p.numel() // rows if rows else 0
+            outer = dp_outer(p)
+            rows = p.shape[0] // outer if p.dim() else 1
+            row_numel = p.numel() // (outer * rows) if rows else 0
             chunk = -(-rows // dp)
             own = max(0, min(rows - d * chunk, chunk))
-            slot = _Slot(p, i, rows, row_numel, chunk, 0, own)
+            slot = _Slot(p, i, outer, rows, row_numel, chunk, 0, own)
             k = (p.dtype, p.device)
             nbytes = slot.slot_numel * dp * p.element_size()
             if cur and (k != key or cur_bytes + nbytes > cap):
@@ -191,41 +216,43 @@ class ShardedOptimizer(torch.optim.Optimizer):
             b.shard_param = torch.zeros(off, dtype=p0.dtype, device=p0.device)
             b.shard_grad = torch.zeros(off, dtype=p0.dtype, device=p0.device)
             for s in slots:
-                n = s.own * s.row_numel
-                shape = (s.own,) + tuple(s.param.shape[1:])
-                s.shard = torch.nn.Parameter(b.shard_param[s.offset:s.offset + n].view(shape))
-                s.shard.grad = b.shard_grad[s.offset:s.offset + n].view(shape)
+                s.shard = torch.nn.Parameter(s.seg_view(b.shard_param))
+                s.shard.grad = s.seg_view(b.shard_grad)
             out.append(b)
         return out
 
     def _rank_view(self, b: _Bucket, s: _Slot) -> torch.Tensor:
-        """(dp, chunk, row_numel) view of a parameter's place in the bucket buffer."""
+        """(dp, outer, chunk, row_numel) view of a parameter's place in the bucket buffer."""
         return b.buf.view(self.dp, b.seg)[:, s.offset:s.offset + s.slot_numel].view(
-            self.dp, s.chunk, s.row_numel)
+            self.dp, s.outer, s.chunk, s.row_numel)
 
     def _pack(self, b: _Bucket, s: _Slot, t: torch.Tensor) -> None:
-        flat = t.detach().reshape(s.rows, s.row_numel)
+        """Copy a tensor shaped like s.param into its rank-major place in the bucket."""
+        src = t.detach().reshape(s.outer, s.rows, s.row_numel)
         view = self._rank_view(b, s)
         full, rem = divmod(s.rows, s.chunk) if s.chunk else (0, 0)
         if full:   # ranks with a whole chunk; then one partial chunk; later ranks hold padding
-            view[:full].copy_(flat[:full * s.chunk].view(full, s.chunk, s.row_numel))
+            view[:full].copy_(src[:, :full * s.chunk].reshape(
+                s.outer, full, s.chunk, s.row_numel).transpose(0, 1))
         if rem:
-            view[full, :rem].copy_(flat[full * s.chunk:])
+            view[full, :, :rem].copy_(src[:, full * s.chunk:])
 
     def _unpack(self, b: _Bucket, s: _Slot, out: torch.Tensor) -> None:
-        flat = out.view(s.rows, s.row_numel) if out.dim() else out.view(1, 1)
+        """The inverse of _pack: the bucket's rows into out (shaped like s.param)."""
+        dst = out.view(s.outer, s.rows, s.row_numel)
         view = self._rank_view(b, s)
         full, rem = divmod(s.rows, s.chunk) if s.chunk else (0, 0)
         if full:
-            flat[:full * s.chunk].view(full, s.chunk, s.row_numel).copy_(view[:full])
+            dst[:, :full * s.chunk].view(s.outer, full, s.chunk, s.row_numel).copy_(
+                view[:full].transpose(0, 1))
         if rem:
-            flat[full * s.chunk:].copy_(view[full, :rem])
+            dst[:, full * s.chunk:].copy_(view[full, :, :rem])
 
     def _own_rows(self, s: _Slot, t: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a full (tp-local) tensor shaped like s.param."""
-        t = t.reshape(1) if t.dim() == 0 else t
+        """This rank's rows of a full (tp-local) tensor shaped like s.param, shaped like s.shard."""
         start = min(self.dp_rank * s.chunk, s.rows)
-        return t.narrow(0, start, s.own)
+        rows = t.reshape(s.outer, s.rows, s.row_numel)[:, start:start + s.own]
+        return rows.reshape(s.shard_shape)
 
     @torch.no_grad()
     def _broadcast_params(self) -> None:
@@ -394,10 +421,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         s = self._slot_of.get(id(p))
         return None if s is None else s.shard
 
-    def owned_rows(self, p: torch.Tensor) -> tuple[int, int]:
-        """(first row, number of rows) of p that this dp rank owns."""
+    def owned_rows(self, p: torch.Tensor) -> tuple[int, int, int]:
+        """(blocks, first row, number of rows): this dp rank owns those rows of each of the
+        parameter's blocks along dim 0 (blocks is 1 but for fused tensor-parallel parameters)."""
         s = self._slot_of[id(p)]
-        return min(self.dp_rank * s.chunk, s.rows), s.own
+        return s.outer, min(self.dp_rank * s.chunk, s.rows), s.own
 
     @property
     def params(self) -> list:
@@ -422,7 +450,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for s in b.slots:
             t = pick(s)
             if t is not None and s.own:
-                seg[s.offset:s.offset + t.numel()].copy_(t.reshape(-1))
+                s.seg_view(seg).copy_(t)
         full = torch.empty(self.dp * b.seg, dtype=seg.dtype, device=seg.device)
         if self.dp > 1:
             dist.all_gather_single(full, seg, group=self.dp_group)
@@ -518,6 +546,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.optim.load_state_dict({"state": inner_state, "param_groups": inner_groups})
         self.state = self.optim.state
         self.param_groups = self.optim.param_groups
+
+    @torch.no_grad()
+    def reload_params(self) -> None:
+        """Take this rank's rows from the model's parameters again (after they were loaded or
+        changed in place outside step())."""
+        for s in self._slot_of.values():
+            s.shard.data.copy_(self._own_rows(s, s.param.data))
 
     def materialize_state(self) -> None:
         """Create the wrapped optimizer's state (zeros) without changing any parameter: one step

@@ -86,7 +86,7 @@ class GPTStage(nn.Module):
                                "is computed on the last stage")
         head = self.lm_head
         if hasattr(head, "loss"):   # a tensor-parallel head computes its own (vocab-parallel) loss
-            return head.loss(h, targets)
+            return head.loss(h.reshape(-1, h.size(-1)), targets.reshape(-1))
         return self.ops.linear_cross_entropy(h.reshape(-1, h.size(-1)), head.weight,
                                              targets.reshape(-1))
 

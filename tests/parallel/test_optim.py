@@ -6,6 +6,8 @@
 import pytest
 import torch
 
+from ichiban_comm.parallel.layers import ShardSpec
+
 from spawn import run_workers
 
 from _util import pack, unpack
@@ -16,7 +18,8 @@ BATCH = 8   # global batch; every dp size used here divides it
 
 class Tiny(torch.nn.Module):
     """Awkward shapes: rows that no dp size divides, a 1-row matrix, a vector shorter than dp,
-    a 0-dim parameter, and a frozen one."""
+    a 0-dim parameter, a frozen one, and one made of three fused blocks (as a tensor-parallel
+    q|k|v is), each sharded over dp on its own."""
 
     def __init__(self):
         super().__init__()
@@ -26,11 +29,14 @@ class Tiny(torch.nn.Module):
         self.short = torch.nn.Parameter(torch.randn(2))
         self.scale = torch.nn.Parameter(torch.tensor(1.5))
         self.frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+        self.fused = torch.nn.Parameter(torch.randn(9, 2))
+        self.fused.tp_shard = ShardSpec(0, 3, 1, 0, (9, 2))
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
         y = self.b(h) * self.scale + self.row + self.frozen
-        return (y.pow(2).sum(-1) + self.short.sum() * h[:, :2].sum(-1)).mean()
+        f = (h[:, :2] @ self.fused.t()).sin().sum(-1)
+        return (y.pow(2).sum(-1) + self.short.sum() * h[:, :2].sum(-1) + f).mean()
 
 
 def _data(step):
@@ -39,7 +45,7 @@ def _data(step):
 
 
 def _groups(model):
-    return [{"params": [model.a.weight, model.b.weight, model.row, model.frozen]},
+    return [{"params": [model.a.weight, model.b.weight, model.row, model.frozen, model.fused]},
             {"params": [model.a.bias, model.b.bias, model.short, model.scale], "weight_decay": 0.0}]
 
 
@@ -124,7 +130,7 @@ def test_sharded_adamw_matches_torch_adamw(world, backend, clip, accumulate):
         # Per-rank state is 1/dp of the whole, up to rounding rows up to a multiple of dp: each
         # rank holds its rows' exp_avg and exp_avg_sq, plus one step counter per parameter.
         bound = 2 * sum(-(-(p.shape[0] if p.dim() else 1) // world) * (p[0].numel() if p.dim() else 1)
-                        for p in ref_model.parameters() if p.requires_grad)
+                        for p in ref_model.parameters() if p.requires_grad) + 2 * 2 * 3
         assert numel - n_trained <= bound
     assert sum(r[2] - n_trained for r in results) == total_state - n_trained  # nothing duplicated
 
@@ -148,9 +154,18 @@ def _errors_and_ddp_body(rank, world):
         model(_data(0)).backward()
     opt.zero_grad()   # finishes the reductions in flight: the next step starts clean
     model(_data(1)).backward()
+    # Every bucket was handed to the backend from the hooks, while backward ran: none waits
+    # for step().
+    assert len(opt._buckets) > 1 and all(b.launched for b in opt._buckets)
     opt.step()
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: 0.0)
+    # torch's LR schedulers drive it like any optimizer (the groups are the wrapped optimizer's).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    model(_data(2)).backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == opt.optim.param_groups[0]["lr"] == pytest.approx(0.05)
 
     # DDP over the same backend, unchanged by any of this.
     torch.manual_seed(0)

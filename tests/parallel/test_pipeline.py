@@ -121,6 +121,39 @@ def test_pp2_dp2_sharded_optimizer_step_gloo():
     assert seen == set(ref_params)
 
 
+def _pp_tp_body(rank, world):
+    from ichiban_comm.models.gpt import GPT
+    from ichiban_comm.parallel import gather_full, init_parallel, parallelize
+    from ichiban_comm.parallel.pipeline import pipeline_gpt
+
+    dims = init_parallel(tp=2, pp=2, dp=1)
+    torch.manual_seed(0)
+    model = GPT(_cfg())
+    parallelize(model, dims, plan="auto")
+    pipe = pipeline_gpt(model, dims, n_microbatches=2, schedule="1f1b")
+    idx, tgt = _batch()
+    loss = pipe.step(idx if dims.pp_rank == 0 else None, tgt if dims.pp_rank == 1 else None)
+    grads = {n: gather_full(p.grad, getattr(p, "tp_shard", None), dims.tp_group)
+             for n, p in pipe.module.named_parameters()}
+    return pack((None if loss is None else float(loss), grads))
+
+
+@pytest.mark.slow
+def test_pp2_tp2_equals_one_process():
+    """Stages made of tensor-parallel layers (the last one's loss vocabulary-parallel)."""
+    results = [unpack(r) for r in run_workers(_pp_tp_body, 4, backend="ichiban", timeout=150)]
+    ref_loss, ref_grads = _reference()
+    losses = [r[0] for r in results if r[0] is not None]
+    assert len(losses) == 2 and losses == pytest.approx([ref_loss] * 2, rel=1e-5)
+    seen = set()
+    for _, grads in results:
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=n: f"{n}: {m}")
+            seen.add(n)
+    assert seen == set(ref_grads)
+
+
 def test_split_layers():
     from ichiban_comm.parallel.pipeline import split_layers
 
