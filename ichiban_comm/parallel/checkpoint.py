@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .optim import ShardedOptimizer, materialize_state
+from .optim import MASTER_KEY, ShardedOptimizer, materialize_state
 
 __all__ = ["sharded_state", "save", "load"]
 
@@ -156,6 +156,8 @@ def sharded_state(model, optimizer=None, dims=None, *, materialize: bool = False
             continue
         shape, tp_dim = _canonical(p)
         entry = {}
+        if sharded and optimizer._bucket_of[id(p)].master is not None:
+            st = {**st, MASTER_KEY: key.detach()}   # the master rows: what the optimizer steps
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(key.shape) \
                     and (p.dim() > 0 or sharded):
@@ -201,8 +203,8 @@ def load(ckpt, model, optimizer=None, dims=None, *, step: int | None = None):
     if optimizer is not None:
         _apply_groups(optimizer, saved["optim"]["param_groups"], _named(model))
         _apply_scalars(optimizer, model, saved["optim"]["state"])
-        if isinstance(optimizer, ShardedOptimizer):
-            optimizer.reload_params()
+        if isinstance(optimizer, ShardedOptimizer) and not optimizer.has_master:
+            optimizer.reload_params()   # (master rows were loaded in place, more exact)
     return saved.get("extra")
 
 
@@ -248,6 +250,9 @@ def _load_whole(ckpt, model, optimizer, step):
         for n, st in saved["optim"]["state"].items():
             p = named[n]
             for k, v in st.items():
+                if k == MASTER_KEY:   # the unrounded value of the parameter
+                    p.copy_(v.reshape(p.shape))
+                    continue
                 cur = optimizer.state[p].get(k)
                 if isinstance(v, torch.Tensor) and isinstance(cur, torch.Tensor):
                     cur.copy_(v.reshape(cur.shape))
