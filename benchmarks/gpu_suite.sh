@@ -19,6 +19,9 @@
 #     with a long spin before waiters sleep; ICHIBAN_SUITE_TUNE_S (90): the one-shot/two-shot
 #     crossovers (--tune, into $OUT/tune.json)
 #   ICHIBAN_SUITE_TOTAL_S (480): the kernel benchmark gets what is left of it (at least 120)
+# ICHIBAN_SUITE_PARALLEL_S (300): opt-in step "parallel" (add it to ICHIBAN_SUITE_STEPS): the
+#   tensor-parallel training step (ours vs DTensor, benchmarks/parallel.py) on this machine's
+#   cores, a core per rank; needs transformers
 # ICHIBAN_SUITE_STEPS (default "diag,gpu,shared,coll,kernels") picks the steps after the build,
 #   e.g. ICHIBAN_SUITE_STEPS=diag for the failing-op diagnosis alone (build + about 1-6 minutes):
 #   with every step, and a crash to diagnose, the suite can outlast one 600 s device call.
@@ -42,8 +45,8 @@ log() { echo "[gpu_suite +$(($(date +%s) - START))s] $*" | tee -a "$OUT/suite.lo
 STEPS=",${ICHIBAN_SUITE_STEPS:-diag,gpu,shared,coll,kernels},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 for s in ${STEPS//,/ }; do
-    case $s in diag | gpu | shared | coll | kernels) ;;
-    *) echo "ICHIBAN_SUITE_STEPS: unknown step '$s' (expected some of diag,gpu,shared,coll,kernels)" >&2; exit 2 ;;
+    case $s in diag | gpu | shared | coll | kernels | parallel) ;;
+    *) echo "ICHIBAN_SUITE_STEPS: unknown step '$s' (expected some of diag,gpu,shared,coll,kernels,parallel)" >&2; exit 2 ;;
     esac
 done
 
@@ -136,6 +139,10 @@ want coll && step "collectives benchmark, long spin" "${ICHIBAN_SUITE_SPIN_S:-90
 want coll && step "collectives tune" "${ICHIBAN_SUITE_TUNE_S:-90}" collectives_tune.txt \
     env ICHIBAN_TUNE_FILE="$OUT/tune.json" $PY benchmarks/collectives.py --tune --world-sizes 2 4 8 \
     --max-bytes 4M
+
+# Tensor-parallel step, ours against DTensor, on CPU ranks with a core each (opt-in).
+want parallel && step "tensor-parallel benchmark" "${ICHIBAN_SUITE_PARALLEL_S:-300}" parallel.txt \
+    $PY benchmarks/parallel.py --rounds 3 --json "$OUT/parallel.json"
 
 # The kernel benchmark gets the rest of the total and stops starting new ops 40 s before its limit
 # (one op with its torch.compile baseline takes up to ~30 s), so its table is always written.

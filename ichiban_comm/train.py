@@ -134,7 +134,9 @@ def build(args, dims=None):
     torch.manual_seed(args.seed)
     model = GPT(cfg, ops=select_ops(args.ops))
     model.tp_report, model.full_params = None, model.num_params()
-    if dims is not None and dims.tp > 1:
+    if dims is not None and (dims.tp > 1 or args.zero):
+        # at tp=1 too with --zero: the layers then carry the split layout a checkpoint saved at
+        # another tp is resharded into
         from .parallel import parallelize
 
         parallelize(model, dims, plan="auto", sequence_parallel=args.sequence_parallel)
@@ -247,12 +249,18 @@ def launch_local(nproc: int, argv) -> int:
     return rc
 
 
+def _sharded(dims, args) -> bool:
+    """The model or the optimizer state is split across ranks: checkpoints go through
+    ichiban_comm.parallel.checkpoint (global shapes and offsets, reloadable at any tp x dp)."""
+    return dims is not None and (dims.tp > 1 or args.zero)
+
+
 def _open_checkpointer(args, dims=None):
     if not (args.ckpt_every or args.resume):
         return None
-    if dims is not None and (dims.tp > 1 or dims.pp > 1 or args.zero):
-        raise SystemExit("error: --ckpt-every/--resume with --tp/--pp/--zero: each rank holds a "
-                         "different shard; save with ichiban_comm.parallel.checkpoint instead")
+    if dims is not None and dims.pp > 1:
+        raise SystemExit("error: --ckpt-every/--resume with --pp > 1 is not supported: "
+                         "ichiban_comm.parallel.checkpoint saves and reshards tp x dp layouts")
     from .checkpoint import AsyncCheckpointer
 
     return AsyncCheckpointer(args.ckpt_dir, keep_last=args.keep_last)
@@ -321,6 +329,13 @@ def main(argv=None) -> int:
         latest = ckpt.latest_step()
         if latest is None:
             say(f"--resume: no complete checkpoint in {args.ckpt_dir}; starting from step 0")
+        elif _sharded(dims, args):  # global shapes and offsets: any tp x dp saved it
+            from .parallel import checkpoint as pckpt
+
+            start = int(pckpt.load(ckpt, core, opt, dims, step=latest)["step"])
+            torch.set_rng_state(ckpt.load_rank_state()["rng"])
+            say(f"resumed from {args.ckpt_dir} at step {start} (resharded to tp={dims.tp}, "
+                f"dp={dims.dp} as needed)")
         else:
             state = ckpt.load(step=latest)
             core.load_state_dict(state["model"])
@@ -364,9 +379,14 @@ def main(argv=None) -> int:
             return 1
         losses.append(loss_f)
         if ckpt is not None and args.ckpt_every and (step + 1) % args.ckpt_every == 0:
-            saves.append(ckpt.save(step + 1, {"model": core.state_dict(), "optim": opt.state_dict(),
-                                              "step": step + 1},
-                                   rank_state={"rng": torch.get_rng_state()}))
+            if _sharded(dims, args):
+                from .parallel import checkpoint as pckpt
+
+                state = pckpt.sharded_state(core, opt, dims)
+                state["extra"] = {"step": step + 1}
+            else:
+                state = {"model": core.state_dict(), "optim": opt.state_dict(), "step": step + 1}
+            saves.append(ckpt.save(step + 1, state, rank_state={"rng": torch.get_rng_state()}))
         if metrics is not None:
             metrics.write(json.dumps({"step": step, "loss": loss_f, "lr": lr,
                                       "grad_norm": float(grad_norm)}) + "\n")

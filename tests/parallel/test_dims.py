@@ -74,10 +74,7 @@ def test_cli_prints_hosts(tmp_path, capsys):
     assert "tp=3" in capsys.readouterr().err
 
 
-def _groups_body(rank, world, tp, pp):
-    from ichiban_comm.parallel import init_parallel
-
-    dims = init_parallel(tp=tp, pp=pp, dp=-1)
+def _groups_of(dims, rank):
     out = {"tp_ranks": dims.tp_ranks, "dp_ranks": dims.dp_ranks, "pp_ranks": dims.pp_ranks,
            "coords": (dims.dp_rank, dims.pp_rank, dims.tp_rank), "describe": dims.describe()}
     for kind in ("tp", "pp", "dp"):
@@ -88,6 +85,14 @@ def _groups_body(rank, world, tp, pp):
         out[f"{kind}_sum"] = t.item()
         out[f"{kind}_size"] = dist.get_world_size(g)
         assert dist.get_rank(g) == getattr(dims, f"{kind}_rank")
+    return out
+
+
+def _groups_body(rank, world):
+    from ichiban_comm.parallel import init_parallel
+
+    out = {"tp2dp2": _groups_of(init_parallel(tp=2, pp=1, dp=-1), rank),
+           "tp2pp2": _groups_of(init_parallel(tp=2, pp=2, dp=1), rank)}
     try:
         init_parallel(tp=3)
     except ValueError as e:
@@ -96,23 +101,22 @@ def _groups_body(rank, world, tp, pp):
 
 
 def test_init_parallel_groups_follow_declared_topology(tmp_path):
-    backend = "ichiban"  # the backend reads the same declared hosts (gloo: the test below)
+    # ranks 0,2 on h0 and 1,3 on h1; the "ichiban" backend reads the same declared hosts
     f = tmp_path / "topo.json"
     f.write_text(json.dumps(_topo(["h0", "h1", "h0", "h1"])))
-    res = run_workers(_groups_body, 4, backend=backend, timeout=90,
-                      env={"ICHIBAN_TOPOLOGY": str(f)}, args=(2, 1))
+    res = run_workers(_groups_body, 4, backend="ichiban", timeout=120,
+                      env={"ICHIBAN_TOPOLOGY": str(f)})
     tp_of = {0: [0, 2], 2: [0, 2], 1: [1, 3], 3: [1, 3]}
     dp_of = {0: [0, 1], 1: [0, 1], 2: [2, 3], 3: [2, 3]}
     for r, o in enumerate(res):
-        assert o["tp_ranks"] == tp_of[r] and o["dp_ranks"] == dp_of[r] and o["pp_ranks"] == [r]
-        assert o["tp_sum"] == sum(x + 1 for x in tp_of[r]) and o["tp_size"] == 2
-        assert o["dp_sum"] == sum(x + 1 for x in dp_of[r]) and o["dp_size"] == 2
-        assert o["pp_sum"] == r + 1 and o["pp_size"] == 1
+        a = o["tp2dp2"]
+        assert a["tp_ranks"] == tp_of[r] and a["dp_ranks"] == dp_of[r] and a["pp_ranks"] == [r]
+        assert a["tp_sum"] == sum(x + 1 for x in tp_of[r]) and a["tp_size"] == 2
+        assert a["dp_sum"] == sum(x + 1 for x in dp_of[r]) and a["dp_size"] == 2
+        assert a["pp_sum"] == r + 1 and a["pp_size"] == 1
+        b = o["tp2pp2"]  # the same tp pairs; the two pairs are the stages of one replica
+        assert b["tp_ranks"] == tp_of[r] and b["pp_ranks"] == dp_of[r] and b["dp_ranks"] == [r]
+        assert b["pp_sum"] == sum(x + 1 for x in dp_of[r]) and b["dp_size"] == 1
         assert "tp=3" in o["error"] and "world size 4" in o["error"]
-    assert "host h1: rank 1 (dp 1, pp 0, tp 0)" in res[0]["describe"]
-
-
-def test_init_parallel_detected_one_host_tp2_pp2():
-    res = run_workers(_groups_body, 4, backend="gloo", timeout=90, args=(2, 2))
-    assert [o["coords"] for o in res] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
-    assert res[3]["pp_ranks"] == [1, 3] and res[3]["tp_ranks"] == [2, 3]
+    assert [o["tp2pp2"]["coords"] for o in res] == [(0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]
+    assert "host h1: rank 1 (dp 1, pp 0, tp 0)" in res[0]["tp2dp2"]["describe"]

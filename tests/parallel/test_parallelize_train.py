@@ -33,13 +33,18 @@ def _run(tmp_path, name, extra):
         return json.load(f), _losses(out)
 
 
-def test_nproc_tp2_follows_one_process(tmp_path, capfd):
+def test_nproc_tp2_follows_one_process_through_a_checkpoint(tmp_path, capfd):
     _, ref = _run(tmp_path, "one", [])
-    summary, losses = _run(tmp_path, "tp2", ["--nproc", "2", "--tp", "2"])
+    ckpt = ["--ckpt-dir", str(tmp_path / "ckpt")]
+    _run(tmp_path, "tp2", ["--nproc", "2", "--tp", "2", "--stop-at", "3", "--ckpt-every", "3"]
+         + ckpt)
     out = capfd.readouterr().out
     assert "parallel layout: tp=2 x pp=1 x dp=1" in out and "tp groups: [[0, 1]]" in out
     assert "parallelize GPT: tp=2" in out
-    assert summary["tp"] == 2 and summary["world_size"] == 2
+    # the second half resumes from the sharded checkpoint (saved with global shapes)
+    summary, losses = _run(tmp_path, "tp2", ["--nproc", "2", "--tp", "2", "--resume"] + ckpt)
+    assert "resumed from" in capfd.readouterr().out
+    assert summary["tp"] == 2 and summary["world_size"] == 2 and summary["start_step"] == 3
     assert len(losses) == len(ref) == 6
     assert losses == pytest.approx(ref, rel=1e-4)
 
@@ -51,11 +56,11 @@ def test_nproc_without_enough_ranks_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_tp2_zero_dp2_follows_ddp(tmp_path, capfd):
+def test_zero_follows_ddp(tmp_path, capfd):
     _, ref = _run(tmp_path, "ddp", ["--nproc", "2", "--dp", "2"])
-    summary, losses = _run(tmp_path, "zero", ["--nproc", "4", "--tp", "2", "--zero"])
+    summary, losses = _run(tmp_path, "zero", ["--nproc", "2", "--dp", "2", "--zero"])
     out = capfd.readouterr().out
-    assert "tp=2 x pp=1 x dp=2" in out
+    assert "tp=1 x pp=1 x dp=2" in out
     assert summary["zero"] and summary["dp"] == 2
     assert losses == pytest.approx(ref, rel=1e-4)
 
