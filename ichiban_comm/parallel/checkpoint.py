@@ -34,8 +34,7 @@ __all__ = ["sharded_state", "save", "load"]
 
 
 def _spec(p):
-    spec = getattr(p, "tp_shard", None)
-    return spec
+    return getattr(p, "tp_shard", None)
 
 
 def _canonical(p) -> tuple[tuple, int | None]:
@@ -73,8 +72,8 @@ class _Mesh:
                                  f"{dist.get_world_size()} ranks: pass the ParallelDims of the job")
             return
         if dims.pp > 1:
-            raise NotImplementedError(f"checkpoints of pipeline-parallel jobs (pp={dims.pp}) are not "
-                                      "supported: each stage holds different parameters")
+            raise NotImplementedError(f"checkpoints of pipeline-parallel jobs (pp={dims.pp}) are "
+                                      "not supported: each stage holds different parameters")
         if isinstance(optimizer, ShardedOptimizer) and optimizer.dp_group is not dims.dp_group:
             raise ValueError("the ShardedOptimizer's dp group is not dims.dp_group: build it with "
                              "ShardedOptimizer(cls, params, dims)")
@@ -149,7 +148,8 @@ def sharded_state(model, optimizer=None, dims=None, *, materialize: bool = False
     for p, key in pairs:
         if key is None or id(p) not in name_of:
             if key is not None:
-                raise ValueError("the optimizer holds a parameter that is not in model.named_parameters()")
+                raise ValueError("the optimizer holds a parameter that is not in "
+                                 "model.named_parameters()")
             continue
         st = optimizer.state.get(key)
         if not st:
@@ -201,14 +201,14 @@ def load(ckpt, model, optimizer=None, dims=None, *, step: int | None = None):
     into = sharded_state(model, optimizer, dims, materialize=True)
     saved = ckpt.load(step, into=into)
     if optimizer is not None:
-        _apply_groups(optimizer, saved["optim"]["param_groups"], _named(model))
+        _apply_groups(optimizer, saved["optim"]["param_groups"])
         _apply_scalars(optimizer, model, saved["optim"]["state"])
         if isinstance(optimizer, ShardedOptimizer) and not optimizer.has_master:
             optimizer.reload_params()   # (master rows were loaded in place, more exact)
     return saved.get("extra")
 
 
-def _apply_groups(optimizer, saved_groups, named) -> None:
+def _apply_groups(optimizer, saved_groups) -> None:
     if len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(f"the checkpoint has {len(saved_groups)} optimizer parameter group(s), "
                          f"the optimizer {len(optimizer.param_groups)}")
@@ -246,7 +246,7 @@ def _load_whole(ckpt, model, optimizer, step):
             raise ValueError("loading into a ShardedOptimizer needs dims (the job's ParallelDims)")
         if not optimizer.state:
             materialize_state(optimizer)
-        _apply_groups(optimizer, saved["optim"]["param_groups"], named)
+        _apply_groups(optimizer, saved["optim"]["param_groups"])
         for n, st in saved["optim"]["state"].items():
             p = named[n]
             for k, v in st.items():

@@ -10,10 +10,12 @@ Sharding is per parameter along dim 0, torch.chunk style: dp rank ``d`` owns row
 ``[d*c, min((d+1)*c, rows))`` with ``c = ceil(rows/dp)`` of every parameter (a 0-dim
 parameter counts as one row). A tensor-parallel parameter that fuses ``parts`` column blocks
 along dim 0 (q|k|v, gate|up: ``param.tp_shard.parts``) is sharded the same way inside each
-part, so every rank's rows stay one rectangle of the unsplit parameter. A bucket is laid out rank-major: rank ``d``'s segment is the
-concatenation of its (zero-padded) row chunks of the bucket's parameters, so one
-``reduce_scatter_tensor`` hands every rank exactly the gradient rows it owns, and one
-``all_gather_into_tensor`` of the same layout brings the updated rows back. Row sharding
+part, so every rank's rows stay one rectangle of the unsplit parameter.
+
+A bucket is laid out rank-major: rank ``d``'s segment is the concatenation of its
+(zero-padded) row chunks of the bucket's parameters, so one reduce-scatter hands every rank
+exactly the gradient rows it owns, and one all-gather of the same layout brings the updated
+rows back. Row sharding
 (rather than cutting one flat buffer anywhere, as Megatron's distributed optimizer does) keeps
 each rank's optimizer state a rectangular block of each parameter, so a checkpoint can describe
 it with global offsets and reload it at any other tp x dp (see ``parallel/checkpoint.py``);
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,8 @@ DEFAULT_BUCKET_MB = 25.0
 
 def tp_shard_dim(p: torch.Tensor) -> int | None:
     """The dimension a tensor-parallel layer split this parameter along (None: whole on every
-    rank of the tp group). Read from ``param.tp_shard``, set by ``ichiban_comm.parallel``'s layers."""
+    rank of the tp group). Read from ``param.tp_shard``, set by the layers of
+    ``ichiban_comm.parallel``."""
     spec = getattr(p, "tp_shard", None)
     return None if spec is None or spec.tp == 1 else spec.dim
 
@@ -87,7 +89,8 @@ class _Slot:
     def seg_view(self, seg: torch.Tensor) -> torch.Tensor:
         """This parameter's owned rows inside one rank's bucket segment, shaped shard_shape
         (strided for a fused parameter on a rank that owns fewer than chunk rows)."""
-        v = seg[self.offset:self.offset + self.slot_numel].view(self.outer, self.chunk, self.row_numel)
+        v = seg[self.offset:self.offset + self.slot_numel]
+        v = v.view(self.outer, self.chunk, self.row_numel)
         return v[:, :self.own].view(self.shard_shape)
 
 
@@ -143,7 +146,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer_class, params, dims=None, *, bucket_mb: float = DEFAULT_BUCKET_MB,
                  master_dtype: torch.dtype | None = None, **defaults):
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        if not (isinstance(optimizer_class, type)
+                and issubclass(optimizer_class, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass (e.g. "
                             f"torch.optim.AdamW), got {optimizer_class!r}")
         if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
@@ -308,9 +312,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return
         b = self._bucket_of[id(p)]
         if b.launched:
-            raise RuntimeError("a second backward before step(): this step's gradients were already "
-                               "reduce-scattered; accumulate micro-batches inside opt.no_sync() and "
-                               "run only the last backward outside it")
+            raise RuntimeError("a second backward before step(): this step's gradients were "
+                               "already reduce-scattered; accumulate micro-batches inside "
+                               "opt.no_sync() and run only the last backward outside it")
         s = self._slot_of[id(p)]
         with torch.no_grad():
             self._pack(b, s, p.grad)
@@ -328,7 +332,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 with torch.no_grad():
                     for s in b.slots:   # parameters that got no gradient this step count as zero
                         if id(s.param) not in b.ready:
-                            if s.param.grad is not None:  # accumulated under no_sync, no final backward
+                            if s.param.grad is not None:  # from no_sync, no final backward
                                 self._pack(b, s, s.param.grad)
                                 s.param.grad = None
                             else:
@@ -544,7 +548,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for s in self._slot_of.values():
                 v = self.optim.state.get(s.shard, {}).get(k)
                 if v is not None:
-                    state.setdefault(s.index, {})[k] = v.clone() if isinstance(v, torch.Tensor) else v
+                    v = v.clone() if isinstance(v, torch.Tensor) else v
+                    state.setdefault(s.index, {})[k] = v
         inner = self.optim.state_dict()
         groups = [{**{k: v for k, v in ig.items() if k != "params"},
                    "params": [self._index[id(p)] for p in g]}
@@ -554,12 +559,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state from ``state_dict()`` (any dp size) or from a plain torch optimizer over
         the same parameters: this rank keeps its rows."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        if not (isinstance(state_dict, dict) and "state" in state_dict
+                and "param_groups" in state_dict):
             raise ValueError("state_dict must be an optimizer state dict with 'state' and "
-                             "'param_groups' (from ShardedOptimizer.state_dict() or a torch optimizer)")
+                             "'param_groups' (from ShardedOptimizer.state_dict() or a torch "
+                             "optimizer)")
         groups, saved = state_dict["param_groups"], state_dict["state"]
         mine = self._user_groups
-        if len(groups) != len(mine) or any(len(g["params"]) != len(m) for g, m in zip(groups, mine)):
+        if len(groups) != len(mine) or any(len(g["params"]) != len(m)
+                                           for g, m in zip(groups, mine)):
             raise ValueError(f"state_dict has {len(groups)} parameter group(s) of sizes "
                              f"{[len(g['params']) for g in groups]}, this optimizer "
                              f"{[len(m) for m in mine]}")
@@ -581,8 +589,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     continue
                 if k in sharded:
                     if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
-                        raise ValueError(f"state_dict: state {k!r} of parameter {sid} has shape "
-                                         f"{tuple(getattr(v, 'shape', ()))}, expected {tuple(p.shape)}")
+                        raise ValueError(f"state_dict: state {k!r} of parameter {sid} has "
+                                         f"shape {tuple(getattr(v, 'shape', ()))}, expected "
+                                         f"{tuple(p.shape)}")
                     v = self._own_rows(s, v).clone()
                 st[k] = v
             if st:

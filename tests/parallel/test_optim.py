@@ -129,7 +129,8 @@ def test_sharded_adamw_matches_torch_adamw(world, backend, clip, accumulate):
             assert max(ref_norms) > clip  # the clipping was exercised
         # Per-rank state is 1/dp of the whole, up to rounding rows up to a multiple of dp: each
         # rank holds its rows' exp_avg and exp_avg_sq, plus one step counter per parameter.
-        bound = 2 * sum(-(-(p.shape[0] if p.dim() else 1) // world) * (p[0].numel() if p.dim() else 1)
+        bound = 2 * sum(-(-(p.shape[0] if p.dim() else 1) // world)
+                        * (p[0].numel() if p.dim() else 1)
                         for p in ref_model.parameters() if p.requires_grad) + 2 * 2 * 3
         assert numel - n_trained <= bound
     assert sum(r[2] - n_trained for r in results) == total_state - n_trained  # nothing duplicated
@@ -233,7 +234,8 @@ def _errors_and_ddp_body(rank, world):
     torch.manual_seed(0)
     ddp = DDP(torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)))
     ddp(_data(0).chunk(world)[rank]).pow(2).mean().backward()
-    return pack(([p.grad for p in ddp.parameters()], unpack(_master_body(rank, world, MASTER_STEPS))))
+    master = unpack(_master_body(rank, world, MASTER_STEPS))
+    return pack(([p.grad for p in ddp.parameters()], master))
 
 
 @pytest.fixture(scope="module")
