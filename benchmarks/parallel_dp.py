@@ -161,8 +161,8 @@ def main(argv=None) -> int:
             with open(out) as f:
                 results[backend] = json.load(f)
     print(f"# dp={args.dp}  GPT d_model={args.d_model} layers={args.layers} seq={args.seq} "
-          f"batch={args.batch}/rank  torch {torch.__version__}  {platform.processor() or platform.machine()} "
-          f"x{os.cpu_count()}")
+          f"batch={args.batch}/rank  torch {torch.__version__}  "
+          f"{platform.processor() or platform.machine()} x{os.cpu_count()}")
     print(f"{'row':52s} {'median ms':>10s}")
     print(f"{'one process (whole batch)':52s} {rows['one process (whole batch)']:10.1f}")
     for backend, r in results.items():
@@ -174,8 +174,9 @@ def main(argv=None) -> int:
         print(f"{backend + ': ShardedOptimizer':52s} {zero:10.1f}   {zero / ddp:.2f} x DDP")
         print(f"{backend + ': ShardedOptimizer, reduce after backward':52s} {noov:10.1f}   "
               f"hooks save {100 * hidden:.0f}% of it")
-        print(f"{backend + ': optimizer state per rank':52s} {r['zero_state_bytes'] / 2**20:8.2f} MiB"
-              f"   DDP {r['ddp_state_bytes'] / 2**20:.2f} MiB ({r['buckets']} buckets)")
+        print(f"{backend + ': optimizer state per rank':52s} "
+              f"{r['zero_state_bytes'] / 2**20:8.2f} MiB   "
+              f"DDP {r['ddp_state_bytes'] / 2**20:.2f} MiB ({r['buckets']} buckets)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "medians_ms": rows, "raw": results,

@@ -28,14 +28,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .optim import ShardedOptimizer, materialize_state
+from .optim import MASTER_KEY, ShardedOptimizer, materialize_state
 
 __all__ = ["sharded_state", "save", "load"]
 
 
 def _spec(p):
-    spec = getattr(p, "tp_shard", None)
-    return spec
+    return getattr(p, "tp_shard", None)
 
 
 def _canonical(p) -> tuple[tuple, int | None]:
@@ -73,8 +72,8 @@ class _Mesh:
                                  f"{dist.get_world_size()} ranks: pass the ParallelDims of the job")
             return
         if dims.pp > 1:
-            raise NotImplementedError(f"checkpoints of pipeline-parallel jobs (pp={dims.pp}) are not "
-                                      "supported: each stage holds different parameters")
+            raise NotImplementedError(f"checkpoints of pipeline-parallel jobs (pp={dims.pp}) are "
+                                      "not supported: each stage holds different parameters")
         if isinstance(optimizer, ShardedOptimizer) and optimizer.dp_group is not dims.dp_group:
             raise ValueError("the ShardedOptimizer's dp group is not dims.dp_group: build it with "
                              "ShardedOptimizer(cls, params, dims)")
@@ -149,13 +148,16 @@ def sharded_state(model, optimizer=None, dims=None, *, materialize: bool = False
     for p, key in pairs:
         if key is None or id(p) not in name_of:
             if key is not None:
-                raise ValueError("the optimizer holds a parameter that is not in model.named_parameters()")
+                raise ValueError("the optimizer holds a parameter that is not in "
+                                 "model.named_parameters()")
             continue
         st = optimizer.state.get(key)
         if not st:
             continue
         shape, tp_dim = _canonical(p)
         entry = {}
+        if sharded and optimizer._bucket_of[id(p)].master is not None:
+            st = {**st, MASTER_KEY: key.detach()}   # the master rows: what the optimizer steps
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(key.shape) \
                     and (p.dim() > 0 or sharded):
@@ -199,14 +201,14 @@ def load(ckpt, model, optimizer=None, dims=None, *, step: int | None = None):
     into = sharded_state(model, optimizer, dims, materialize=True)
     saved = ckpt.load(step, into=into)
     if optimizer is not None:
-        _apply_groups(optimizer, saved["optim"]["param_groups"], _named(model))
+        _apply_groups(optimizer, saved["optim"]["param_groups"])
         _apply_scalars(optimizer, model, saved["optim"]["state"])
-        if isinstance(optimizer, ShardedOptimizer):
-            optimizer.reload_params()
+        if isinstance(optimizer, ShardedOptimizer) and not optimizer.has_master:
+            optimizer.reload_params()   # (master rows were loaded in place, more exact)
     return saved.get("extra")
 
 
-def _apply_groups(optimizer, saved_groups, named) -> None:
+def _apply_groups(optimizer, saved_groups) -> None:
     if len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(f"the checkpoint has {len(saved_groups)} optimizer parameter group(s), "
                          f"the optimizer {len(optimizer.param_groups)}")
@@ -244,10 +246,13 @@ def _load_whole(ckpt, model, optimizer, step):
             raise ValueError("loading into a ShardedOptimizer needs dims (the job's ParallelDims)")
         if not optimizer.state:
             materialize_state(optimizer)
-        _apply_groups(optimizer, saved["optim"]["param_groups"], named)
+        _apply_groups(optimizer, saved["optim"]["param_groups"])
         for n, st in saved["optim"]["state"].items():
             p = named[n]
             for k, v in st.items():
+                if k == MASTER_KEY:   # the unrounded value of the parameter
+                    p.copy_(v.reshape(p.shape))
+                    continue
                 cur = optimizer.state[p].get(k)
                 if isinstance(v, torch.Tensor) and isinstance(cur, torch.Tensor):
                     cur.copy_(v.reshape(cur.shape))

@@ -10,10 +10,12 @@ Sharding is per parameter along dim 0, torch.chunk style: dp rank ``d`` owns row
 ``[d*c, min((d+1)*c, rows))`` with ``c = ceil(rows/dp)`` of every parameter (a 0-dim
 parameter counts as one row). A tensor-parallel parameter that fuses ``parts`` column blocks
 along dim 0 (q|k|v, gate|up: ``param.tp_shard.parts``) is sharded the same way inside each
-part, so every rank's rows stay one rectangle of the unsplit parameter. A bucket is laid out rank-major: rank ``d``'s segment is the
-concatenation of its (zero-padded) row chunks of the bucket's parameters, so one
-``reduce_scatter_tensor`` hands every rank exactly the gradient rows it owns, and one
-``all_gather_into_tensor`` of the same layout brings the updated rows back. Row sharding
+part, so every rank's rows stay one rectangle of the unsplit parameter.
+
+A bucket is laid out rank-major: rank ``d``'s segment is the concatenation of its
+(zero-padded) row chunks of the bucket's parameters, so one reduce-scatter hands every rank
+exactly the gradient rows it owns, and one all-gather of the same layout brings the updated
+rows back. Row sharding
 (rather than cutting one flat buffer anywhere, as Megatron's distributed optimizer does) keeps
 each rank's optimizer state a rectangular block of each parameter, so a checkpoint can describe
 it with global offsets and reload it at any other tp x dp (see ``parallel/checkpoint.py``);
@@ -29,13 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["ShardedOptimizer", "tp_shard_dim", "dp_outer"]
+
+# state_dict() key of the master rows (a tensor shaped like the parameter); a torch optimizer
+# that loads such a state dict keeps it as an unused entry.
+MASTER_KEY = "master_param"
 
 # Bucket size: large enough that per-collective latency is amortised, small enough that the
 # first reduce-scatter starts early in backward (the same trade-off as DDP's 25 MiB default).
@@ -44,7 +49,8 @@ DEFAULT_BUCKET_MB = 25.0
 
 def tp_shard_dim(p: torch.Tensor) -> int | None:
     """The dimension a tensor-parallel layer split this parameter along (None: whole on every
-    rank of the tp group). Read from ``param.tp_shard``, set by ``ichiban_comm.parallel``'s layers."""
+    rank of the tp group). Read from ``param.tp_shard``, set by the layers of
+    ``ichiban_comm.parallel``."""
     spec = getattr(p, "tp_shard", None)
     return None if spec is None or spec.tp == 1 else spec.dim
 
@@ -83,7 +89,8 @@ class _Slot:
     def seg_view(self, seg: torch.Tensor) -> torch.Tensor:
         """This parameter's owned rows inside one rank's bucket segment, shaped shard_shape
         (strided for a fused parameter on a rank that owns fewer than chunk rows)."""
-        v = seg[self.offset:self.offset + self.slot_numel].view(self.outer, self.chunk, self.row_numel)
+        v = seg[self.offset:self.offset + self.slot_numel]
+        v = v.view(self.outer, self.chunk, self.row_numel)
         return v[:, :self.own].view(self.shard_shape)
 
 
@@ -94,9 +101,20 @@ class _Bucket:
     buf: torch.Tensor = None      # (dp * seg): gradients in, updated parameters out
     shard_param: torch.Tensor = None  # (seg): this rank's parameter rows
     shard_grad: torch.Tensor = None   # (seg): this rank's reduced gradient rows
+    master: torch.Tensor = None       # (seg) in master_dtype: what the optimizer steps, or None
+    master_grad: torch.Tensor = None  # (seg) in master_dtype
     ready: set = field(default_factory=set)
     work: object = None
     launched: bool = False
+    reduced: bool = False
+
+    @property
+    def opt_param(self) -> torch.Tensor:
+        return self.master if self.master is not None else self.shard_param
+
+    @property
+    def opt_grad(self) -> torch.Tensor:
+        return self.master_grad if self.master_grad is not None else self.shard_grad
 
 
 def _dp_group_of(dims):
@@ -117,6 +135,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         dims: a ``ParallelDims`` (its dp group shards the state; tp and pp groups enter the
             gradient norm), a process group (pure data parallel), or None (the default group).
         bucket_mb: gradient bucket size in MiB.
+        master_dtype: keep this rank's rows in this dtype for the optimizer (e.g. torch.float32
+            for bf16 parameters: fp32 master weights, gradients and state of 1/dp of the model);
+            the parameters get the rounded result after each step. None: the parameters' dtype.
         **defaults: the optimizer's arguments (lr, betas, weight_decay, ...).
 
     The parameters must be equal on every dp rank at construction (they are broadcast from the
@@ -124,12 +145,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer_class, params, dims=None, *, bucket_mb: float = DEFAULT_BUCKET_MB,
-                 **defaults):
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+                 master_dtype: torch.dtype | None = None, **defaults):
+        if not (isinstance(optimizer_class, type)
+                and issubclass(optimizer_class, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass (e.g. "
                             f"torch.optim.AdamW), got {optimizer_class!r}")
         if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
             raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
+        if master_dtype is not None and not (isinstance(master_dtype, torch.dtype)
+                                             and master_dtype.is_floating_point):
+            raise TypeError(f"master_dtype must be None or a floating torch.dtype (e.g. "
+                            f"torch.float32), got {master_dtype!r}")
+        self.master_dtype = master_dtype
         if not dist.is_initialized():
             raise RuntimeError("ShardedOptimizer needs torch.distributed: call "
                                "dist.init_process_group(...) (and init_parallel) first")
@@ -215,9 +242,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             b.buf = torch.zeros(dp * off, dtype=p0.dtype, device=p0.device)
             b.shard_param = torch.zeros(off, dtype=p0.dtype, device=p0.device)
             b.shard_grad = torch.zeros(off, dtype=p0.dtype, device=p0.device)
+            if self.master_dtype is not None and self.master_dtype != p0.dtype:
+                b.master = torch.zeros(off, dtype=self.master_dtype, device=p0.device)
+                b.master_grad = torch.zeros(off, dtype=self.master_dtype, device=p0.device)
             for s in slots:
-                s.shard = torch.nn.Parameter(s.seg_view(b.shard_param))
-                s.shard.grad = s.seg_view(b.shard_grad)
+                s.shard = torch.nn.Parameter(s.seg_view(b.opt_param))
+                s.shard.grad = s.seg_view(b.opt_grad)
             out.append(b)
         return out
 
@@ -282,9 +312,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return
         b = self._bucket_of[id(p)]
         if b.launched:
-            raise RuntimeError("a second backward before step(): this step's gradients were already "
-                               "reduce-scattered; accumulate micro-batches inside opt.no_sync() and "
-                               "run only the last backward outside it")
+            raise RuntimeError("a second backward before step(): this step's gradients were "
+                               "already reduce-scattered; accumulate micro-batches inside "
+                               "opt.no_sync() and run only the last backward outside it")
         s = self._slot_of[id(p)]
         with torch.no_grad():
             self._pack(b, s, p.grad)
@@ -302,7 +332,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 with torch.no_grad():
                     for s in b.slots:   # parameters that got no gradient this step count as zero
                         if id(s.param) not in b.ready:
-                            if s.param.grad is not None:  # accumulated under no_sync, no final backward
+                            if s.param.grad is not None:  # from no_sync, no final backward
                                 self._pack(b, s, s.param.grad)
                                 s.param.grad = None
                             else:
@@ -316,19 +346,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._next_launch += 1
 
     def _finish_grad_sync(self) -> None:
-        if self._next_launch == len(self._buckets) and all(b.work is None for b in self._buckets):
+        if all(b.reduced for b in self._buckets):
             return
         self._launch_ready(force=True)
         for b in self._buckets:
+            if b.reduced:
+                continue
             if b.work is not None:
                 b.work.wait()
                 b.work = None
-                b.shard_grad.div_(self.dp)
+            if b.master_grad is not None:
+                b.master_grad.copy_(b.shard_grad)   # summed in the parameters' dtype
+            if self.dp > 1:
+                b.opt_grad.div_(self.dp)
+            b.reduced = True
 
     def _reset(self) -> None:
         for b in self._buckets:
             b.ready.clear()
             b.launched = False
+            b.reduced = False
         self._next_launch = 0
 
     @torch.no_grad()
@@ -362,7 +399,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         total = local[0] if inf else local[0].pow(1.0 / norm_type)
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for b in self._buckets:
-            b.shard_grad.mul_(coef.to(b.shard_grad.dtype))
+            b.opt_grad.mul_(coef.to(b.opt_grad.dtype))
         return total
 
     def _norm_groups(self):
@@ -382,6 +419,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                              "re-run backward across the dp group); call backward before step()")
         self._finish_grad_sync()
         self.optim.step()
+        for b in self._buckets:
+            if b.master is not None:
+                b.shard_param.copy_(b.master)   # rounded to the parameters' dtype
         # All-gather every bucket (started together, finished in order), then copy back.
         works = []
         for b in self._buckets:
@@ -412,6 +452,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 b.work.wait()
                 b.work = None
             b.shard_grad.zero_()
+            if b.master_grad is not None:
+                b.master_grad.zero_()
         self._reset()
 
     # ------------------------------------------------------------------ introspection
@@ -431,10 +473,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def params(self) -> list:
         return list(self._params)
 
+    @property
+    def has_master(self) -> bool:
+        return any(b.master is not None for b in self._buckets)
+
     def local_state_numel(self) -> int:
-        """Elements of optimizer state held by this rank (tensors only)."""
+        """Elements of optimizer state held by this rank (tensors only; master rows included)."""
         return sum(v.numel() for st in self.optim.state.values() for v in st.values()
-                   if isinstance(v, torch.Tensor))
+                   if isinstance(v, torch.Tensor)) + sum(
+            s.shard.numel() for b in self._buckets if b.master is not None for s in b.slots)
 
     # ------------------------------------------------------------------ state dict
     def _gather_full(self, b: _Bucket, pick) -> list:
@@ -493,11 +540,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 outs = self._gather_full(b, lambda s: self.optim.state.get(s.shard, {}).get(k))
                 for s, o in zip(b.slots, outs):
                     state.setdefault(s.index, {})[k] = o
+        for b in self._buckets:   # fp32 master rows: the exact values the optimizer steps
+            if b.master is not None:
+                for s, o in zip(b.slots, self._gather_full(b, lambda s: s.shard.detach())):
+                    state.setdefault(s.index, {})[MASTER_KEY] = o
         for k in scalar:
             for s in self._slot_of.values():
                 v = self.optim.state.get(s.shard, {}).get(k)
                 if v is not None:
-                    state.setdefault(s.index, {})[k] = v.clone() if isinstance(v, torch.Tensor) else v
+                    v = v.clone() if isinstance(v, torch.Tensor) else v
+                    state.setdefault(s.index, {})[k] = v
         inner = self.optim.state_dict()
         groups = [{**{k: v for k, v in ig.items() if k != "params"},
                    "params": [self._index[id(p)] for p in g]}
@@ -507,12 +559,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state from ``state_dict()`` (any dp size) or from a plain torch optimizer over
         the same parameters: this rank keeps its rows."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        if not (isinstance(state_dict, dict) and "state" in state_dict
+                and "param_groups" in state_dict):
             raise ValueError("state_dict must be an optimizer state dict with 'state' and "
-                             "'param_groups' (from ShardedOptimizer.state_dict() or a torch optimizer)")
+                             "'param_groups' (from ShardedOptimizer.state_dict() or a torch "
+                             "optimizer)")
         groups, saved = state_dict["param_groups"], state_dict["state"]
         mine = self._user_groups
-        if len(groups) != len(mine) or any(len(g["params"]) != len(m) for g, m in zip(groups, mine)):
+        if len(groups) != len(mine) or any(len(g["params"]) != len(m)
+                                           for g, m in zip(groups, mine)):
             raise ValueError(f"state_dict has {len(groups)} parameter group(s) of sizes "
                              f"{[len(g['params']) for g in groups]}, this optimizer "
                              f"{[len(m) for m in mine]}")
@@ -521,17 +576,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # parameters of dim > 0 (for a 0-dim parameter a shape cannot tell "exp_avg" from "step").
         sharded = {k for sid, p in pairs if p.dim() > 0 for k, v in saved.get(sid, {}).items()
                    if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape)}
-        inner_state, n = {}, 0
+        inner_state, n, masters = {}, 0, []
         for sid, p in pairs:
             s = self._slot_of.get(id(p))
             if s is None:
                 continue
             st = {}
             for k, v in saved.get(sid, {}).items():
+                if k == MASTER_KEY:
+                    if self._bucket_of[id(p)].master is not None:
+                        masters.append((s, v))
+                    continue
                 if k in sharded:
                     if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
-                        raise ValueError(f"state_dict: state {k!r} of parameter {sid} has shape "
-                                         f"{tuple(getattr(v, 'shape', ()))}, expected {tuple(p.shape)}")
+                        raise ValueError(f"state_dict: state {k!r} of parameter {sid} has "
+                                         f"shape {tuple(getattr(v, 'shape', ()))}, expected "
+                                         f"{tuple(p.shape)}")
                     v = self._own_rows(s, v).clone()
                 st[k] = v
             if st:
@@ -546,6 +606,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.optim.load_state_dict({"state": inner_state, "param_groups": inner_groups})
         self.state = self.optim.state
         self.param_groups = self.optim.param_groups
+        with torch.no_grad():
+            for s, v in masters:
+                s.shard.copy_(self._own_rows(s, v))
 
     @torch.no_grad()
     def reload_params(self) -> None:

@@ -116,7 +116,8 @@ class Pipeline:
                              f"n_microbatches={self.n_microbatches}")
         args = (idx,) if m.is_first else ()
         losses = [] if m.is_last else None
-        sync = self.optimizer.no_sync() if hasattr(self.optimizer, "no_sync") else contextlib.nullcontext()
+        sync = (self.optimizer.no_sync() if hasattr(self.optimizer, "no_sync")
+                else contextlib.nullcontext())
         with sync:
             self.schedule.step(*args, target=targets if m.is_last else None, losses=losses,
                                return_outputs=False)

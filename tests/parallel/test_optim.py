@@ -129,10 +129,71 @@ def test_sharded_adamw_matches_torch_adamw(world, backend, clip, accumulate):
             assert max(ref_norms) > clip  # the clipping was exercised
         # Per-rank state is 1/dp of the whole, up to rounding rows up to a multiple of dp: each
         # rank holds its rows' exp_avg and exp_avg_sq, plus one step counter per parameter.
-        bound = 2 * sum(-(-(p.shape[0] if p.dim() else 1) // world) * (p[0].numel() if p.dim() else 1)
+        bound = 2 * sum(-(-(p.shape[0] if p.dim() else 1) // world)
+                        * (p[0].numel() if p.dim() else 1)
                         for p in ref_model.parameters() if p.requires_grad) + 2 * 2 * 3
         assert numel - n_trained <= bound
     assert sum(r[2] - n_trained for r in results) == total_state - n_trained  # nothing duplicated
+
+
+def _master_body(rank, world, steps):
+    from ichiban_comm.parallel.optim import ShardedOptimizer
+
+    torch.manual_seed(0)
+    model = Tiny().to(torch.bfloat16)
+    opt = ShardedOptimizer(torch.optim.AdamW, model.parameters(), None, lr=1e-4,
+                           master_dtype=torch.float32, bucket_mb=0.0002)
+    for step in range(steps):
+        model(_data(step).to(torch.bfloat16).chunk(world)[rank]).backward()
+        opt.step()
+        opt.zero_grad()
+    return pack((model.state_dict(), opt.state_dict()))
+
+
+def _reference_master(steps, world):
+    """bf16 model, fp32 master weights and AdamW state; the gradient of each dp rank's slice
+    computed in bf16 and summed in bf16, as the reduce-scatter does."""
+    torch.manual_seed(0)
+    model = Tiny().to(torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    master = [p.detach().float().clone().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(master, lr=1e-4)
+    for step in range(steps):
+        grads = None
+        for part in _data(step).to(torch.bfloat16).chunk(world):
+            model(part).backward()
+            g = [p.grad for p in params]
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            model.zero_grad()
+        for m, g in zip(master, grads):
+            m.grad = g.float() / world
+        opt.step()
+        with torch.no_grad():
+            for p, m in zip(params, master):
+                p.copy_(m)
+    return model, master, opt
+
+
+MASTER_STEPS = 3
+
+
+def test_fp32_master_weights_for_bf16_parameters(ichiban2):
+    results = [r[1] for r in ichiban2]
+    model, master, opt = _reference_master(MASTER_STEPS, 2)
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for params, sd in results:
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(params[k], v, rtol=0, atol=0, msg=k)
+        moved = 0.0
+        for p, m in zip(trained, master):
+            st = sd["state"][index[id(p)]]
+            torch.testing.assert_close(st["master_param"], m.detach(), rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(st["exp_avg_sq"], opt.state[m]["exp_avg_sq"],
+                                       rtol=1e-5, atol=1e-12)
+            assert st["exp_avg"].dtype == torch.float32
+            moved = max(moved, float((st["master_param"] - p.detach().float()).abs().max()))
+        assert moved > 0   # the master rows keep what bf16 rounds away
 
 
 def _errors_and_ddp_body(rank, world):
@@ -144,6 +205,8 @@ def _errors_and_ddp_body(rank, world):
     model = Tiny()
     with pytest.raises(TypeError, match="optimizer_class"):
         ShardedOptimizer(torch.nn.Linear, model.parameters(), None)
+    with pytest.raises(TypeError, match="master_dtype"):
+        ShardedOptimizer(torch.optim.AdamW, model.parameters(), None, master_dtype=torch.int32)
     with pytest.raises(ValueError, match="bucket_mb"):
         ShardedOptimizer(torch.optim.AdamW, model.parameters(), None, bucket_mb=0)
     with pytest.raises(ValueError, match="params is empty"):
@@ -171,14 +234,21 @@ def _errors_and_ddp_body(rank, world):
     torch.manual_seed(0)
     ddp = DDP(torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)))
     ddp(_data(0).chunk(world)[rank]).pow(2).mean().backward()
-    return pack([p.grad for p in ddp.parameters()])
+    master = unpack(_master_body(rank, world, MASTER_STEPS))
+    return pack(([p.grad for p in ddp.parameters()], master))
 
 
-def test_errors_and_ddp_over_ichiban():
-    grads = run_workers(_errors_and_ddp_body, 2, backend="ichiban", timeout=90)
+@pytest.fixture(scope="module")
+def ichiban2():
+    """One 2-rank "ichiban" job for the error, DDP and master-weight checks (one start-up)."""
+    return [unpack(r) for r in run_workers(_errors_and_ddp_body, 2, backend="ichiban", timeout=120)]
+
+
+def test_errors_and_ddp_over_ichiban(ichiban2):
+    grads = [r[0] for r in ichiban2]
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))
     ref(_data(0)).pow(2).mean().backward()
-    for rank_grads in map(unpack, grads):
+    for rank_grads in grads:
         for g, p in zip(rank_grads, ref.parameters()):
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)

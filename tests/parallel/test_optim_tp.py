@@ -52,7 +52,8 @@ def _body(rank, world):
     import torch.distributed as dist
 
     from ichiban_comm.models.gpt import GPT
-    from ichiban_comm.parallel import ShardedOptimizer, gather_state_dict, init_parallel, parallelize
+    from ichiban_comm.parallel import (ShardedOptimizer, gather_state_dict, init_parallel,
+                                       parallelize)
 
     dims = init_parallel(tp=2, pp=1, dp=2)
     torch.manual_seed(0)
@@ -82,7 +83,8 @@ def test_tp2_dp2_sharded_optimizer_tracks_one_process():
     for losses, norms, params in results:
         # float32 summation order differs (tp partial sums, dp reduce-scatter); over 20 Adam steps
         # it stays well below the loss's own step-to-step change.
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-4, atol=0)
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-4,
+                                   atol=0)
         torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=2e-4, atol=0)
         for n, p in ref_params.items():
             torch.testing.assert_close(params[n], p, rtol=1e-3, atol=2e-5,

@@ -84,7 +84,35 @@ def _body(rank, world, root):
     after1, _, _ = _full_state(model1, opt1, dims1)
     with pytest.raises(NotImplementedError, match="pp=2"):
         pc.sharded_state(model1, opt1, init_parallel(tp=1, pp=2, dp=2))
+    _bf16_master_roundtrip(root + "_bf16", dims1)
     return pack((params, state, groups, after, extra, params1, state1, groups1, after1))
+
+
+def _bf16_master_roundtrip(root, dims):
+    """bf16 parameters with fp32 master rows: the master rows go through the checkpoint too."""
+    from ichiban_comm.checkpoint import AsyncCheckpointer
+    from ichiban_comm.models.gpt import GPT
+    from ichiban_comm.parallel import ShardedOptimizer, parallelize
+    from ichiban_comm.parallel import checkpoint as pc
+
+    def build(seed):
+        torch.manual_seed(seed)
+        m = GPT(_cfg()).to(torch.bfloat16)
+        parallelize(m, dims, plan="auto")
+        return m, ShardedOptimizer(torch.optim.AdamW, m.parameters(), dims, lr=1e-4,
+                                   master_dtype=torch.float32)
+    model, opt = build(3)
+    _train_step(model, opt, dims, 0)
+    with AsyncCheckpointer(root) as ckpt:
+        pc.save(ckpt, 1, model, opt, dims).wait()
+        model2, opt2 = build(4)
+        pc.load(ckpt, model2, opt2, dims)
+    sd, sd2 = opt.state_dict(), opt2.state_dict()
+    assert all("master_param" in st for st in sd["state"].values())
+    _assert_state_equal({str(k): v for k, v in sd2["state"].items()},
+                        {str(k): v for k, v in sd["state"].items()}, "bf16 master state")
+    _assert_state_equal(dict(model2.named_parameters()), dict(model.named_parameters()),
+                        "bf16 params")
 
 
 def _assert_state_equal(a, b, what):
