@@ -259,7 +259,10 @@ def run_unsplit(args, threads):
     m = build_model(args)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     ids, labels = batch(args)
-    t, loss = time_steps(m, opt, ids, labels, args.steps * args.rounds, args.warmup)
+    # as many steps as each split configuration takes (its later rounds warm up one step each),
+    # so that the final losses are comparable
+    t, loss = time_steps(m, opt, ids, labels, args.steps * args.rounds,
+                         args.warmup + args.rounds - 1)
     torch.set_num_threads(saved)
     return t, loss
 
