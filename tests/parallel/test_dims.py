@@ -13,7 +13,7 @@ from spawn import run_workers
 
 from ichiban_comm.parallel import ParallelDimsError, plan_layout
 from ichiban_comm.parallel.__main__ import main as cli_main
-from ichiban_comm.topology import RankInfo, Topology
+from ichiban_comm.topology import Topology
 
 
 def _topo(hosts_of_ranks):
