@@ -100,7 +100,6 @@ def _groups_body(rank, world):
     return out
 
 
-@pytest.mark.slow  # four ranks on two cores: ~30 s when the VM is busy
 def test_init_parallel_groups_follow_declared_topology(tmp_path):
     # ranks 0,2 on h0 and 1,3 on h1; the "ichiban" backend reads the same declared hosts
     f = tmp_path / "topo.json"

@@ -120,7 +120,6 @@ def _tp_body(rank, world, families, dtensor):
     return out
 
 
-@pytest.mark.slow  # ~25-50 s on the 2-core VM: five model families, imported in each rank
 def test_tp2_matches_one_process_and_dtensor():
     res = run_workers(_tp_body, 2, backend="ichiban", timeout=240, env=ENV,
                       args=(tm.FAMILIES, True))
