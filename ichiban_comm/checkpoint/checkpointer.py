@@ -84,12 +84,25 @@ class AsyncCheckpointer:
         process_group: ranks saving together (default: the whole world when torch.distributed is
             initialised). Coordination runs on a separate Gloo group built from it.
         commit_timeout_s: how long the commit waits for every rank before the save fails.
+        memory: also keep every committed save as a checksummed snapshot in this host's keeper
+            process (``memory.py``), which outlives the trainer; ``load()`` reads it before disk.
+        replicas: hosts (after this one, in the topology's order) that also hold each rank's
+            snapshot; None: 1 when the topology has more than one host, else 0.
+        replica_bandwidth: bytes/s cap of each rank's replica stream (None: no cap).
+        memory_keep: steps each keeper holds per rank (newest first), within memory_budget_bytes.
+        memory_budget_bytes: bytes a keeper may hold (None: half the host's available memory
+            when the keeper starts).
+        keeper_idle_timeout_s: a keeper with no trainer attached for this long exits.
+        topology: the ``Topology`` placing ranks on hosts (default: ``topology.detect()``).
     """
 
     def __init__(self, path, *, keep_last: int = 3, compression: str | None = None,
                  compression_level: int = 1, staging_budget_bytes: int | None = None,
                  writer_threads: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 process_group=None, commit_timeout_s: float = 300.0):
+                 process_group=None, commit_timeout_s: float = 300.0, memory: bool = False,
+                 replicas: int | None = None, replica_bandwidth: float | None = None,
+                 memory_keep: int = 2, memory_budget_bytes: int | None = None,
+                 keeper_idle_timeout_s: float = 900.0, topology=None):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
@@ -111,6 +124,8 @@ class AsyncCheckpointer:
             raise ValueError(f"chunk_bytes must be a multiple of 64 and >= 4096, got {chunk_bytes!r}")
         if commit_timeout_s <= 0:
             raise ValueError(f"commit_timeout_s must be > 0, got {commit_timeout_s!r}")
+        _check_memory_args(replicas, replica_bandwidth, memory_keep, memory_budget_bytes,
+                           keeper_idle_timeout_s)
         self.root = os.fspath(path)
         self.keep_last = keep_last
         self.codec = _CODECS[compression]
@@ -134,6 +149,18 @@ class AsyncCheckpointer:
         if self._group.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             layout.sweep_stale(self.root)
+        # ---- memory tier (memory.py): a keeper per host, replicas on other hosts
+        self.memory_tier = None
+        self.last_load: dict | None = None   # {"step": N, "tiers": ["memory"|"peer"|"disk", ...]}
+        if memory:
+            from .memory import MemoryTier
+
+            self.memory_tier = MemoryTier(self.root, self._group, replicas=replicas,
+                                          replica_bandwidth=replica_bandwidth, keep=memory_keep,
+                                          budget_bytes=memory_budget_bytes,
+                                          idle_timeout=keeper_idle_timeout_s, topology=topology,
+                                          chunk_bytes=chunk_bytes, threads=writer_threads)
+        # ---- end memory tier
         self._group.barrier()
 
     # ------------------------------------------------------------------ save
@@ -177,6 +204,8 @@ class AsyncCheckpointer:
         budget = min(need, self.budget) if self.budget is not None else need
         pool = self._pool.reserve(budget)
         waves = split_pieces(plan, pool.numel(), self.chunk_bytes)
+        if self.memory_tier is not None:
+            self.memory_tier.begin(waves)
         handle = SaveHandle(step)
         tmp = layout.tmp_dir(self.root, step)
         records: list = []
@@ -185,6 +214,8 @@ class AsyncCheckpointer:
             for w, wave in enumerate(waves[:-1]):  # earlier waves persist while the caller waits
                 self._pool.copy_in(wave)
                 job = self._start_job(tmp, w, wave, pool, plan)
+                if self.memory_tier is not None:
+                    self.memory_tier.stage(w, wave, pool)
                 job.wait()
                 records.append((wave, job))
             last = None
@@ -243,8 +274,12 @@ class AsyncCheckpointer:
             if last is not None:
                 index, wave, pool = last
                 job = self._start_job(tmp, index, wave, pool, plan)
+                if self.memory_tier is not None:  # copied to memory while the writers run
+                    self.memory_tier.stage(index, wave, pool)
                 job.wait()  # GIL released while the writer threads finish
                 records.append((wave, job))
+            if self.memory_tier is not None:
+                self.memory_tier.fragment(plan, tree, rank_fragment, handle.step)
             _attach_chunks(plan, records, self._group.rank, self.writer_threads)
             handle.bytes_written = sum(j.bytes_stored() for _, j in records)
             fragment = {"entries": plan.entries, "storages": plan.storages, "tree": tree,
@@ -257,6 +292,11 @@ class AsyncCheckpointer:
         except BaseException as e:  # noqa: BLE001 - surfaced to the caller on wait/save/close
             handle.error = e
             self._discard(tmp)
+        if self.memory_tier is not None:  # the keeper takes the snapshot only of a committed step
+            if handle.error is None:
+                self.memory_tier.commit(handle.step, self.manifest_header(handle.step))
+            else:
+                self.memory_tier.discard()
         handle.total_s = time.perf_counter() - t0
         handle._done.set()
         if handle.error is None and self._group.rank == 0:
@@ -319,6 +359,8 @@ class AsyncCheckpointer:
             self._work.put(None)
             self._thread.join()
             self._pool.release()
+            if self.memory_tier is not None:
+                self.memory_tier.close()
             self._group.close()
 
     def __enter__(self):
@@ -365,6 +407,22 @@ class AsyncCheckpointer:
         if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
             raise ValueError(f"step must be None or a non-negative integer, got {step!r}")
         steps = self.steps()
+        # ---- memory tier: this host's keeper, else another host's, else the disk below
+        if self.memory_tier is not None:
+            head = steps[-1] if steps else None
+            head_time = None
+            if head is not None:
+                try:
+                    head_time = layout.read_manifest(self.root, head).get("created_unix")
+                except (OSError, CheckpointError, ValueError):
+                    head_time = None
+            state = self.memory_tier.load(step, into, head, head_time)
+            if state is not None:
+                self.last_load = self.memory_tier.last_load
+                return state
+        self.last_load = {"step": step if step is not None else (steps[-1] if steps else None),
+                          "tiers": ["disk"] * self._group.world}
+        # ---- end memory tier
         if step is not None:
             if step not in steps:
                 raise CheckpointError(f"no committed checkpoint for step {step} in {self.root} "
@@ -381,6 +439,19 @@ class AsyncCheckpointer:
                 warnings.warn(f"checkpoint step {s} is unreadable ({e}); falling back to an older step",
                               RuntimeWarning, stacklevel=2)
         raise AssertionError("unreachable")
+
+
+def _check_memory_args(replicas, bandwidth, keep, budget, idle) -> None:
+    if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0):
+        raise ValueError(f"replicas must be None or an integer >= 0, got {replicas!r}")
+    if bandwidth is not None and not (isinstance(bandwidth, (int, float)) and bandwidth > 0):
+        raise ValueError(f"replica_bandwidth must be None or bytes/s > 0, got {bandwidth!r}")
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ValueError(f"memory_keep must be an integer >= 1, got {keep!r}")
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"memory_budget_bytes must be None or an integer >= 1, got {budget!r}")
+    if not isinstance(idle, (int, float)) or idle <= 0:
+        raise ValueError(f"keeper_idle_timeout_s must be > 0, got {idle!r}")
 
 
 def _attach_chunks(plan, records, rank, threads) -> None:

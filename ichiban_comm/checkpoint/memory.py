@@ -1,0 +1,588 @@
+"""The in-memory tier: snapshots held by a keeper process per host, replicated to another host.
+
+``AsyncCheckpointer(root, memory=True)`` drives a :class:`MemoryTier`:
+
+* save: the staged bytes are copied into a fresh memfd while the disk writers run, each chunk
+  gets a CRC-32C, and once the disk commit succeeded the memfd is sealed and handed to this
+  host's keeper (``keeper.py``) over its Unix socket. The keeper now owns it: the trainer may die.
+* replicas: a background thread then streams the same snapshot to the keeper of the next host in
+  the ``Topology`` over TCP, throttled to ``replica_bandwidth`` bytes/s so training's own traffic
+  is not starved, and compressed (byte planes + zstd, the chunk codec of the disk files) only
+  when asked: see docs/checkpoint.md for when it pays.
+* load: the group lists what every host's keeper holds, agrees on one step, and each rank reads
+  the chunks it needs: from this host's keeper (descriptors passed over the socket, read in
+  place), else from another host's keeper (streamed), every chunk verified against its CRC.
+
+A snapshot is one rank's fragment of the step (the same blobs the rank writes to disk), so a
+memory restore needs the snapshots of every rank of the step; resharding into another layout
+works as from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import queue
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .._native import _C
+from . import keeper as kp
+from .errors import CheckpointCorruptError, CheckpointError
+
+log = logging.getLogger("ichiban_comm.checkpoint")
+TIERS = ("memory", "peer", "disk")
+
+
+# ------------------------------------------------------------------ keeper connections
+class KeeperClient:
+    """One authenticated connection to a keeper (Unix socket path or (host, port))."""
+
+    def __init__(self, address, token: str, timeout: float = 60.0):
+        self.unix = isinstance(address, str)
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX if self.unix else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(address if self.unix else tuple(address))
+            if not self.unix:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            kp.send_msg(self.sock, {"op": "hello", "token": token})
+            self.info = self._reply()
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _reply(self) -> dict:
+        msg, fds = kp.recv_msg(self.sock, self.unix)
+        self._fds = fds
+        if not msg.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            raise CheckpointError(f"keeper at {self.address}: {msg.get('error', 'refused')}")
+        return msg
+
+    def call(self, header: dict, fds=()) -> dict:
+        kp.send_msg(self.sock, header, fds)
+        return self._reply()
+
+    def put(self, rank, step, meta, fds, sizes, origin="local", rate=None) -> None:
+        head = {"op": "put", "rank": rank, "step": step, "meta": meta, "sizes": sizes, "origin": origin}
+        if self.unix:
+            self.call(head, fds)
+            return
+        kp.send_msg(self.sock, head)
+        clock = [time.monotonic(), 0]
+        for fd, n in zip(fds, sizes):
+            kp.send_fd_bytes(self.sock, fd, n, rate, clock)
+        self._reply()
+
+    def list(self) -> list[dict]:
+        return self.call({"op": "list"})["snapshots"]
+
+    def get(self, rank, step, meta_only=False):
+        """(meta, fds): descriptors passed on a Unix socket, streamed into local memfds over TCP."""
+        reply = self.call({"op": "get", "rank": rank, "step": step, "meta_only": meta_only})
+        if meta_only:
+            return reply["meta"], []
+        if self.unix:
+            return reply["meta"], self._fds
+        fds = []
+        try:
+            for i, n in enumerate(reply["sizes"]):
+                fds.append(kp.recv_into_memfd(self.sock, n, f"ichiban-fetch-r{rank}-{i}"))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return reply["meta"], fds
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _read_file(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def ensure_keeper(root: str, host: str, *, keep: int, budget_bytes: int | None, idle_timeout: float,
+                  tcp: str | None, start_timeout: float = 60.0):
+    """Attach to this host's keeper of root, starting it first when there is none.
+
+    Returns (client, info, token). Starting is serialised per user by a lock on the runtime
+    directory, so the ranks of a host end up with one keeper.
+    """
+    import fcntl
+
+    base = kp.keeper_base(root, host)
+    dirfd = os.open(kp.runtime_dir(), os.O_RDONLY)
+    try:
+        fcntl.flock(dirfd, fcntl.LOCK_EX)
+        try:
+            token = _read_file(base + ".token")
+            info = json.loads(_read_file(base + ".json"))
+            client = KeeperClient(base + ".sock", token, timeout=start_timeout)
+            if tcp and not info.get("tcp"):
+                warnings.warn(f"the keeper of host {host!r} (pid {info['pid']}) does not listen on TCP: "
+                              f"its snapshots are not served to other hosts", RuntimeWarning)
+            return client, info, token
+        except (OSError, ValueError, CheckpointError):
+            pass  # none, or a dead one's files: start a new one
+        token = secrets.token_hex(24)
+        for suffix in (".sock", ".json"):
+            try:
+                os.unlink(base + suffix)
+            except FileNotFoundError:
+                pass
+        with open(os.open(base + ".token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(token + "\n")
+        if budget_bytes is None:
+            budget_bytes = _default_budget()
+        cmd = [sys.executable, kp.__file__, "serve", "--base", base, "--host", host, "--keep", str(keep),
+               "--budget-bytes", str(budget_bytes), "--idle-timeout", str(idle_timeout),
+               "--watch-pid", str(os.getppid())]
+        if tcp:
+            cmd += ["--tcp", tcp]
+        with open(os.open(base + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as logf:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf,
+                                    start_new_session=True, close_fds=True, text=True, cwd="/")
+        proc.stdin.write(token + "\n")
+        proc.stdin.close()
+        import select
+
+        ready, _, _ = select.select([proc.stdout], [], [], start_timeout)
+        line = proc.stdout.readline() if ready else ""
+        proc.stdout.close()
+        if not line.startswith("ready "):
+            proc.kill()
+            proc.wait()
+            raise CheckpointError(f"the checkpoint keeper for host {host!r} did not start within "
+                                  f"{start_timeout:.0f} s ({line.strip() or 'no output'}); see {base}.log")
+        info = json.loads(line[len("ready "):])
+        # Reaped by a thread so it never lingers as a zombie while this trainer lives.
+        threading.Thread(target=proc.wait, daemon=True).start()
+        return KeeperClient(base + ".sock", token, timeout=start_timeout), info, token
+    finally:
+        os.close(dirfd)
+
+
+def stop_keepers(root: str) -> list[int]:
+    """Stop every keeper of root on this machine; returns their pids (for tests and job ends)."""
+    import glob
+
+    pids = []
+    for info_path in glob.glob(os.path.join(kp.runtime_dir(), f"keeper-{kp.job_id(root)}-*.json")):
+        base = info_path[:-len(".json")]
+        try:
+            info = json.loads(_read_file(info_path))
+            c = KeeperClient(base + ".sock", _read_file(base + ".token"), timeout=10)
+            c.call({"op": "stop"})
+            c.close()
+            pids.append(info["pid"])
+        except (OSError, ValueError, CheckpointError):
+            continue
+    return pids
+
+
+def _default_budget() -> int:
+    """Half of the memory the host has available now."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _tcp_address() -> str:
+    """The address other hosts reach this one at: ICHIBAN_KEEPER_ADDR, else the interface that
+    routes to MASTER_ADDR (127.0.0.1 when the job runs on one machine)."""
+    explicit = os.environ.get("ICHIBAN_KEEPER_ADDR")
+    if explicit:
+        return explicit
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if master in ("localhost", "") or master.startswith("127."):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(master), 1))
+        return s.getsockname()[0]
+
+
+# ------------------------------------------------------------------ the tier
+class MemoryTier:
+    def __init__(self, root: str, group, *, replicas, replica_bandwidth, keep: int, budget_bytes,
+                 idle_timeout: float, topology, chunk_bytes: int, threads: int):
+        from .. import topology as topo_mod
+
+        self.root, self.group, self.keep, self.chunk_bytes = root, group, keep, chunk_bytes
+        self.rate = replica_bandwidth
+        self.grank = group.rank
+        self.world = group.world
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            me, n_global = dist.get_rank(), dist.get_world_size()
+            self.global_ranks = dist.get_process_group_ranks(group.pg) if group.pg is not None else [me]
+        else:
+            self.global_ranks, me, n_global = [0], 0, 1
+        if topology is None:
+            topology = topo_mod.detect(rank=me, world_size=n_global)
+        self.topology = topology
+        self.hosts = [topology.host_of(g) for g in self.global_ranks]
+        self.host = self.hosts[self.grank]
+        order = [h for h in topology.hosts if h in set(self.hosts)]
+        if replicas is None:
+            replicas = 1 if len(order) > 1 else 0
+        if replicas > len(order) - 1:
+            warnings.warn(f"replicas={replicas} needs {replicas + 1} hosts but the topology has "
+                          f"{len(order)}; keeping {len(order) - 1} replica(s)", RuntimeWarning, stacklevel=3)
+            replicas = len(order) - 1
+        i = order.index(self.host)
+        self.peers = [order[(i + k) % len(order)] for k in range(1, replicas + 1)]
+        multi = len(order) > 1
+        self.local, info, token = ensure_keeper(root, self.host, keep=keep, budget_bytes=budget_bytes,
+                                                idle_timeout=idle_timeout,
+                                                tcp=_tcp_address() if multi else None)
+        self.local_lock = threading.Lock()
+        # Keepers' addresses and tokens travel on the job's own coordination group: only the
+        # job's ranks learn them.
+        mine = {"host": self.host, "tcp": info.get("tcp"), "token": token}
+        self.keepers = {d["host"]: d for d in self._all_gather(mine)}
+        self.crc_pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ichiban-mem-crc")
+        self._snap = None
+        self._warned: set[str] = set()
+        self.last_load: dict | None = None
+        self.replicated_bytes = 0
+        self.replicate_s = 0.0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0
+        self._cv = threading.Condition()
+        self._thread = None
+        if self.peers:
+            self._thread = threading.Thread(target=self._replicate_loop, name="ichiban-ckpt-replica",
+                                            daemon=True)
+            self._thread.start()
+
+    # ---- group helpers
+    def _all_gather(self, obj):
+        if self.group.pg is None:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group.pg)
+        return out
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    # ---- save
+    def begin(self, waves) -> None:
+        """A new snapshot sized for every wave of this save."""
+        self.discard()
+        spans = [max((p.pool_offset + p.nbytes for p in w), default=0) for w in waves]
+        bases = [sum(spans[:i]) for i in range(len(spans))]
+        total = sum(spans)
+        fd = kp.new_memfd(f"ichiban-snapshot-r{self.grank}", total)
+        m = mmap.mmap(fd, total, mmap.MAP_SHARED | mmap.MAP_POPULATE) if total else None
+        buf = torch.frombuffer(m, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
+        self._snap = {"fd": fd, "mmap": m, "buf": buf, "bases": bases, "spans": spans, "size": total,
+                      "pieces": [], "crcs": []}
+
+    def stage(self, wave_index: int, wave, pool) -> None:
+        """Copy one staged wave from the pool into the snapshot and checksum it in chunks."""
+        s = self._snap
+        base, span = s["bases"][wave_index], s["spans"][wave_index]
+        if span:
+            _C.checkpoint.copy_bytes(s["buf"][base:base + span], pool[:span])
+        chunks = []
+        for p in wave:
+            for off in range(0, p.nbytes, self.chunk_bytes):
+                n = min(self.chunk_bytes, p.nbytes - off)
+                chunks.append((p.blob, p.blob_offset + off, base + p.pool_offset + off, n))
+        buf = s["buf"]
+        crcs = list(self.crc_pool.map(lambda c: _C.checkpoint.crc32c_tensor(buf[c[2]:c[2] + c[3]]), chunks))
+        s["pieces"].extend(chunks)
+        s["crcs"].extend(crcs)
+
+    def fragment(self, plan, tree, rank_fragment, step: int) -> None:
+        """Record this rank's fragment with the snapshot's chunk lists (before the disk ones are
+        attached to the same plan entries)."""
+        s = self._snap
+        name = f"r{self.grank}.f0"
+        per_blob: dict[int, list] = {}
+        for (b, blob_off, off, n), crc in zip(s["pieces"], s["crcs"]):
+            per_blob.setdefault(b, []).append((blob_off, [name, off, n, n, int(crc), 0, 1]))
+        for b, blob in enumerate(plan.blobs):
+            blob.target["chunks"] = [c for _, c in sorted(per_blob.get(b, []), key=lambda x: x[0])]
+        s["fragment"] = json.loads(json.dumps({"entries": plan.entries, "storages": plan.storages,
+                                               "tree": tree, "rank": rank_fragment, "step": step}))
+
+    def commit(self, step: int, header: dict) -> None:
+        """The disk commit of step succeeded: hand the snapshot to the keeper, then replicate."""
+        s, self._snap = self._snap, None
+        if s is None or "fragment" not in s:
+            return
+        del s["buf"]
+        if s["mmap"] is not None:
+            s["mmap"].close()
+        fd = s["fd"]
+        meta = {"fragment": s["fragment"], "header": header, "world": self.world, "time": time.time(),
+                "files": [f"r{self.grank}.f0"]}
+        try:
+            kp.seal(fd)
+            self._put_local(step, meta, fd, s["size"])
+        except (OSError, CheckpointError, ValueError) as e:
+            self._warn_once("put", f"checkpoint step {step}: the memory tier could not keep the snapshot "
+                                   f"({e}); it is on disk only")
+        if self.peers:
+            with self._cv:
+                self._pending += 1
+            self._queue.put((step, meta, fd, s["size"]))
+        else:
+            os.close(fd)
+
+    def _put_local(self, step, meta, fd, size) -> None:
+        with self.local_lock:
+            try:
+                self.local.put(self.grank, step, meta, [fd], [size])
+            except (OSError, ConnectionError):
+                # The keeper died (or was stopped): start a new one and try once more.
+                self.local.close()
+                self.local, info, token = ensure_keeper(
+                    self.root, self.host, keep=self.keep, budget_bytes=None, idle_timeout=900.0,
+                    tcp=None)
+                self.local.put(self.grank, step, meta, [fd], [size])
+
+    def discard(self) -> None:
+        s, self._snap = self._snap, None
+        if s is not None:
+            s.pop("buf", None)
+            if s["mmap"] is not None:
+                s["mmap"].close()
+            os.close(s["fd"])
+
+    # ---- replicas
+    def _replicate_loop(self) -> None:
+        conns: dict[str, KeeperClient] = {}
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            step, meta, fd, size = item
+            try:
+                for host in self.peers:
+                    t0 = time.perf_counter()
+                    try:
+                        c = conns.get(host)
+                        if c is None:
+                            k = self.keepers[host]
+                            c = conns[host] = KeeperClient(tuple(k["tcp"]), k["token"])
+                        c.put(self.grank, step, meta, [fd], [size], origin="replica", rate=self.rate)
+                        self.replicated_bytes += size
+                        self.replicate_s += time.perf_counter() - t0
+                    except (OSError, ConnectionError, CheckpointError, KeyError, TypeError) as e:
+                        old = conns.pop(host, None)
+                        if old is not None:
+                            old.close()
+                        self._warn_once(f"replica-{host}", f"checkpoint step {step}: replica to host "
+                                                          f"{host!r} failed ({e}); retried at the next save")
+            finally:
+                os.close(fd)
+                with self._cv:
+                    self._pending -= 1
+                    self._cv.notify_all()
+        for c in conns.values():
+            c.close()
+
+    def wait_replicated(self, timeout: float | None = None) -> bool:
+        """Wait until every committed snapshot was sent to its peer hosts; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._pending == 0, timeout)
+
+    def drop_after(self, step: int) -> None:
+        """Forget snapshots newer than step on this host's keeper (after a rollback)."""
+        with self.local_lock:
+            self.local.call({"op": "drop", "after": step})
+
+    def close(self) -> None:
+        self.discard()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self.crc_pool.shutdown()
+        self.local.close()
+
+    # ---- load
+    def _client_for(self, host: str) -> KeeperClient:
+        if host == self.host:
+            return self.local
+        k = self.keepers[host]
+        return KeeperClient(tuple(k["tcp"]), k["token"])
+
+    def load(self, step, into, disk_head, disk_time):
+        """The state of the agreed step from memory, or None when the group reads disk.
+
+        disk_head/disk_time: the newest committed step on disk and its commit time (None when
+        the disk holds none). Memory serves a step when the group finds every rank's snapshot
+        of it in some keeper, and it is the step asked for, or (step None) at least as new as
+        the disk's head.
+        """
+        try:
+            with self.local_lock:
+                mine = self.local.list()
+            listing = {"host": self.host, "snaps": mine, "error": None}
+        except (OSError, ConnectionError, CheckpointError) as e:
+            listing = {"host": self.host, "snaps": [], "error": str(e)}
+        views = self._all_gather(listing)
+        holders: dict[tuple[int, int], list] = {}
+        times: dict[int, float] = {}
+        for v in views:
+            for snap in v["snaps"]:
+                if snap.get("world") != self.world:
+                    continue
+                key = (snap["rank"], snap["step"])
+                if v["host"] not in holders.setdefault(key, []):
+                    holders[key].append(v["host"])
+                times[snap["step"]] = max(times.get(snap["step"], 0.0), snap.get("time") or 0.0)
+        complete = [s for s in times if all((k, s) in holders for k in range(self.world))]
+        if step is not None:
+            chosen = step if step in complete else None
+        else:
+            chosen = max(complete, key=lambda s: (times[s], s), default=None)
+            if chosen is not None and disk_head is not None and disk_head != chosen and \
+                    (disk_time or 0.0) > times[chosen]:
+                chosen = None  # the disk holds a newer commit than memory does
+        if chosen is None:
+            return None
+        error, state, tier = None, None, "memory"
+        opened: list[int] = []
+        try:
+            state, tier = self._load_step(chosen, into, holders, opened)
+        except (CheckpointError, OSError, ConnectionError, KeyError) as e:
+            error = f"rank {self.grank}: {e}"
+        finally:
+            for fd in opened:
+                os.close(fd)
+        results = self._all_gather((error, tier))
+        errors = [e for e, _ in results if e]
+        if errors:
+            warnings.warn(f"checkpoint step {chosen}: the memory tier could not serve every rank "
+                          f"({'; '.join(errors)}); reading disk", RuntimeWarning, stacklevel=3)
+            return None
+        self.last_load = {"step": chosen, "tiers": [t for _, t in results]}
+        if self.grank == 0:
+            log.info("checkpoint step %d loaded from %s", chosen,
+                     ", ".join(f"rank {r}: {t}" for r, t in enumerate(self.last_load["tiers"])))
+        return state
+
+    def _load_step(self, step, into, holders, opened):
+        from ._commit import merge_fragments
+        from ._loader import load_tree
+
+        def source(k):
+            hs = holders[(k, step)]
+            return self.host if self.host in hs else hs[0]
+
+        metas = {}
+        remote: dict[str, KeeperClient] = {}
+        try:
+            def client(host):
+                if host == self.host:
+                    return self.local
+                if host not in remote:
+                    remote[host] = self._client_for(host)
+                return remote[host]
+
+            for k in range(self.world):
+                with self.local_lock:
+                    metas[k] = client(source(k)).get(k, step, meta_only=True)[0]
+            header = metas[0]["header"]
+            manifest = merge_fragments([metas[k]["fragment"] for k in range(self.world)], header)
+            needed = _needed_files(manifest, into)
+            paths, tier = {}, "memory"
+            for k in range(self.world):
+                names = [n for n in metas[k]["files"] if n in needed]
+                if not names:
+                    continue
+                host = source(k)
+                with self.local_lock:
+                    _meta, fds = client(host).get(k, step)
+                opened.extend(fds)
+                if host != self.host:
+                    tier = "peer"
+                for n, fd in zip(metas[k]["files"], fds):
+                    paths[n] = f"/proc/self/fd/{fd}"
+        finally:
+            for c in remote.values():
+                c.close()
+        _rewrite_chunks(manifest, paths)
+        try:
+            return load_tree(step, "/", manifest, into), tier
+        except CheckpointCorruptError as e:
+            raise CheckpointCorruptError(f"memory tier ({tier}): {e}", step=step) from e
+
+
+def _all_chunk_lists(manifest):
+    for e in manifest["tensors"]:
+        for s in e.get("shards", []):
+            yield s, e
+    for s in manifest["storages"]:
+        yield s, None
+
+
+def _needed_files(manifest, into) -> set[str]:
+    """Snapshot files holding a chunk this rank's load reads (the regions of into's DTensors)."""
+    from ._loader import _local_region, _overlap
+    from ._tree import flatten
+
+    targets = dict(flatten(into)[1]) if into is not None else {}
+    needed = set()
+    for s in manifest["storages"]:
+        needed.update(c[0] for c in s.get("chunks", []))
+    for e in manifest["tensors"]:
+        if "view" in e:
+            continue
+        r_off, r_shape = _local_region(targets.get(e["name"]), e["shape"])
+        for s in e.get("shards", []):
+            if _overlap(r_off, r_shape, s["offsets"], s["shape"]) is not None or not r_shape:
+                needed.update(c[0] for c in s.get("chunks", []))
+    for part in manifest.get("ranks") or []:
+        if part:
+            for e in part["tensors"]:
+                for s in e.get("shards", []):
+                    needed.update(c[0] for c in s.get("chunks", []))
+            for s in part["storages"]:
+                needed.update(c[0] for c in s.get("chunks", []))
+    return needed
+
+
+def _rewrite_chunks(manifest, paths) -> None:
+    def fix(chunks):
+        for c in chunks:
+            c[0] = paths.get(c[0], c[0])
+    for s, _ in _all_chunk_lists(manifest):
+        fix(s.get("chunks", []))
+    for part in manifest.get("ranks") or []:
+        if part:
+            for e in part["tensors"]:
+                for s in e.get("shards", []):
+                    fix(s.get("chunks", []))
+            for s in part["storages"]:
+                fix(s.get("chunks", []))
