@@ -316,10 +316,11 @@ class Keeper:
                         os.close(fd)
                     raise ValueError(f"put: {len(sizes)} sizes but {len(fds)} descriptors")
                 for fd, n in zip(fds, sizes):
-                    if os.fstat(fd).st_size != n:
+                    have = os.fstat(fd).st_size
+                    if have != n:
                         for f in fds:
                             os.close(f)
-                        raise ValueError(f"put: a descriptor holds {os.fstat(fd).st_size} bytes, not {n}")
+                        raise ValueError(f"put: a descriptor holds {have} bytes, not {n}")
             else:
                 fds = []
                 try:
