@@ -89,6 +89,8 @@ class AsyncCheckpointer:
         replicas: hosts (after this one, in the topology's order) that also hold each rank's
             snapshot; None: 1 when the topology has more than one host, else 0.
         replica_bandwidth: bytes/s cap of each rank's replica stream (None: no cap).
+        replica_compression: "auto" (zstd on the replica stream when a measurement on the first
+            snapshot says it beats the bandwidth cap), "zstd" or None.
         memory_keep: steps each keeper holds per rank (newest first), within memory_budget_bytes.
         memory_budget_bytes: bytes a keeper may hold (None: half the host's available memory
             when the keeper starts).
@@ -102,7 +104,8 @@ class AsyncCheckpointer:
                  process_group=None, commit_timeout_s: float = 300.0, memory: bool = False,
                  replicas: int | None = None, replica_bandwidth: float | None = None,
                  memory_keep: int = 2, memory_budget_bytes: int | None = None,
-                 keeper_idle_timeout_s: float = 900.0, topology=None):
+                 keeper_idle_timeout_s: float = 900.0, topology=None,
+                 replica_compression: str | None = "auto"):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
@@ -125,7 +128,7 @@ class AsyncCheckpointer:
         if commit_timeout_s <= 0:
             raise ValueError(f"commit_timeout_s must be > 0, got {commit_timeout_s!r}")
         _check_memory_args(replicas, replica_bandwidth, memory_keep, memory_budget_bytes,
-                           keeper_idle_timeout_s)
+                           keeper_idle_timeout_s, replica_compression)
         self.root = os.fspath(path)
         self.keep_last = keep_last
         self.codec = _CODECS[compression]
@@ -159,7 +162,8 @@ class AsyncCheckpointer:
                                           replica_bandwidth=replica_bandwidth, keep=memory_keep,
                                           budget_bytes=memory_budget_bytes,
                                           idle_timeout=keeper_idle_timeout_s, topology=topology,
-                                          chunk_bytes=chunk_bytes, threads=writer_threads)
+                                          chunk_bytes=chunk_bytes, threads=writer_threads,
+                                          compression=replica_compression)
         # ---- end memory tier
         self._group.barrier()
 
@@ -441,7 +445,11 @@ class AsyncCheckpointer:
         raise AssertionError("unreachable")
 
 
-def _check_memory_args(replicas, bandwidth, keep, budget, idle) -> None:
+def _check_memory_args(replicas, bandwidth, keep, budget, idle, compression) -> None:
+    if compression not in ("auto", "zstd", None):
+        raise ValueError(f"replica_compression must be 'auto', 'zstd' or None, got {compression!r}")
+    if compression == "zstd" and not _C.checkpoint.zstd_available():
+        raise CheckpointError(f"replica_compression='zstd' needs libzstd: {_C.checkpoint.zstd_error()}")
     if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0):
         raise ValueError(f"replicas must be None or an integer >= 0, got {replicas!r}")
     if bandwidth is not None and not (isinstance(bandwidth, (int, float)) and bandwidth > 0):

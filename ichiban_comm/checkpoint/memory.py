@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .._native import _C
+from . import _replica_codec
 from . import keeper as kp
 from .errors import CheckpointCorruptError, CheckpointError
 
@@ -224,11 +225,14 @@ def _tcp_address() -> str:
 # ------------------------------------------------------------------ the tier
 class MemoryTier:
     def __init__(self, root: str, group, *, replicas, replica_bandwidth, keep: int, budget_bytes,
-                 idle_timeout: float, topology, chunk_bytes: int, threads: int):
+                 idle_timeout: float, topology, chunk_bytes: int, threads: int,
+                 compression: str | None = "auto"):
         from .. import topology as topo_mod
 
         self.root, self.group, self.keep, self.chunk_bytes = root, group, keep, chunk_bytes
         self.rate = replica_bandwidth
+        self.compression, self.threads = compression, max(1, threads)
+        self.replica_codec: dict | None = None   # the measured decision ("auto"), once
         self.grank = group.rank
         self.world = group.world
         import torch.distributed as dist
@@ -265,7 +269,8 @@ class MemoryTier:
         self._snap = None
         self._warned: set[str] = set()
         self.last_load: dict | None = None
-        self.replicated_bytes = 0
+        self.replicated_bytes = 0       # sent (after compression)
+        self.replicated_raw_bytes = 0
         self.replicate_s = 0.0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0
@@ -385,16 +390,26 @@ class MemoryTier:
             if item is None:
                 break
             step, meta, fd, size = item
+            encoded: list[int] = []
             try:
+                t0 = time.perf_counter()
+                send = (meta, [fd], [size])
+                try:
+                    if self._compress(meta, fd, size):
+                        send = _replica_codec.encode(meta, fd, size, self.grank, self.threads,
+                                                     self.chunk_bytes)
+                        encoded = send[1]
+                except (RuntimeError, OSError) as e:
+                    self._warn_once("zstd", f"replica compression failed ({e}); sending raw")
                 for host in self.peers:
-                    t0 = time.perf_counter()
                     try:
                         c = conns.get(host)
                         if c is None:
                             k = self.keepers[host]
                             c = conns[host] = KeeperClient(tuple(k["tcp"]), k["token"])
-                        c.put(self.grank, step, meta, [fd], [size], origin="replica", rate=self.rate)
-                        self.replicated_bytes += size
+                        c.put(self.grank, step, send[0], send[1], send[2], origin="replica", rate=self.rate)
+                        self.replicated_bytes += sum(send[2])
+                        self.replicated_raw_bytes += size
                         self.replicate_s += time.perf_counter() - t0
                     except (OSError, ConnectionError, CheckpointError, KeyError, TypeError) as e:
                         old = conns.pop(host, None)
@@ -403,12 +418,29 @@ class MemoryTier:
                         self._warn_once(f"replica-{host}", f"checkpoint step {step}: replica to host "
                                                           f"{host!r} failed ({e}); retried at the next save")
             finally:
-                os.close(fd)
+                for f in [fd] + encoded:
+                    os.close(f)
                 with self._cv:
                     self._pending -= 1
                     self._cv.notify_all()
         for c in conns.values():
             c.close()
+
+    def _compress(self, meta, fd, size) -> bool:
+        if self.compression != "auto":
+            return self.compression == "zstd"
+        if self.replica_codec is None:
+            if not _C.checkpoint.zstd_available():
+                self.replica_codec = {"compress": False, "why": _C.checkpoint.zstd_error()}
+            elif self.rate is None:
+                self.replica_codec = {"compress": False, "why": "no replica_bandwidth cap: the link "
+                                      "is the host network, which the encoder does not outrun"}
+            else:
+                ratio, enc = _replica_codec.measure(meta, fd, size, self.threads, self.chunk_bytes)
+                self.replica_codec = {"compress": _replica_codec.pays(ratio, enc, self.rate), "ratio": ratio,
+                                      "encode_bytes_per_s": enc, "link_bytes_per_s": self.rate}
+            log.info("replica compression: %s", self.replica_codec)
+        return self.replica_codec["compress"]
 
     def wait_replicated(self, timeout: float | None = None) -> bool:
         """Wait until every committed snapshot was sent to its peer hosts; False on timeout."""

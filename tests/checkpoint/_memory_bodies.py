@@ -40,8 +40,11 @@ def two_host_state(step: int, rank: int):
 def two_host_save(rank, world, root, steps):
     from ichiban_comm.checkpoint import AsyncCheckpointer
 
+    # rank 0's replica (the one read back) goes zstd-encoded; rank 1's raw and throttled
     ck = AsyncCheckpointer(root, memory=True, replicas=1, memory_keep=2, chunk_bytes=4096,
-                           writer_threads=2, keeper_idle_timeout_s=120)
+                           writer_threads=2, keeper_idle_timeout_s=120,
+                           replica_compression="zstd" if rank == 0 else None,
+                           replica_bandwidth=None if rank == 0 else 20e6)
     host = ck.memory_tier.host
     peers = list(ck.memory_tier.peers)
     for step in range(1, steps + 1):
@@ -49,8 +52,9 @@ def two_host_save(rank, world, root, steps):
         ck.save(step, state, rank_state=mine).wait()
     assert ck.memory_tier.wait_replicated(60), "replicas not sent within 60 s"
     sent = ck.memory_tier.replicated_bytes
+    raw = ck.memory_tier.replicated_raw_bytes
     ck.close()
-    return {"host": host, "peers": peers, "replicated_bytes": sent}
+    return {"host": host, "peers": peers, "replicated_bytes": sent, "raw_bytes": raw}
 
 
 def two_host_load(rank, world, root, step):

@@ -128,6 +128,8 @@ def test_two_hosts_host_a_loses_keeper_and_disk_recovers_from_host_b_replica(roo
     assert [s["host"] for s in saved] == ["hostA", "hostB"]
     assert [s["peers"] for s in saved] == [["hostB"], ["hostA"]]
     assert all(s["replicated_bytes"] > 0 for s in saved)
+    assert saved[0]["replicated_bytes"] < saved[0]["raw_bytes"]           # zstd on rank 0's stream
+    assert saved[1]["replicated_bytes"] == saved[1]["raw_bytes"]
     infos = {json.load(open(f))["host"]: json.load(open(f)) for f in _keeper_files(root) if f.endswith(".json")}
     assert set(infos) == {"hostA", "hostB"}
     assert all(i["tcp"][0] == "127.0.0.1" for i in infos.values())
@@ -240,3 +242,37 @@ def test_memory_arguments_are_checked(root):
             AsyncCheckpointer(root, memory=True, **kw)
     with pytest.warns(RuntimeWarning, match="replicas=1 needs 2 hosts"):
         AsyncCheckpointer(root, memory=True, replicas=1).close()
+
+
+def test_zstd_replica_encoding_loads_bit_exact_and_is_smaller(root):
+    from ichiban_comm.checkpoint import _replica_codec
+
+    ck = AsyncCheckpointer(root, memory=True, chunk_bytes=4096, writer_threads=2)
+    state = {"w": torch.randn(300, 64).to(torch.bfloat16), "m": torch.randn(1000) * 1e-3,
+             "z": torch.zeros(5000), "i": torch.arange(77), "step": 4}
+    ck.save(4, state).wait()
+    c = ck.memory_tier.local
+    meta, fds = c.get(0, 4)
+    size = os.fstat(fds[0]).st_size
+    ratio, rate = _replica_codec.measure(meta, fds[0], size, 2, 4096)
+    assert 0 < ratio < 0.9 and rate > 0
+    zmeta, zfds, zsizes = _replica_codec.encode(meta, fds[0], size, 0, 2, 4096)
+    os.close(fds[0])
+    assert sum(zsizes) < 0.9 * size
+    c.put(0, 4, zmeta, zfds, zsizes)     # the keeper now holds the encoded form, as a peer would
+    for fd in zfds:
+        os.close(fd)
+    shutil.rmtree(os.path.join(root, "step_000000000004"))
+    got = ck.load()
+    assert ck.last_load == {"step": 4, "tiers": ["memory"]}
+    assert_same(got, state)
+    ck.close()
+
+
+def test_replica_compression_is_chosen_only_when_it_beats_the_link():
+    from ichiban_comm.checkpoint._replica_codec import pays
+
+    assert not pays(0.5, 1e9, None)              # no cap: the host network, raw
+    assert pays(0.7, 1e9, 100e6)                 # encoder 10x the cap, 30 % smaller
+    assert not pays(0.7, 50e6, 100e6)            # encoder slower than the link
+    assert not pays(0.97, 1e9, 100e6)            # barely compresses
