@@ -389,6 +389,12 @@ class AsyncCheckpointer:
     def load_rank_state(self, step: int | None = None, rank: int | None = None):
         """The rank_state that ``rank`` (default: this rank) passed to save() at step (default:
         the newest committed step); None when it passed none."""
+        # ---- memory tier: the step just loaded from memory, when the disk no longer has it
+        if self.memory_tier is not None:
+            s = step if step is not None else (self.last_load or {}).get("step")
+            if s is not None and s not in self.steps():
+                return self.memory_tier.load_rank_state(s, self._group.rank if rank is None else rank)
+        # ---- end memory tier
         if step is None:
             step = self.latest_step()
             if step is None:

@@ -256,10 +256,9 @@ class MemoryTier:
             replicas = len(order) - 1
         i = order.index(self.host)
         self.peers = [order[(i + k) % len(order)] for k in range(1, replicas + 1)]
-        multi = len(order) > 1
-        self.local, info, token = ensure_keeper(root, self.host, keep=keep, budget_bytes=budget_bytes,
-                                                idle_timeout=idle_timeout,
-                                                tcp=_tcp_address() if multi else None)
+        self._keeper_args = {"keep": keep, "budget_bytes": budget_bytes, "idle_timeout": idle_timeout,
+                             "tcp": _tcp_address() if len(order) > 1 else None}
+        self.local, info, token = ensure_keeper(root, self.host, **self._keeper_args)
         self.local_lock = threading.Lock()
         # Keepers' addresses and tokens travel on the job's own coordination group: only the
         # job's ranks learn them.
@@ -298,20 +297,29 @@ class MemoryTier:
 
     # ---- save
     def begin(self, waves) -> None:
-        """A new snapshot sized for every wave of this save."""
+        """A new snapshot sized for every wave of this save (its memory is taken at the first
+        stage(), which for a one-wave save runs off the caller's time)."""
         self.discard()
         spans = [max((p.pool_offset + p.nbytes for p in w), default=0) for w in waves]
         bases = [sum(spans[:i]) for i in range(len(spans))]
-        total = sum(spans)
-        fd = kp.new_memfd(f"ichiban-snapshot-r{self.grank}", total)
-        m = mmap.mmap(fd, total, mmap.MAP_SHARED | mmap.MAP_POPULATE) if total else None
-        buf = torch.frombuffer(m, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
-        self._snap = {"fd": fd, "mmap": m, "buf": buf, "bases": bases, "spans": spans, "size": total,
-                      "pieces": [], "crcs": []}
+        self._snap = {"fd": None, "mmap": None, "buf": None, "bases": bases, "spans": spans,
+                      "size": sum(spans), "pieces": [], "crcs": []}
+
+    def _allocate(self, s) -> None:
+        total = s["size"]
+        s["fd"] = kp.new_memfd(f"ichiban-snapshot-r{self.grank}", total)
+        if total:
+            # MAP_POPULATE: the kernel allocates the pages in one go instead of one fault per page.
+            s["mmap"] = mmap.mmap(s["fd"], total, mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            s["buf"] = torch.frombuffer(s["mmap"], dtype=torch.uint8)
+        else:
+            s["buf"] = torch.empty(0, dtype=torch.uint8)
 
     def stage(self, wave_index: int, wave, pool) -> None:
         """Copy one staged wave from the pool into the snapshot and checksum it in chunks."""
         s = self._snap
+        if s["fd"] is None:
+            self._allocate(s)
         base, span = s["bases"][wave_index], s["spans"][wave_index]
         if span:
             _C.checkpoint.copy_bytes(s["buf"][base:base + span], pool[:span])
@@ -342,7 +350,12 @@ class MemoryTier:
         """The disk commit of step succeeded: hand the snapshot to the keeper, then replicate."""
         s, self._snap = self._snap, None
         if s is None or "fragment" not in s:
+            if s is not None:
+                self._snap = s
+                self.discard()
             return
+        if s["fd"] is None:   # a state without tensor bytes
+            self._allocate(s)
         del s["buf"]
         if s["mmap"] is not None:
             s["mmap"].close()
@@ -369,9 +382,7 @@ class MemoryTier:
             except (OSError, ConnectionError):
                 # The keeper died (or was stopped): start a new one and try once more.
                 self.local.close()
-                self.local, info, token = ensure_keeper(
-                    self.root, self.host, keep=self.keep, budget_bytes=None, idle_timeout=900.0,
-                    tcp=None)
+                self.local, info, token = ensure_keeper(self.root, self.host, **self._keeper_args)
                 self.local.put(self.grank, step, meta, [fd], [size])
 
     def discard(self) -> None:
@@ -380,7 +391,8 @@ class MemoryTier:
             s.pop("buf", None)
             if s["mmap"] is not None:
                 s["mmap"].close()
-            os.close(s["fd"])
+            if s["fd"] is not None:
+                os.close(s["fd"])
 
     # ---- replicas
     def _replicate_loop(self) -> None:
@@ -523,6 +535,38 @@ class MemoryTier:
             log.info("checkpoint step %d loaded from %s", chosen,
                      ", ".join(f"rank {r}: {t}" for r, t in enumerate(self.last_load["tiers"])))
         return state
+
+    def load_rank_state(self, step: int, rank: int):
+        """The rank_state that rank saved with step, from the first keeper that holds its
+        snapshot (this host's, then the others'); raises CheckpointError when none does."""
+        from ._loader import load_tree
+
+        errors = []
+        for host in [self.host] + [h for h in self.keepers if h != self.host]:
+            opened: list[int] = []
+            try:
+                c = self._client_for(host)
+                try:
+                    with self.local_lock:
+                        meta, fds = c.get(rank, step)
+                finally:
+                    if c is not self.local:
+                        c.close()
+                opened.extend(fds)
+                part = meta["fragment"].get("rank")
+                if part is None:
+                    return None
+                paths = {n: f"/proc/self/fd/{fd}" for n, fd in zip(meta["files"], fds)}
+                manifest = {"ranks": [part], "tensors": [], "storages": []}
+                _rewrite_chunks(manifest, paths)
+                return load_tree(step, "/", part, None)
+            except (CheckpointError, OSError, ConnectionError, KeyError, TypeError) as e:
+                errors.append(f"{host}: {e}")
+            finally:
+                for fd in opened:
+                    os.close(fd)
+        raise CheckpointError(f"no keeper holds rank {rank}'s snapshot of step {step} "
+                              f"({'; '.join(errors)})")
 
     def _load_step(self, step, into, holders, opened):
         from ._commit import merge_fragments

@@ -67,5 +67,7 @@ def two_host_load(rank, world, root, step):
     same = all(torch.equal(state[k].view(torch.uint8), want[k].view(torch.uint8))
                for k in want if isinstance(want[k], torch.Tensor)) and state["step"] == want["step"]
     tiers = ck.last_load
+    _, mine = two_host_state(step, rank)
+    same = same and torch.equal(ck.load_rank_state()["mine"], mine["mine"])
     ck.close()
     return {"same": same, "last_load": tiers, "pid": os.getpid()}
