@@ -272,11 +272,12 @@ class Keeper:
 
     # ---- one connection
     def _client(self, conn: socket.socket, unix: bool) -> None:
-        conn.settimeout(None if unix else 600.0)
+        conn.settimeout(10.0)   # a stranger that says nothing is dropped soon
         try:
             if not unix:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello, fds = recv_msg(conn, unix)
+            conn.settimeout(None if unix else 600.0)
             for fd in fds:
                 os.close(fd)
             token = hello.get("token") if isinstance(hello, dict) else None
