@@ -118,11 +118,12 @@ def _read_file(path: str) -> str:
 
 
 def ensure_keeper(root: str, host: str, *, keep: int, budget_bytes: int | None, idle_timeout: float,
-                  tcp: str | None, start_timeout: float = 60.0):
+                  tcp: str | None, start_timeout: float = 60.0, watch_pid: int | None = None):
     """Attach to this host's keeper of root, starting it first when there is none.
 
     Returns (client, info, token). Starting is serialised per user by a lock on the runtime
-    directory, so the ranks of a host end up with one keeper.
+    directory, so the ranks of a host end up with one keeper. The keeper exits with watch_pid
+    (default: this process's parent, the job's launcher).
     """
     import fcntl
 
@@ -152,7 +153,7 @@ def ensure_keeper(root: str, host: str, *, keep: int, budget_bytes: int | None, 
             budget_bytes = _default_budget()
         cmd = [sys.executable, kp.__file__, "serve", "--base", base, "--host", host, "--keep", str(keep),
                "--budget-bytes", str(budget_bytes), "--idle-timeout", str(idle_timeout),
-               "--watch-pid", str(os.getppid())]
+               "--watch-pid", str(os.getppid() if watch_pid is None else watch_pid)]
         if tcp:
             cmd += ["--tcp", tcp]
         with open(os.open(base + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as logf:

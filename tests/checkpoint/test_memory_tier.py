@@ -276,3 +276,19 @@ def test_replica_compression_is_chosen_only_when_it_beats_the_link():
     assert pays(0.7, 1e9, 100e6)                 # encoder 10x the cap, 30 % smaller
     assert not pays(0.7, 50e6, 100e6)            # encoder slower than the link
     assert not pays(0.97, 1e9, 100e6)            # barely compresses
+
+
+def test_keeper_exits_with_the_job_launcher(root):
+    import subprocess
+
+    launcher = subprocess.Popen(["sleep", "60"])
+    try:
+        client, info, _ = ensure_keeper(root, "h0", keep=1, budget_bytes=1 << 20, idle_timeout=600,
+                                        tcp=None, watch_pid=launcher.pid)
+        assert not _gone(info["pid"], 0.5)          # attached client or not, it lives with the job
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert _gone(info["pid"], 10), "the keeper outlived the job's launcher"
+    client.close()
+    assert _keeper_files(root) == []
