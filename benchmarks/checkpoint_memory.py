@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checkpoint import machine, nbytes, transformer_state  # noqa: E402
+from checkpoint import machine, memcpy_bandwidth, nbytes, transformer_state  # noqa: E402
 
 
 def median(xs):
@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     state = transformer_state(int(args.size * 2**30))
     n = nbytes(state)
     res = {"machine": machine(), "state_bytes": n, "repeat": args.repeat}
+    mc = memcpy_bandwidth(min(n, 512 << 20))
+    res["memcpy_GB_per_s"] = mc["GBps"]
+    res["state_copy_bound_s"] = n / mc["GBps"] / 1e9
     try:
         # ---- save, with and without the memory tier (steady state: second save)
         for label, mem in (("disk_only", False), ("memory", True)):
@@ -161,6 +164,7 @@ def main(argv=None) -> int:
             got = disk.load()
             cold.append(time.perf_counter() - t0)
         res["restore_disk_cold_s"] = median(cold) if cold else None
+        res["disk_read_GB_per_s"] = disk_read_rate(root, cold=why is None)
         warm = []
         for _ in range(args.repeat):
             t0 = time.perf_counter()
@@ -184,6 +188,23 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
     return 0
+
+
+def disk_read_rate(root: str, cold: bool) -> float:
+    """The disk's own sequential read rate over the newest step's files (the bound of a disk
+    restore): page cache dropped first when allowed."""
+    step = sorted(d for d in os.listdir(root) if d.startswith("step_") and "." not in d)[-1]
+    files = [os.path.join(root, step, f) for f in os.listdir(os.path.join(root, step))]
+    if cold:
+        drop_caches()
+    buf = bytearray(8 << 20)
+    total = 0
+    t0 = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while (k := f.readinto(buf)):
+                total += k
+    return total / (time.perf_counter() - t0) / 1e9
 
 
 def bench_training(meta, size, root, host, pinfo, ptoken, rate, steps: int = 15):
@@ -246,11 +267,13 @@ def print_table(r) -> None:
         s = r[f"save_{label}"]
         row(f"save ({label.replace('_', ' ')}) blocking / to commit",
             f"{s['blocking_s'] * 1e3:.0f} ms / {s['commit_s']:.2f} s")
+    row("memcpy of the state (bound of any restore)", f"{r['state_copy_bound_s']:.3f} s  {r['memcpy_GB_per_s']:.2f} GB/s")
     row("restore from this host's keeper", f"{r['restore_memory_s']:.3f} s")
     row("restore from the peer's replica (TCP)", f"{r['restore_peer_s']:.3f} s")
     cold = r["restore_disk_cold_s"]
     row("restore from disk, page cache dropped", f"{cold:.3f} s" if cold is not None else "n/a")
     row("restore from disk, warm page cache", f"{r['restore_disk_warm_s']:.3f} s")
+    row("disk sequential read (cold when dropped)", f"{r['disk_read_GB_per_s']:.2f} GB/s")
     print(f"  drop_caches: {r['drop_caches']}")
     row("memory / peer speed-up against disk", f"{r['memory_speedup_vs_disk']:.1f} x / {r['peer_speedup_vs_disk']:.1f} x")
     row("bit-exact (memory, peer, disk)",
