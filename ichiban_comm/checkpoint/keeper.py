@@ -138,7 +138,9 @@ def recv_into_memfd(sock, nbytes: int, name: str) -> int:
     fd = new_memfd(name, nbytes)
     try:
         if nbytes:
-            with mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+            # MAP_POPULATE: pages allocated in one go, not one fault per page while receiving.
+            with mmap.mmap(fd, nbytes, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                           mmap.PROT_READ | mmap.PROT_WRITE) as m:
                 view = memoryview(m)
                 try:
                     _recv_exact(sock, nbytes, view)
