@@ -259,12 +259,22 @@ class MemoryTier:
         self.peers = [order[(i + k) % len(order)] for k in range(1, replicas + 1)]
         self._keeper_args = {"keep": keep, "budget_bytes": budget_bytes, "idle_timeout": idle_timeout,
                              "tcp": _tcp_address() if len(order) > 1 else None}
-        self.local, info, token = ensure_keeper(root, self.host, **self._keeper_args)
+        self.local = None
+        try:
+            self.local, info, token = ensure_keeper(root, self.host, **self._keeper_args)
+            mine = {"host": self.host, "tcp": info.get("tcp"), "token": token}
+        except (OSError, CheckpointError, ValueError) as e:
+            mine = {"error": f"rank {self.grank} (host {self.host!r}): {e}"}
         self.local_lock = threading.Lock()
         # Keepers' addresses and tokens travel on the job's own coordination group: only the
-        # job's ranks learn them.
-        mine = {"host": self.host, "tcp": info.get("tcp"), "token": token}
-        self.keepers = {d["host"]: d for d in self._all_gather(mine)}
+        # job's ranks learn them. A rank that could not reach its keeper fails every rank now.
+        gathered = self._all_gather(mine)
+        errors = [d["error"] for d in gathered if "error" in d]
+        if errors:
+            if self.local is not None:
+                self.local.close()
+            raise CheckpointError("memory=True: no checkpoint keeper: " + "; ".join(errors))
+        self.keepers = {d["host"]: d for d in gathered}
         self.crc_pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ichiban-mem-crc")
         self._snap = None
         self._warned: set[str] = set()
@@ -317,7 +327,18 @@ class MemoryTier:
             s["buf"] = torch.empty(0, dtype=torch.uint8)
 
     def stage(self, wave_index: int, wave, pool) -> None:
-        """Copy one staged wave from the pool into the snapshot and checksum it in chunks."""
+        """Copy one staged wave from the pool into the snapshot and checksum it in chunks.
+        A failure here (no memory for the snapshot) costs the memory copy of this save, with a
+        warning, never the disk save."""
+        if self._snap is None:
+            return
+        try:
+            self._stage(wave_index, wave, pool)
+        except (OSError, RuntimeError, ValueError) as e:
+            self._warn_once("stage", f"the memory tier could not copy this save ({e}); it is on disk only")
+            self.discard()
+
+    def _stage(self, wave_index: int, wave, pool) -> None:
         s = self._snap
         if s["fd"] is None:
             self._allocate(s)
@@ -338,6 +359,8 @@ class MemoryTier:
         """Record this rank's fragment with the snapshot's chunk lists (before the disk ones are
         attached to the same plan entries)."""
         s = self._snap
+        if s is None:
+            return
         name = f"r{self.grank}.f0"
         per_blob: dict[int, list] = {}
         for (b, blob_off, off, n), crc in zip(s["pieces"], s["crcs"]):
