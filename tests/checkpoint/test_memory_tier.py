@@ -189,6 +189,9 @@ def test_connection_without_the_token_gets_nothing(root):
 
 def test_keeper_holds_newest_steps_within_budget_and_exits_when_idle(root):
     client, info, _ = ensure_keeper(root, "h0", keep=2, budget_bytes=10_000, idle_timeout=1.0, tcp=None)
+    other, info2, _ = ensure_keeper(root, "h0", keep=2, budget_bytes=10_000, idle_timeout=1.0, tcp=None)
+    assert info2["pid"] == info["pid"]          # the host's second rank attaches, no second keeper
+    other.close()
     for step in range(1, 5):
         fd = _memfd_with(bytes([step]) * 1000)
         client.put(0, step, {"world": 1}, [fd], [1000])
