@@ -127,8 +127,11 @@ class AsyncCheckpointer:
             raise ValueError(f"chunk_bytes must be a multiple of 64 and >= 4096, got {chunk_bytes!r}")
         if commit_timeout_s <= 0:
             raise ValueError(f"commit_timeout_s must be > 0, got {commit_timeout_s!r}")
-        _check_memory_args(replicas, replica_bandwidth, memory_keep, memory_budget_bytes,
-                           keeper_idle_timeout_s, replica_compression)
+        if memory:
+            from .memory import check_args as _check_memory_args
+
+            _check_memory_args(replicas, replica_bandwidth, memory_keep, memory_budget_bytes,
+                               keeper_idle_timeout_s, replica_compression)
         self.root = os.fspath(path)
         self.keep_last = keep_last
         self.codec = _CODECS[compression]
@@ -419,14 +422,7 @@ class AsyncCheckpointer:
         steps = self.steps()
         # ---- memory tier: this host's keeper, else another host's, else the disk below
         if self.memory_tier is not None:
-            head = steps[-1] if steps else None
-            head_time = None
-            if head is not None:
-                try:
-                    head_time = layout.read_manifest(self.root, head).get("created_unix")
-                except (OSError, CheckpointError, ValueError):
-                    head_time = None
-            state = self.memory_tier.load(step, into, head, head_time)
+            state = self.memory_tier.load(step, into, steps)
             if state is not None:
                 self.last_load = self.memory_tier.last_load
                 return state
@@ -449,23 +445,6 @@ class AsyncCheckpointer:
                 warnings.warn(f"checkpoint step {s} is unreadable ({e}); falling back to an older step",
                               RuntimeWarning, stacklevel=2)
         raise AssertionError("unreachable")
-
-
-def _check_memory_args(replicas, bandwidth, keep, budget, idle, compression) -> None:
-    if compression not in ("auto", "zstd", None):
-        raise ValueError(f"replica_compression must be 'auto', 'zstd' or None, got {compression!r}")
-    if compression == "zstd" and not _C.checkpoint.zstd_available():
-        raise CheckpointError(f"replica_compression='zstd' needs libzstd: {_C.checkpoint.zstd_error()}")
-    if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0):
-        raise ValueError(f"replicas must be None or an integer >= 0, got {replicas!r}")
-    if bandwidth is not None and not (isinstance(bandwidth, (int, float)) and bandwidth > 0):
-        raise ValueError(f"replica_bandwidth must be None or bytes/s > 0, got {bandwidth!r}")
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        raise ValueError(f"memory_keep must be an integer >= 1, got {keep!r}")
-    if budget is not None and (not isinstance(budget, int) or budget < 1):
-        raise ValueError(f"memory_budget_bytes must be None or an integer >= 1, got {budget!r}")
-    if not isinstance(idle, (int, float)) or idle <= 0:
-        raise ValueError(f"keeper_idle_timeout_s must be > 0, got {idle!r}")
 
 
 def _attach_chunks(plan, records, rank, threads) -> None:

@@ -223,6 +223,24 @@ def _tcp_address() -> str:
         return s.getsockname()[0]
 
 
+def check_args(replicas, bandwidth, keep, budget, idle, compression) -> None:
+    """AsyncCheckpointer's memory-tier arguments, each error naming its argument."""
+    if compression not in ("auto", "zstd", None):
+        raise ValueError(f"replica_compression must be 'auto', 'zstd' or None, got {compression!r}")
+    if compression == "zstd" and not _C.checkpoint.zstd_available():
+        raise CheckpointError(f"replica_compression='zstd' needs libzstd: {_C.checkpoint.zstd_error()}")
+    if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0):
+        raise ValueError(f"replicas must be None or an integer >= 0, got {replicas!r}")
+    if bandwidth is not None and not (isinstance(bandwidth, (int, float)) and bandwidth > 0):
+        raise ValueError(f"replica_bandwidth must be None or bytes/s > 0, got {bandwidth!r}")
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ValueError(f"memory_keep must be an integer >= 1, got {keep!r}")
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"memory_budget_bytes must be None or an integer >= 1, got {budget!r}")
+    if not isinstance(idle, (int, float)) or idle <= 0:
+        raise ValueError(f"keeper_idle_timeout_s must be > 0, got {idle!r}")
+
+
 # ------------------------------------------------------------------ the tier
 class MemoryTier:
     def __init__(self, root: str, group, *, replicas, replica_bandwidth, keep: int, budget_bytes,
@@ -504,14 +522,22 @@ class MemoryTier:
         k = self.keepers[host]
         return KeeperClient(tuple(k["tcp"]), k["token"])
 
-    def load(self, step, into, disk_head, disk_time):
+    def load(self, step, into, disk_steps):
         """The state of the agreed step from memory, or None when the group reads disk.
 
-        disk_head/disk_time: the newest committed step on disk and its commit time (None when
-        the disk holds none). Memory serves a step when the group finds every rank's snapshot
-        of it in some keeper, and it is the step asked for, or (step None) at least as new as
-        the disk's head.
+        disk_steps: the committed steps on disk. Memory serves a step when the group finds
+        every rank's snapshot of it in some keeper, and it is the step asked for, or (step None)
+        at least as recent a commit as the disk's newest step.
         """
+        from . import _layout as layout
+
+        disk_head = disk_steps[-1] if disk_steps else None
+        disk_time = None
+        if disk_head is not None:
+            try:
+                disk_time = layout.read_manifest(self.root, disk_head).get("created_unix")
+            except (OSError, CheckpointError, ValueError):
+                disk_time = None
         try:
             with self.local_lock:
                 mine = self.local.list()
