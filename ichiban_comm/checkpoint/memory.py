@@ -544,7 +544,11 @@ class MemoryTier:
             listing = {"host": self.host, "snaps": mine, "error": None}
         except (OSError, ConnectionError, CheckpointError) as e:
             listing = {"host": self.host, "snaps": [], "error": str(e)}
+        listing["disk"] = (disk_head, disk_time)
         views = self._all_gather(listing)
+        # Every rank decides from the same gathered facts (rank 0's view of the disk), so all
+        # take the same branch below.
+        disk_head, disk_time = views[0]["disk"]
         holders: dict[tuple[int, int], list] = {}
         times: dict[int, float] = {}
         for v in views:
