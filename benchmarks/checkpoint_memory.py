@@ -165,6 +165,7 @@ def main(argv=None) -> int:
             cold.append(time.perf_counter() - t0)
         res["restore_disk_cold_s"] = median(cold) if cold else None
         res["disk_read_GB_per_s"] = disk_read_rate(root, cold=why is None)
+        res["pread_GB_per_s"] = pread_rates(min(n, 256 << 20), args.dir)
         warm = []
         for _ in range(args.repeat):
             t0 = time.perf_counter()
@@ -205,6 +206,40 @@ def disk_read_rate(root: str, cold: bool) -> float:
             while (k := f.readinto(buf)):
                 total += k
     return total / (time.perf_counter() - t0) / 1e9
+
+
+def pread_rates(n: int, directory: str) -> dict:
+    """One thread's pread rate from a memfd (the keeper's memory) and from a regular file in
+    the page cache, same bytes, best of 3."""
+    import mmap
+
+    from ichiban_comm.checkpoint import keeper as kp
+
+    data = os.urandom(1 << 20) * (n >> 20)
+    fd = kp.new_memfd("bench-pread", len(data))
+    with mmap.mmap(fd, len(data)) as m:
+        m[:] = data
+    path = os.path.join(directory, "pread.bin")
+    with open(path, "wb") as f:
+        f.write(data)
+    buf = bytearray(4 << 20)
+
+    def rate(p):
+        best = float("inf")
+        for _ in range(3):
+            f = os.open(p, os.O_RDONLY)
+            t0 = time.perf_counter()
+            off = 0
+            while off < len(data):
+                off += os.preadv(f, [buf], off)
+            best = min(best, time.perf_counter() - t0)
+            os.close(f)
+        return len(data) / best / 1e9
+
+    out = {"memfd": rate(f"/proc/self/fd/{fd}"), "page_cache_file": rate(path)}
+    os.close(fd)
+    os.unlink(path)
+    return out
 
 
 def bench_training(meta, size, root, host, pinfo, ptoken, rate, steps: int = 15):
@@ -274,6 +309,8 @@ def print_table(r) -> None:
     row("restore from disk, page cache dropped", f"{cold:.3f} s" if cold is not None else "n/a")
     row("restore from disk, warm page cache", f"{r['restore_disk_warm_s']:.3f} s")
     row("disk sequential read (cold when dropped)", f"{r['disk_read_GB_per_s']:.2f} GB/s")
+    row("pread, 1 thread: memfd / page-cached file", f"{r['pread_GB_per_s']['memfd']:.2f} / "
+        f"{r['pread_GB_per_s']['page_cache_file']:.2f} GB/s")
     print(f"  drop_caches: {r['drop_caches']}")
     row("memory / peer speed-up against disk", f"{r['memory_speedup_vs_disk']:.1f} x / {r['peer_speedup_vs_disk']:.1f} x")
     row("bit-exact (memory, peer, disk)",
