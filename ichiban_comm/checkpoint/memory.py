@@ -503,9 +503,21 @@ class MemoryTier:
             return self._cv.wait_for(lambda: self._pending == 0, timeout)
 
     def drop_after(self, step: int) -> None:
-        """Forget snapshots newer than step on this host's keeper (after a rollback)."""
-        with self.local_lock:
-            self.local.call({"op": "drop", "after": step})
+        """Forget snapshots of steps above `step` (a rollback): in this host's keeper and in the
+        keepers holding this rank's replicas. Replicas in flight are sent first."""
+        self.wait_replicated()
+        for host in [self.host] + self.peers:
+            try:
+                c = self._client_for(host)
+                try:
+                    with self.local_lock:
+                        c.call({"op": "drop", "after": step})
+                finally:
+                    if c is not self.local:
+                        c.close()
+            except (OSError, ConnectionError, CheckpointError, KeyError, TypeError) as e:
+                self._warn_once(f"drop-{host}", f"rollback: the keeper of host {host!r} could not "
+                                                f"drop steps after {step} ({e})")
 
     def close(self) -> None:
         self.discard()

@@ -84,7 +84,6 @@ def test_dcp_async_save_stages_through_the_writer_pool(tmp_path):
     state["w"].add_(1)                 # training goes on: must not leak into the checkpoint
     state["t"].mul_(3)
     (resp.result(timeout=60) if hasattr(resp, "result") else resp.upload_completion.result(timeout=60))
-    pool = writer._pool.buffer
     target = _model_state(7)
     dcp.load(target, storage_reader=StorageReader(tmp_path / "a"))
     for k in expect:
@@ -92,7 +91,40 @@ def test_dcp_async_save_stages_through_the_writer_pool(tmp_path):
     # the same writer reuses its pool for the next save
     fut = dcp.async_save(state, storage_writer=writer, checkpoint_id=str(tmp_path / "b"))
     (fut.result(timeout=60) if hasattr(fut, "result") else fut.upload_completion.result(timeout=60))
-    assert writer._pool.buffer is pool
+    pools = writer.stats()["pools"]
+    assert len(pools) == 1 and pools[0]["allocations"] == 1 and pools[0]["pooled_saves"] == 1
     dcp.load(target, storage_reader=StorageReader(tmp_path / "b"))
     assert bits_equal(target["w"], state["w"]) and bits_equal(target["t"], state["t"])
+    writer.close()
+
+
+class _SlowWriter(StorageWriter):
+    """Writes start only after a delay, so the next async_save stages while this one is pending."""
+
+    def write_data(self, plan, planner):
+        import time
+
+        time.sleep(0.4)
+        return super().write_data(plan, planner)
+
+
+def test_overlapping_async_saves_each_load_their_own_bytes(tmp_path):
+    writer = _SlowWriter(tmp_path / "x", chunk_bytes=4096, writer_threads=2)
+    state = _model_state(10)
+    expect, futures = [], []
+    for i in range(4):
+        futures.append(dcp.async_save(state, storage_writer=writer, checkpoint_id=str(tmp_path / f"s{i}")))
+        expect.append({k: state[k].clone() for k in ("w", "b", "t")})
+        for k in ("w", "b", "t"):   # training goes on between the saves
+            state[k].add_(1)
+    for f in futures:
+        (f.result(timeout=60) if hasattr(f, "result") else f.upload_completion.result(timeout=60))
+    pools = writer.stats()["pools"]
+    assert len(pools) >= 2, pools              # the overlapping saves took different pools
+    assert all(p["leases"] == 0 for p in pools), pools
+    for i in range(4):
+        target = _model_state(99)
+        dcp.load(target, storage_reader=StorageReader(tmp_path / f"s{i}"))
+        for k in ("w", "b", "t"):
+            assert bits_equal(target[k], expect[i][k]), (i, k)
     writer.close()
