@@ -539,11 +539,13 @@ class AsyncCheckpointer:
             where = "; ".join(f"rank {r}: {m}" for r, (_, m) in sorted(bad.items()))
             corrupt_only = all(k == "corrupt" for k, _ in bad.values())
             if not (corrupt_only and fallback and step is None and i + 1 < len(candidates)):
-                if mine is not None:
+                msg = f"checkpoint step {s} could not be loaded on every rank ({where})"
+                if mine is not None and kind == "error":
                     raise mine
-                cls = CheckpointCorruptError if corrupt_only else CheckpointError
-                raise cls(f"checkpoint step {s} could not be loaded on every rank ({where})",
-                          **({"step": s} if corrupt_only else {}))
+                if corrupt_only:
+                    found = mine if mine is not None else CheckpointCorruptError("", step=s)
+                    raise CheckpointCorruptError(msg, step=s, file=found.file, tensor=found.tensor) from mine
+                raise CheckpointError(msg) from mine
             warnings.warn(f"checkpoint step {s} is unreadable ({where}); every rank falls back to "
                           f"step {candidates[i + 1]}", RuntimeWarning, stacklevel=2)
         raise AssertionError("unreachable")
