@@ -159,11 +159,13 @@ class AsyncCheckpointer:
         # lock). What a dead writer left behind is swept here only when no writer holds the lock.
         self._lock = layout.RootLock(self.root) if self._group.rank == 0 else None
         self._locked = False
+        self._swept = False
         if self._lock is not None:
             os.makedirs(self.root, exist_ok=True)
             if self._lock.try_acquire() is None:
                 try:
                     layout.sweep_stale(self.root)
+                    self._swept = True
                 finally:
                     self._lock.release()
         self._group.barrier()
@@ -288,8 +290,9 @@ class AsyncCheckpointer:
             try:
                 os.makedirs(self.root, exist_ok=True)
                 holder = self._lock.try_acquire()
-                if holder is None:
-                    layout.sweep_stale(self.root)   # nobody else writes here now
+                if holder is None and not self._swept:
+                    layout.sweep_stale(self.root)   # another writer held it at construction
+                    self._swept = True
             except OSError as e:
                 holder = f"the lock could not be taken: {e}"
         try:
