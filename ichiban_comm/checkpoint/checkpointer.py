@@ -97,6 +97,18 @@ class AsyncCheckpointer:
             such tensor once per rank on the caller's thread.
         pin_memory: pin the staging pool (cudaHostRegister with a CUDA driver, else mlock), off
             the caller's thread. A failure to pin warns once and staging goes on unpinned.
+        memory: also keep every committed save as a checksummed snapshot in this host's keeper
+            process (``memory.py``), which outlives the trainer; ``load()`` reads it before disk.
+        replicas: hosts (after this one, in the topology's order) that also hold each rank's
+            snapshot; None: 1 when the topology has more than one host, else 0.
+        replica_bandwidth: bytes/s cap of each rank's replica stream (None: no cap).
+        replica_compression: "auto" (zstd on the replica stream when a measurement on the first
+            snapshot says it beats the bandwidth cap), "zstd" or None.
+        memory_keep: steps each keeper holds per rank (newest first), within memory_budget_bytes.
+        memory_budget_bytes: bytes a keeper may hold (None: half the host's available memory
+            when the keeper starts).
+        keeper_idle_timeout_s: a keeper with no trainer attached for this long exits.
+        topology: the ``Topology`` placing ranks on hosts (default: ``topology.detect()``).
     """
 
     def __init__(self, path, *, keep_last: int = 3, compression: str | None = None,
@@ -104,7 +116,10 @@ class AsyncCheckpointer:
                  writer_threads: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  process_group=None, commit_timeout_s: float = 300.0,
                  commit_min_bytes_per_s: float = 50e6, check_replicated: bool = True,
-                 pin_memory: bool = True):
+                 pin_memory: bool = True, memory: bool = False, replicas: int | None = None,
+                 replica_bandwidth: float | None = None, memory_keep: int = 2,
+                 memory_budget_bytes: int | None = None, keeper_idle_timeout_s: float = 900.0,
+                 topology=None, replica_compression: str | None = "auto"):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
@@ -128,6 +143,11 @@ class AsyncCheckpointer:
             raise ValueError(f"commit_timeout_s must be > 0, got {commit_timeout_s!r}")
         if not commit_min_bytes_per_s > 0:
             raise ValueError(f"commit_min_bytes_per_s must be > 0, got {commit_min_bytes_per_s!r}")
+        if memory:
+            from .memory import check_args as _check_memory_args
+
+            _check_memory_args(replicas, replica_bandwidth, memory_keep, memory_budget_bytes,
+                               keeper_idle_timeout_s, replica_compression)
         self.root = os.fspath(path)
         self.keep_last = keep_last
         self.codec = _CODECS[compression]
@@ -168,6 +188,19 @@ class AsyncCheckpointer:
                     self._swept = True
                 finally:
                     self._lock.release()
+        # ---- memory tier (memory.py): a keeper per host, replicas on other hosts
+        self.memory_tier = None
+        self.last_load: dict | None = None   # {"step": N, "tiers": ["memory"|"peer"|"disk", ...]}
+        if memory:
+            from .memory import MemoryTier
+
+            self.memory_tier = MemoryTier(self.root, self._group, replicas=replicas,
+                                          replica_bandwidth=replica_bandwidth, keep=memory_keep,
+                                          budget_bytes=memory_budget_bytes,
+                                          idle_timeout=keeper_idle_timeout_s, topology=topology,
+                                          chunk_bytes=chunk_bytes, threads=writer_threads,
+                                          compression=replica_compression)
+        # ---- end memory tier
         self._group.barrier()
 
     # ------------------------------------------------------------------ save
@@ -238,11 +271,15 @@ class AsyncCheckpointer:
             # into fresh pages, which the pool then pins off this thread (see _stager.py).
             pool, fresh = self._pool.prepare(budget)
             waves = split_pieces(plan, pool.numel(), self.chunk_bytes)
+            if self.memory_tier is not None:
+                self.memory_tier.begin(waves)
             os.makedirs(tmp, exist_ok=True)
             made_tmp = True
             for w, wave in enumerate(waves[:-1]):  # earlier waves persist while the caller waits
                 self._pool.copy_in(wave)
                 job = self._start_job(tmp, w, wave, pool, plan)
+                if self.memory_tier is not None:
+                    self.memory_tier.stage(w, wave, pool)
                 job.wait()
                 records.append((wave, job))
             last = None
@@ -330,6 +367,8 @@ class AsyncCheckpointer:
         if status != "ok":
             raise CheckpointError(f"rollback to step {step} failed: {payload}")
         self._head = step
+        if self.memory_tier is not None:   # the abandoned line leaves the keepers too
+            self.memory_tier.drop_after(step)
         log.info("checkpoint: rolled back %s to step %d (removed %s)", self.root, step, payload)
         return payload
 
@@ -378,8 +417,12 @@ class AsyncCheckpointer:
             if last is not None:
                 index, wave, pool = last
                 job = self._start_job(tmp, index, wave, pool, plan)
+                if self.memory_tier is not None:  # copied to memory while the writers run
+                    self.memory_tier.stage(index, wave, pool)
                 job.wait()  # GIL released while the writer threads finish
                 records.append((wave, job))
+            if self.memory_tier is not None:
+                self.memory_tier.fragment(plan, tree, rank_fragment, handle.step)
             _attach_chunks(plan, records, self._group.rank, self.writer_threads)
             handle.bytes_written = sum(j.bytes_stored() for _, j in records)
             fragment = {"entries": plan.entries, "storages": plan.storages, "tree": tree,
@@ -393,6 +436,11 @@ class AsyncCheckpointer:
         except BaseException as e:  # noqa: BLE001 - surfaced to the caller on wait/save/close
             handle.error = e
             self._discard(tmp)
+        if self.memory_tier is not None:  # the keeper takes the snapshot only of a committed step
+            if handle.error is None:
+                self.memory_tier.commit(handle.step, self.manifest_header(handle.step))
+            else:
+                self.memory_tier.discard()
         handle.total_s = time.perf_counter() - t0
         if handle.error is None:
             self._head = handle.step
@@ -459,6 +507,8 @@ class AsyncCheckpointer:
             self._work.put(None)
             self._thread.join()
             self._pool.close()
+            if self.memory_tier is not None:
+                self.memory_tier.close()
             if self._lock is not None:
                 self._lock.release()
             self._locked = False
@@ -486,6 +536,12 @@ class AsyncCheckpointer:
     def load_rank_state(self, step: int | None = None, rank: int | None = None):
         """The rank_state that ``rank`` (default: this rank) passed to save() at step (default:
         the newest committed step); None when it passed none."""
+        # ---- memory tier: the step just loaded from memory, when the disk no longer has it
+        if self.memory_tier is not None:
+            s = step if step is not None else (self.last_load or {}).get("step")
+            if s is not None and s not in self.steps():
+                return self.memory_tier.load_rank_state(s, self._group.rank if rank is None else rank)
+        # ---- end memory tier
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -517,6 +573,14 @@ class AsyncCheckpointer:
             raise ValueError(f"step must be None or a non-negative integer, got {step!r}")
         self._check_open()
         steps = self.steps()
+        # ---- memory tier: this host's keeper, else another host's, else the disk below
+        if self.memory_tier is not None:
+            out = self.memory_tier.load(step, into, steps)
+            if out is not None:
+                self.last_load = self.memory_tier.last_load
+                self.loaded_step = self.last_load["step"]
+                return (self.loaded_step, out) if return_step else out
+        # ---- end memory tier
         if step is not None:
             candidates = [step]
         else:
@@ -537,6 +601,7 @@ class AsyncCheckpointer:
             bad = {r: v for r, v in enumerate(verdicts) if v is not None}
             if not bad:
                 self.loaded_step = s
+                self.last_load = {"step": s, "tiers": ["disk"] * self._group.world}
                 log.info("checkpoint: loaded step %d from %s", s, self.root)
                 return (s, out) if return_step else out
             where = "; ".join(f"rank {r}: {m}" for r, (_, m) in sorted(bad.items()))
