@@ -48,6 +48,10 @@ def _fmt(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
+# (pool kind, reason) already warned about in this process: one warning each, however many
+# pools (a StorageWriter keeps one per overlapping save) hit the same refusal.
+_WARNED: set = set()
+
 # Fault injection for tests: a callable (offset, length) -> reason string or None, consulted
 # before each pin. None in production.
 PIN_FAULT = None
@@ -180,7 +184,8 @@ class StagingPool:
             if first:
                 self._pin_error = reason
                 self.counters["pin_failures"] += 1
-        if first:
+        if first and (self.what, reason) not in _WARNED:
+            _WARNED.add((self.what, reason))
             warnings.warn(f"{self.what}: pinning {_fmt(end - start)} failed ({reason}); staging "
                           f"continues in unpinned memory (device copies are slower and the pool may "
                           f"be swapped out). Raise the limit, or pass pin_memory=False to skip "
