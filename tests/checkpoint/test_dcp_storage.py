@@ -63,7 +63,10 @@ def _dcp_body(rank, world, root):
     mesh = init_device_mesh("cpu", (world,))
     full = torch.randn(10, 6, generator=torch.Generator().manual_seed(9))
     state = {"w": distribute_tensor(full, mesh, [Shard(0)]), "r": full[:3].clone()}
-    dcp.save(state, storage_writer=StorageWriter(root, chunk_bytes=4096))
+    # async_save: the writer stages the DTensor's local shard through its pool and hands DCP a
+    # DTensor with the same spec
+    f = dcp.async_save(state, storage_writer=StorageWriter(root, chunk_bytes=4096))
+    (f.result(timeout=60) if hasattr(f, "result") else f.upload_completion.result(timeout=60))
     return sorted(f for f in os.listdir(root) if f.endswith(".bin"))
 
 
