@@ -43,11 +43,13 @@ def test_rollback_then_save_follows_the_new_line(tmp_path):
         assert ck.rollback(10) == [20, 30]
         assert ck.steps() == [10] and ck.latest_step() == 10
         # saves below the abandoned steps are the head now: not pruned as "old" after commit
-        p15 = ck.save(15, _st(15)).wait()
-        p16 = ck.save(16, _st(16)).wait()
-        p17 = ck.save(17, _st(17)).wait()
-        assert all(map(os.path.isdir, (p15, p16, p17))) and ck.steps() == [15, 16, 17]
+        paths = []
+        for step in (15, 16, 17):
+            paths.append(ck.save(step, _st(step)).wait())
+            assert ck.latest_step() == step
+        assert all(map(os.path.isdir, paths))
         assert open(os.path.join(root, "latest")).read().strip() == layout.step_name(17)
+    assert layout.committed_steps(root) == [15, 16, 17]   # close() waited for the last prune
     ck = AsyncCheckpointer(root)
     assert ck.latest_step() == 17 and ck.load()["step"] == 17
 
