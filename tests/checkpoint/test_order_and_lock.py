@@ -91,6 +91,10 @@ def test_rollback_save_and_crash_resumes_the_rolled_back_line(tmp_path):
     out = ck.load()
     assert out["line"] == "new" and torch.equal(out["w"], torch.full((100,), -20.0))
     assert ck.steps()[-2:] == [10, 20]    # the abandoned 30 is older than the new line
+    ck.close()
+    with AsyncCheckpointer(root, keep_last=2) as ck:   # pruning follows commit order too:
+        ck.save(21, _st(21)).wait()                     # the abandoned 30 goes, not the new line
+    assert layout.committed_steps(root) == [20, 21]
 
 
 def test_resave_crash_between_renames_keeps_the_committed_step(tmp_path):
