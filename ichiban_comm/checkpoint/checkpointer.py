@@ -339,6 +339,12 @@ class AsyncCheckpointer:
                 self._lock.release()
             raise _CoordinationError(f"checkpoint root lock: commit coordination failed ({e})") from e
         if holder is not None:
+            import socket
+
+            if holder.startswith(f"pid {os.getpid()} on host {socket.gethostname()} "):
+                raise CheckpointError(f"{self.root} is being written by another AsyncCheckpointer of "
+                                      f"this process ({holder}); one writer per checkpoint root: close "
+                                      f"that one first or save elsewhere")
             raise CheckpointError(f"{self.root} is being written by another process ({holder}); one "
                                   f"writer per checkpoint root: stop that process or save elsewhere")
         self._locked = True
