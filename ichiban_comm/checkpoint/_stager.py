@@ -164,6 +164,14 @@ class StagingPool:
                         start = self._ready
                     if end > start:
                         self._pin_range(start, end)
+            except Exception as e:  # noqa: BLE001 - pinning is an optimisation: report, never die
+                with self._lock:
+                    self._ready = max(self._ready, end)
+                    if self._pin_error is None:
+                        self._pin_error = f"pinning thread: {e}"
+                        self.counters["pin_failures"] += 1
+                warnings.warn(f"{self.what}: pinning failed ({e}); staging continues unpinned",
+                              RuntimeWarning)
             finally:
                 if self._queue.empty():
                     self._idle.set()
