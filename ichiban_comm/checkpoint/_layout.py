@@ -79,10 +79,27 @@ def commit_seq(root: str, step: int) -> float:
     format: ordered by step, before the others); +inf for an unreadable manifest, so that it
     counts as the newest and loading it fails loudly (or falls back with a warning) rather than
     an older step being taken in silence."""
+    path = os.path.join(step_dir(root, step), MANIFEST)
     try:
-        return int(read_manifest(root, step).get("seq", -1))
-    except (OSError, ValueError, CheckpointCorruptError):
+        st = os.stat(path)
+    except OSError:
         return math.inf
+    key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+    seq = _SEQ_CACHE.get(key)
+    if seq is None:
+        try:
+            seq = int(read_manifest(root, step).get("seq", -1))
+        except (OSError, ValueError, CheckpointCorruptError):
+            return math.inf
+        if len(_SEQ_CACHE) > 4096:
+            _SEQ_CACHE.clear()
+        _SEQ_CACHE[key] = seq
+    return seq
+
+
+# (manifest path, inode, mtime, size) -> seq: ordering the steps reads each manifest once, not on
+# every save and prune (a manifest is replaced only by a new file: a re-save or a rollback).
+_SEQ_CACHE: dict = {}
 
 
 def commit_order(root: str) -> list[tuple[int, int]]:
