@@ -186,12 +186,23 @@ def bench_first_save(state, directory):
     return out
 
 
+def _fresh_huge_pages(n: int) -> torch.Tensor:
+    """n bytes of fresh anonymous memory advised MADV_HUGEPAGE (unmapped with the tensor)."""
+    import ctypes
+    import mmap
+
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(getattr(mmap, "MADV_HUGEPAGE", 14))
+    return torch.frombuffer(m, dtype=torch.uint8)
+
+
 def fresh_copy_modes(state) -> dict:
     """Ways to stage a state into memory nobody has touched yet (what a first save must do), best
     of two: torch's per-tensor clone (what dcp.async_save's default stager does on CPU); the
-    old first save (allocate and prefault the pool on the thread pool, then copy into it); and
-    the C++ copy straight into fresh pages of a staging arena (the copier threads take the page
-    faults), which the first save uses now."""
+    old first save (allocate and prefault the pool on the thread pool, then copy into it); the
+    C++ copy into fresh pages advised MADV_HUGEPAGE; and the C++ copy straight into fresh pages
+    of a staging arena (base pages; the copier threads take the page faults), which the first
+    save uses now."""
     from ichiban_comm import _C
 
     tensors = list(state["model"].values()) + [v for g in state["optim"].values() for v in g.values()]
@@ -200,7 +211,7 @@ def fresh_copy_modes(state) -> dict:
         offsets.append(n)
         n += -(-t.numel() * t.element_size() // 64) * 64
     out = {}
-    for name in ("clone", "prefault_then_copy", "copy_into_fresh_pages"):
+    for name in ("clone", "prefault_then_copy", "copy_into_fresh_huge_pages", "copy_into_fresh_pages"):
         best = float("inf")
         for _ in range(2):
             t0 = time.perf_counter()
@@ -208,6 +219,9 @@ def fresh_copy_modes(state) -> dict:
                 keep = [t.clone() for t in tensors]
             elif name == "prefault_then_copy":
                 keep = _C.checkpoint.alloc_staging(n)
+                _C.checkpoint.stage_copy(tensors, keep, offsets)
+            elif name == "copy_into_fresh_huge_pages":
+                keep = _fresh_huge_pages(n)
                 _C.checkpoint.stage_copy(tensors, keep, offsets)
             else:
                 arena = _C.checkpoint.StagingArena(2 * n)
@@ -386,6 +400,8 @@ def print_table(r) -> None:
         ("dd conv=fsync write", f"{r['dd_GBps']:.2f} GB/s", f"state bound {gb / r['dd_GBps']:.2f} s"),
         ("fresh memory: torch clone per tensor", f"{r['fresh']['clone_s'] * 1e3:.0f} ms", ""),
         ("fresh memory: prefault pool, then copy", f"{r['fresh']['prefault_then_copy_s'] * 1e3:.0f} ms", ""),
+        ("fresh memory: copy into fresh huge pages", f"{r['fresh']['copy_into_fresh_huge_pages_s'] * 1e3:.0f} ms",
+         "MADV_HUGEPAGE"),
         ("fresh memory: copy into fresh arena pages", f"{r['fresh']['copy_into_fresh_pages_s'] * 1e3:.0f} ms",
          f"{r['fresh']['copy_into_fresh_pages_s'] / mc:.2f} x memcpy bound"),
         ("ichiban save blocking (first, no hint)", f"{ib['first']['blocking_s'] * 1e3:.0f} ms",
