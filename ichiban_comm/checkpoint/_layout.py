@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -73,12 +74,32 @@ def _step_dirs(root: str) -> list[int]:
     return steps
 
 
-def commit_seq(root: str, step: int) -> int:
-    """The commit sequence number of a committed step (-1: unreadable, or older format)."""
+def commit_seq(root: str, step: int) -> float:
+    """The commit sequence number of a committed step: -1 for a manifest without one (older
+    format: ordered by step, before the others); +inf for an unreadable manifest, so that it
+    counts as the newest and loading it fails loudly (or falls back with a warning) rather than
+    an older step being taken in silence."""
+    path = os.path.join(step_dir(root, step), MANIFEST)
     try:
-        return int(read_manifest(root, step).get("seq", -1))
-    except (OSError, ValueError, CheckpointCorruptError):
-        return -1
+        st = os.stat(path)
+    except OSError:
+        return math.inf
+    key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+    seq = _SEQ_CACHE.get(key)
+    if seq is None:
+        try:
+            seq = int(read_manifest(root, step).get("seq", -1))
+        except (OSError, ValueError, CheckpointCorruptError):
+            return math.inf
+        if len(_SEQ_CACHE) > 4096:
+            _SEQ_CACHE.clear()
+        _SEQ_CACHE[key] = seq
+    return seq
+
+
+# (manifest path, inode, mtime, size) -> seq: ordering the steps reads each manifest once, not on
+# every save and prune (a manifest is replaced only by a new file: a re-save or a rollback).
+_SEQ_CACHE: dict = {}
 
 
 def commit_order(root: str) -> list[tuple[int, int]]:
@@ -92,8 +113,8 @@ def committed_steps(root: str) -> list[int]:
 
 
 def next_seq(root: str) -> int:
-    order = commit_order(root)
-    return max([q for q, _ in order], default=-1) + 1
+    order = [q for q, _ in commit_order(root) if q != math.inf]
+    return int(max(order, default=-1)) + 1
 
 
 def sweep_stale(root: str) -> list[str]:

@@ -48,6 +48,10 @@ def _fmt(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
+# (pool kind, reason) already warned about in this process: one warning each, however many
+# pools (a StorageWriter keeps one per overlapping save) hit the same refusal.
+_WARNED: set = set()
+
 # Fault injection for tests: a callable (offset, length) -> reason string or None, consulted
 # before each pin. None in production.
 PIN_FAULT = None
@@ -160,6 +164,14 @@ class StagingPool:
                         start = self._ready
                     if end > start:
                         self._pin_range(start, end)
+            except Exception as e:  # noqa: BLE001 - pinning is an optimisation: report, never die
+                with self._lock:
+                    self._ready = max(self._ready, end)
+                    if self._pin_error is None:
+                        self._pin_error = f"pinning thread: {e}"
+                        self.counters["pin_failures"] += 1
+                warnings.warn(f"{self.what}: pinning failed ({e}); staging continues unpinned",
+                              RuntimeWarning)
             finally:
                 if self._queue.empty():
                     self._idle.set()
@@ -180,7 +192,8 @@ class StagingPool:
             if first:
                 self._pin_error = reason
                 self.counters["pin_failures"] += 1
-        if first:
+        if first and (self.what, reason) not in _WARNED:
+            _WARNED.add((self.what, reason))
             warnings.warn(f"{self.what}: pinning {_fmt(end - start)} failed ({reason}); staging "
                           f"continues in unpinned memory (device copies are slower and the pool may "
                           f"be swapped out). Raise the limit, or pass pin_memory=False to skip "

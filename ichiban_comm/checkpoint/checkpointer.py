@@ -179,11 +179,13 @@ class AsyncCheckpointer:
         # lock). What a dead writer left behind is swept here only when no writer holds the lock.
         self._lock = layout.RootLock(self.root) if self._group.rank == 0 else None
         self._locked = False
+        self._swept = False
         if self._lock is not None:
             os.makedirs(self.root, exist_ok=True)
             if self._lock.try_acquire() is None:
                 try:
                     layout.sweep_stale(self.root)
+                    self._swept = True
                 finally:
                     self._lock.release()
         # ---- memory tier (memory.py): a keeper per host, replicas on other hosts
@@ -325,8 +327,9 @@ class AsyncCheckpointer:
             try:
                 os.makedirs(self.root, exist_ok=True)
                 holder = self._lock.try_acquire()
-                if holder is None:
-                    layout.sweep_stale(self.root)   # nobody else writes here now
+                if holder is None and not self._swept:
+                    layout.sweep_stale(self.root)   # another writer held it at construction
+                    self._swept = True
             except OSError as e:
                 holder = f"the lock could not be taken: {e}"
         try:
@@ -336,6 +339,12 @@ class AsyncCheckpointer:
                 self._lock.release()
             raise _CoordinationError(f"checkpoint root lock: commit coordination failed ({e})") from e
         if holder is not None:
+            import socket
+
+            if holder.startswith(f"pid {os.getpid()} on host {socket.gethostname()} "):
+                raise CheckpointError(f"{self.root} is being written by another AsyncCheckpointer of "
+                                      f"this process ({holder}); one writer per checkpoint root: close "
+                                      f"that one first or save elsewhere")
             raise CheckpointError(f"{self.root} is being written by another process ({holder}); one "
                                   f"writer per checkpoint root: stop that process or save elsewhere")
         self._locked = True
@@ -604,11 +613,13 @@ class AsyncCheckpointer:
             where = "; ".join(f"rank {r}: {m}" for r, (_, m) in sorted(bad.items()))
             corrupt_only = all(k == "corrupt" for k, _ in bad.values())
             if not (corrupt_only and fallback and step is None and i + 1 < len(candidates)):
-                if mine is not None:
+                msg = f"checkpoint step {s} could not be loaded on every rank ({where})"
+                if mine is not None and kind == "error":
                     raise mine
-                cls = CheckpointCorruptError if corrupt_only else CheckpointError
-                raise cls(f"checkpoint step {s} could not be loaded on every rank ({where})",
-                          **({"step": s} if corrupt_only else {}))
+                if corrupt_only:
+                    found = mine if mine is not None else CheckpointCorruptError("", step=s)
+                    raise CheckpointCorruptError(msg, step=s, file=found.file, tensor=found.tensor) from mine
+                raise CheckpointError(msg) from mine
             warnings.warn(f"checkpoint step {s} is unreadable ({where}); every rank falls back to "
                           f"step {candidates[i + 1]}", RuntimeWarning, stacklevel=2)
         raise AssertionError("unreachable")
@@ -618,8 +629,15 @@ class _CoordinationError(CheckpointError):
     pass
 
 
+_CRC_PIECE = 4 << 20   # bytes per checksum task: large enough to amortise the call
+_crc_workers = None
+
+
 def _crc_of(t: torch.Tensor) -> int:
-    """CRC-32C of a tensor's bytes in row-major order (the check of replicated tensors)."""
+    """A CRC-32C fingerprint of a tensor's bytes in row-major order (the check of replicated
+    tensors): the CRC-32C of the 4 MiB pieces' CRC-32Cs, the pieces checksummed in parallel
+    (the C++ call releases the GIL), since this runs on the caller's time."""
+    global _crc_workers
     if t.numel() == 0:
         return 0
     t = t.detach()
@@ -629,8 +647,18 @@ def _crc_of(t: torch.Tensor) -> int:
         t = t.resolve_neg()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    return int(_C.checkpoint.crc32c_tensor(t.view(torch.uint8)))
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    n = flat.numel()
+    if n <= _CRC_PIECE:
+        return int(_C.checkpoint.crc32c_tensor(flat))
+    if _crc_workers is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _crc_workers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                          thread_name_prefix="ichiban-ckpt-crc")
+    crcs = list(_crc_workers.map(lambda o: int(_C.checkpoint.crc32c_tensor(flat[o:o + _CRC_PIECE])),
+                                 range(0, n, _CRC_PIECE)))
+    return int(_C.checkpoint.crc32c(torch.tensor(crcs, dtype=torch.int64).numpy().tobytes()))
 
 
 def _attach_chunks(plan, records, rank, threads) -> None:

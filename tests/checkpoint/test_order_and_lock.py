@@ -43,11 +43,13 @@ def test_rollback_then_save_follows_the_new_line(tmp_path):
         assert ck.rollback(10) == [20, 30]
         assert ck.steps() == [10] and ck.latest_step() == 10
         # saves below the abandoned steps are the head now: not pruned as "old" after commit
-        p15 = ck.save(15, _st(15)).wait()
-        p16 = ck.save(16, _st(16)).wait()
-        p17 = ck.save(17, _st(17)).wait()
-        assert all(map(os.path.isdir, (p15, p16, p17))) and ck.steps() == [15, 16, 17]
+        paths = []
+        for step in (15, 16, 17):
+            paths.append(ck.save(step, _st(step)).wait())
+            assert ck.latest_step() == step
+        assert all(map(os.path.isdir, paths))
         assert open(os.path.join(root, "latest")).read().strip() == layout.step_name(17)
+    assert layout.committed_steps(root) == [15, 16, 17]   # close() waited for the last prune
     ck = AsyncCheckpointer(root)
     assert ck.latest_step() == 17 and ck.load()["step"] == 17
 
@@ -89,6 +91,10 @@ def test_rollback_save_and_crash_resumes_the_rolled_back_line(tmp_path):
     out = ck.load()
     assert out["line"] == "new" and torch.equal(out["w"], torch.full((100,), -20.0))
     assert ck.steps()[-2:] == [10, 20]    # the abandoned 30 is older than the new line
+    ck.close()
+    with AsyncCheckpointer(root, keep_last=2) as ck:   # pruning follows commit order too:
+        ck.save(21, _st(21)).wait()                     # the abandoned 30 goes, not the new line
+    assert layout.committed_steps(root) == [20, 21]
 
 
 def test_resave_crash_between_renames_keeps_the_committed_step(tmp_path):
@@ -124,7 +130,7 @@ def test_second_writer_gets_a_clear_error_and_the_first_is_unaffected(tmp_path):
     assert second.load()["step"] == 1
     with pytest.raises(CheckpointError, match=rf"pid {os.getpid()} on host {socket.gethostname()}"):
         second.save(2, _st(2))                # ... a second writer is refused
-    with pytest.raises(CheckpointError, match="being written by another process"):
+    with pytest.raises(CheckpointError, match="another AsyncCheckpointer of this process"):
         second.rollback(1)
     assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
     first.save(2, _st(2)).wait()              # the first writer goes on
