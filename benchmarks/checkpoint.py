@@ -7,10 +7,13 @@ random normal), every contender and the machine's own limits measured side by si
     python benchmarks/checkpoint.py --size 0.25 --json out.json
 
 Rows: memcpy bandwidth and `dd conv=fsync` write bandwidth (the bounds);
-ichiban save blocking time (first save, which allocates the staging pool, and
-steady state) and time to commit; zstd ratio; torch.save; dcp.save;
-dcp.async_save blocking and total; load times; training step time while a save
-persists in the background vs with no save.
+ichiban save blocking time: the first save without a hint (stages into fresh
+pages, the pool is pinned behind it), the first save after `reserve()`, steady
+state, and a save after the state grew by 10 % (the pool grows in place); time
+to commit; zstd ratio; torch.save; dcp.save; dcp.async_save blocking (its first
+call) and total, and with ichiban's StorageWriter (first call and steady); load
+times; training step time while a save persists in the background vs with no
+save.
 """
 
 from __future__ import annotations
@@ -100,6 +103,14 @@ def stored_bytes(directory: str) -> int:
     return total
 
 
+def grown(state, fraction: float = 0.10):
+    """state plus about `fraction` more bytes (new layers' optimizer moments appearing)."""
+    extra = int(nbytes(state) * fraction) // 4
+    out = dict(state, optim=dict(state["optim"]))
+    out["optim"]["extra"] = {"grown": torch.randn(extra)}
+    return out
+
+
 def bench_ichiban(state, directory, compression=None):
     from ichiban_comm.checkpoint import AsyncCheckpointer
 
@@ -110,7 +121,10 @@ def bench_ichiban(state, directory, compression=None):
         h = ck.save(step, state)
         blocking = time.perf_counter() - t0
         h.wait()
-        out[label] = {"blocking_s": blocking, "total_s": time.perf_counter() - t0}
+        ck._pool.wait_ready()   # the pinning behind the first save, outside the next measurement
+        out[label] = {"blocking_s": blocking, "total_s": time.perf_counter() - t0,
+                      "staged_fresh": h.staged_fresh}
+    out["stats"] = ck.stats()
     out["stored_bytes"] = stored_bytes(os.path.join(directory, sorted(os.listdir(directory))[-1])) \
         if compression else None
     t0 = time.perf_counter()
@@ -129,6 +143,94 @@ def bench_ichiban(state, directory, compression=None):
         out["bf16_ratio"] = st / raw
     del loaded
     ck.close()
+    return out
+
+
+def bench_first_save(state, directory):
+    """First-save blocking with the reserve() hint, and a save after the state grew by 10 %."""
+    from ichiban_comm.checkpoint import AsyncCheckpointer
+
+    out = {}
+    ck = AsyncCheckpointer(directory, keep_last=1)
+    t0 = time.perf_counter()
+    ck.reserve(state)
+    out["reserve_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    h = ck.save(1, state)
+    out["hinted_blocking_s"] = time.perf_counter() - t0
+    out["hinted_fresh"] = h.staged_fresh
+    h.wait()
+    steady = []
+    for step in (2, 3):
+        t0 = time.perf_counter()
+        h = ck.save(step, state)
+        steady.append(time.perf_counter() - t0)
+        h.wait()
+    out["steady_blocking_s"] = sorted(steady)[0]
+    before = ck.stats()
+    big = grown(state)
+    out["grown_bytes"] = nbytes(big)
+    t0 = time.perf_counter()
+    h = ck.save(4, big)
+    out["grown_blocking_s"] = time.perf_counter() - t0
+    out["grown_fresh"] = h.staged_fresh
+    h.wait()
+    ck._pool.wait_ready()
+    after = ck.stats()
+    out["pool_before"], out["pool_after"] = before, after
+    t0 = time.perf_counter()
+    h = ck.save(5, big)
+    out["grown_steady_blocking_s"] = time.perf_counter() - t0
+    h.wait()
+    ck.close()
+    return out
+
+
+def _fresh_huge_pages(n: int) -> torch.Tensor:
+    """n bytes of fresh anonymous memory advised MADV_HUGEPAGE (unmapped with the tensor)."""
+    import ctypes
+    import mmap
+
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(getattr(mmap, "MADV_HUGEPAGE", 14))
+    return torch.frombuffer(m, dtype=torch.uint8)
+
+
+def fresh_copy_modes(state) -> dict:
+    """Ways to stage a state into memory nobody has touched yet (what a first save must do), best
+    of two: torch's per-tensor clone (what dcp.async_save's default stager does on CPU); the
+    old first save (allocate and prefault the pool on the thread pool, then copy into it); the
+    C++ copy into fresh pages advised MADV_HUGEPAGE; and the C++ copy straight into fresh pages
+    of a staging arena (base pages; the copier threads take the page faults), which the first
+    save uses now."""
+    from ichiban_comm import _C
+
+    tensors = list(state["model"].values()) + [v for g in state["optim"].values() for v in g.values()]
+    offsets, n = [], 0
+    for t in tensors:
+        offsets.append(n)
+        n += -(-t.numel() * t.element_size() // 64) * 64
+    out = {}
+    for name in ("clone", "prefault_then_copy", "copy_into_fresh_huge_pages", "copy_into_fresh_pages"):
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            if name == "clone":
+                keep = [t.clone() for t in tensors]
+            elif name == "prefault_then_copy":
+                keep = _C.checkpoint.alloc_staging(n)
+                _C.checkpoint.stage_copy(tensors, keep, offsets)
+            elif name == "copy_into_fresh_huge_pages":
+                keep = _fresh_huge_pages(n)
+                _C.checkpoint.stage_copy(tensors, keep, offsets)
+            else:
+                arena = _C.checkpoint.StagingArena(2 * n)
+                arena.grow(n)
+                keep = arena.tensor()
+                _C.checkpoint.stage_copy(tensors, keep, offsets)
+            best = min(best, time.perf_counter() - t0)
+            del keep
+        out[name + "_s"] = best
     return out
 
 
@@ -263,6 +365,9 @@ def main(argv=None) -> int:
     print("ichiban ...", file=sys.stderr)
     res["ichiban"] = bench_ichiban(state, scratch("ichiban"))
     shutil.rmtree(os.path.join(args.dir, "ichiban"))
+    res["fresh"] = fresh_copy_modes(state)
+    res["first_save"] = bench_first_save(state, scratch("first"))
+    shutil.rmtree(os.path.join(args.dir, "first"))
     res["ichiban_zstd"] = bench_ichiban(state, scratch("ichiban_zstd"), compression="zstd")
     shutil.rmtree(os.path.join(args.dir, "ichiban_zstd"))
     print("torch.save ...", file=sys.stderr)
@@ -288,14 +393,30 @@ def print_table(r) -> None:
     n = r["state_bytes"]
     gb = n / 1e9
     mc = n / (r["memcpy"]["GBps"] * 1e9)
-    ib, iz = r["ichiban"], r["ichiban_zstd"]
+    ib, iz, fs = r["ichiban"], r["ichiban_zstd"], r["first_save"]
     rows = [
         ("state", f"{n / 2**30:.2f} GiB", ""),
         ("memcpy bandwidth", f"{r['memcpy']['GBps']:.2f} GB/s", f"state copy bound {mc * 1e3:.0f} ms"),
         ("dd conv=fsync write", f"{r['dd_GBps']:.2f} GB/s", f"state bound {gb / r['dd_GBps']:.2f} s"),
-        ("ichiban save blocking (first, allocates pool)", f"{ib['first']['blocking_s'] * 1e3:.0f} ms", ""),
+        ("fresh memory: torch clone per tensor", f"{r['fresh']['clone_s'] * 1e3:.0f} ms", ""),
+        ("fresh memory: prefault pool, then copy", f"{r['fresh']['prefault_then_copy_s'] * 1e3:.0f} ms", ""),
+        ("fresh memory: copy into fresh huge pages", f"{r['fresh']['copy_into_fresh_huge_pages_s'] * 1e3:.0f} ms",
+         "MADV_HUGEPAGE"),
+        ("fresh memory: copy into fresh arena pages", f"{r['fresh']['copy_into_fresh_pages_s'] * 1e3:.0f} ms",
+         f"{r['fresh']['copy_into_fresh_pages_s'] / mc:.2f} x memcpy bound"),
+        ("ichiban save blocking (first, no hint)", f"{ib['first']['blocking_s'] * 1e3:.0f} ms",
+         f"{ib['first']['blocking_s'] / mc:.2f} x memcpy bound" + (
+             f"; {ib['first']['blocking_s'] / r['dcp']['async_blocking_s']:.2f} x dcp.async_save"
+             if "dcp" in r else "")),
+        ("ichiban save blocking (first, after reserve())", f"{fs['hinted_blocking_s'] * 1e3:.0f} ms",
+         f"{fs['hinted_blocking_s'] / mc:.2f} x memcpy bound; reserve() took {fs['reserve_s'] * 1e3:.0f} ms"),
         ("ichiban save blocking (steady)", f"{ib['steady']['blocking_s'] * 1e3:.0f} ms",
          f"{ib['steady']['blocking_s'] / mc:.2f} x memcpy bound"),
+        ("ichiban save blocking (state grew 10 %)", f"{fs['grown_blocking_s'] * 1e3:.0f} ms",
+         f"{fs['grown_blocking_s'] / fs['steady_blocking_s']:.2f} x steady ({fs['steady_blocking_s'] * 1e3:.0f} ms"
+         f" same run); pool {fs['pool_before']['pool_bytes'] / 2**20:.0f} -> "
+         f"{fs['pool_after']['pool_bytes'] / 2**20:.0f} MiB in place, {fs['pool_after']['allocations']} allocation"),
+        ("ichiban save blocking (grown, next save)", f"{fs['grown_steady_blocking_s'] * 1e3:.0f} ms", ""),
         ("ichiban save to commit (steady)", f"{ib['steady']['total_s']:.2f} s",
          f"{gb / ib['steady']['total_s']:.2f} GB/s = {gb / ib['steady']['total_s'] / r['dd_GBps']:.0%} of dd"),
         ("ichiban load", f"{ib['load_s']:.2f} s", ""),
@@ -309,7 +430,7 @@ def print_table(r) -> None:
         d = r["dcp"]
         rows += [
             ("dcp.save", f"{d['save_s']:.2f} s", f"load {d['load_s']:.2f} s"),
-            ("dcp.async_save blocking", f"{d['async_blocking_s'] * 1e3:.0f} ms",
+            ("dcp.async_save blocking (first call)", f"{d['async_blocking_s'] * 1e3:.0f} ms",
              f"ichiban steady is {ib['steady']['blocking_s'] / d['async_blocking_s']:.2f} x this"),
             ("dcp.async_save total", f"{d['async_total_s']:.2f} s", ""),
             ("dcp.save with ichiban StorageWriter", f"{d['ichiban_writer_save_s']:.2f} s",

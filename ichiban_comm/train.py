@@ -370,6 +370,11 @@ def main(argv=None) -> int:
             loss.backward()
         grad_norm = _clip(core if pipe is None else pipe.module, opt, dims, args)
         opt.step()
+        if ckpt is not None and args.ckpt_every and step == start:
+            # The optimizer's moments exist now: pay for the checkpoint staging pool here, not
+            # at the first save.
+            ckpt.reserve({"model": core.state_dict(), "optim": opt.state_dict(), "step": step + 1},
+                         rank_state={"rng": torch.get_rng_state()})
         window_tokens += tokens_per_step
 
         loss_f = loss.item()  # one sync per step: the loss is logged every step

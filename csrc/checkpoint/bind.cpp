@@ -59,6 +59,24 @@ void bind_checkpoint(py::module_& m) {
   }, py::arg("src"), py::arg("width"));
   m.def("alloc_staging", &alloc_staging, py::arg("nbytes"),
         py::call_guard<py::gil_scoped_release>(), "Prefaulted, MADV_DONTFORK host memory (uint8 tensor).");
+  py::class_<StagingArena, std::shared_ptr<StagingArena>>(m, "StagingArena",
+      "Reserved address space for a staging pool that grows in place (see staging.h).")
+      .def(py::init<int64_t>(), py::arg("reserve_bytes"))
+      .def_property_readonly("reserved", &StagingArena::reserved)
+      .def_property_readonly("size", &StagingArena::size)
+      .def_property_readonly("address", [](const StagingArena& a) {
+        return reinterpret_cast<uintptr_t>(a.base());
+      })
+      .def("grow", &StagingArena::grow, py::arg("nbytes"), py::call_guard<py::gil_scoped_release>())
+      .def("prefault", &StagingArena::prefault, py::arg("offset"), py::arg("length"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("lock", &StagingArena::lock, py::arg("offset"), py::arg("length"),
+           py::call_guard<py::gil_scoped_release>(), "mlock a range: 0 or the errno.")
+      .def("tensor", [](std::shared_ptr<StagingArena> a) {
+        // The tensor keeps the arena (and so the mapping) alive.
+        return at::from_blob(a->base(), {a->size()}, [a](void*) {},
+                             at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+      }, "The mapped bytes [0, size) as a uint8 tensor that keeps the arena alive.");
   m.def("stage_copy", &stage_copy, py::arg("srcs"), py::arg("pool"), py::arg("offsets"),
         py::call_guard<py::gil_scoped_release>(), "Copy CPU tensors into the staging pool at byte offsets.");
   m.def("copy_bytes", &copy_bytes, py::arg("dst"), py::arg("src"),

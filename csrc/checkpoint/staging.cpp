@@ -3,6 +3,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 #include "common/errors.h"
@@ -35,6 +37,59 @@ void run_pieces(const std::vector<Piece>& pieces) {
 }
 
 }  // namespace
+
+// Growth granularity: one transparent huge page, so every grown range can be
+// backed by huge pages and the mapped size stays a multiple of the base page.
+constexpr int64_t kGrowAlign = 2 << 20;
+
+StagingArena::StagingArena(int64_t reserve_bytes) {
+  ICHIBAN_CHECK_ARG(reserve_bytes > 0, "StagingArena: reserve_bytes must be > 0, got ", reserve_bytes);
+  reserved_ = (reserve_bytes + kGrowAlign - 1) / kGrowAlign * kGrowAlign;
+  void* p = ::mmap(nullptr, static_cast<size_t>(reserved_), PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ICHIBAN_CHECK(p != MAP_FAILED,
+                sys_error("reserving " + std::to_string(reserved_) + " bytes of address space"));
+  base_ = static_cast<char*>(p);
+}
+
+StagingArena::~StagingArena() {
+  if (base_ != nullptr) ::munmap(base_, static_cast<size_t>(reserved_));
+}
+
+void StagingArena::grow(int64_t nbytes) {
+  ICHIBAN_CHECK_ARG(nbytes >= 0 && nbytes <= reserved_, "StagingArena.grow: ", nbytes,
+                    " bytes requested, ", reserved_, " reserved");
+  const int64_t want = (nbytes + kGrowAlign - 1) / kGrowAlign * kGrowAlign;
+  const int64_t end = std::min(want, reserved_);
+  if (end <= size_) return;
+  char* p = base_ + size_;
+  const size_t len = static_cast<size_t>(end - size_);
+  ICHIBAN_CHECK(::mprotect(p, len, PROT_READ | PROT_WRITE) == 0,
+                sys_error("mapping " + std::to_string(len) + " staging bytes"));
+  ::madvise(p, len, MADV_DONTFORK);
+#ifdef MADV_HUGEPAGE
+  ::madvise(p, len, MADV_HUGEPAGE);  // advisory
+#endif
+  size_ = end;
+}
+
+void StagingArena::prefault(int64_t offset, int64_t len) {
+  ICHIBAN_CHECK_ARG(offset >= 0 && len >= 0 && offset + len <= size_, "StagingArena.prefault: [",
+                    offset, ", +", len, ") outside the ", size_, " mapped bytes");
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  char* c = base_ + offset;
+  const size_t pages = (static_cast<size_t>(len) + page - 1) / page;
+  default_pool().parallel_for(pages, 256, [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i) c[i * page] = 0;
+  });
+}
+
+int StagingArena::lock(int64_t offset, int64_t len) {
+  ICHIBAN_CHECK_ARG(offset >= 0 && len >= 0 && offset + len <= size_, "StagingArena.lock: [",
+                    offset, ", +", len, ") outside the ", size_, " mapped bytes");
+  if (len == 0) return 0;
+  return ::mlock(base_ + offset, static_cast<size_t>(len)) == 0 ? 0 : errno;
+}
 
 at::Tensor alloc_staging(int64_t nbytes) {
   ICHIBAN_CHECK_ARG(nbytes > 0, "alloc_staging: nbytes must be > 0, got ", nbytes);

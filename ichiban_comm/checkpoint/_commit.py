@@ -1,15 +1,24 @@
 """Committing a step: one rank writes the global manifest once every rank has written its files.
 
-Coordination runs on its own Gloo group with its own timeout, created from the
-ranks that save together: a commit never queues behind training collectives,
-and a dead rank turns into a failed save on every other rank after
-``commit_timeout_s`` instead of a hang or a watchdog kill.
+Coordination runs on its own Gloo group, created from the ranks that save
+together: a commit never queues behind training collectives, and a dead rank
+turns into a failed save on every other rank after the commit wait instead of a
+hang or a watchdog kill. The wait is set per save: ``commit_timeout_s`` plus the
+time to write the state's bytes at ``commit_min_bytes_per_s``, so a healthy
+save that is merely large or slow is never failed by a fixed timeout.
+
+A rank whose save() failed at the call (a bad state, a refused root lock) still
+joins the commit with its error, so every rank hears of it as soon as it
+arrives. Rank 0 also checks that the tensors declared replicated (plain tensors
+in ``state``) are equal on every rank, by the CRC-32C each rank computed of its
+own copy, and refuses the step naming the tensor and the ranks otherwise.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import shutil
 
@@ -17,9 +26,13 @@ from . import _layout as layout
 from .errors import CheckpointError
 
 
+log = logging.getLogger("ichiban_comm.checkpoint")
+
+
 class CommitGroup:
     def __init__(self, process_group=None, timeout_s: float = 300.0):
         self.pg = None
+        self.timeout_s = timeout_s
         self.rank, self.world, self.root_rank = 0, 1, 0
         try:
             import torch.distributed as dist
@@ -54,6 +67,23 @@ class CommitGroup:
                 pass
             self.pg = None
 
+    def set_wait(self, seconds: float) -> None:
+        """The wait of the coordination that follows (the commit of one save)."""
+        if self.pg is not None:
+            from torch.distributed import distributed_c10d as c10d
+
+            c10d.set_timeout(datetime.timedelta(seconds=seconds), self.pg)
+
+    def all_gather(self, obj) -> list:
+        """obj from every rank, in rank order (one process: [obj])."""
+        if self.pg is None:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.pg)
+        return out
+
     def commit(self, root, step, tmp, fragment, local_error, header) -> str:
         """Every rank calls this after writing its files; returns the step directory or raises."""
         if self.pg is None:
@@ -76,18 +106,18 @@ class CommitGroup:
                                                       header))
                     except Exception as e:  # noqa: BLE001 - every rank must hear about it
                         result = ("error", f"rank 0 commit: {e}")
-                if result[0] != "ok":
+                if result[0] != "ok" and tmp:
                     # Removed before anyone hears of the failure: a rank that retries the same
                     # step at once must not have its new files swept away.
                     shutil.rmtree(tmp, ignore_errors=True)
             box = [(result, step) if self.rank == 0 else None]
             dist.broadcast_object_list(box, src=self.root_rank, group=self.pg)
         except Exception as e:  # a rank died or timed out
-            if self.rank == 0:
+            if self.rank == 0 and tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint step {step}: commit coordination failed ({e})") from e
         (status, payload), root_step = box[0]
-        if status != "ok" and root_step != step:
+        if status != "ok" and root_step != step and tmp:
             shutil.rmtree(tmp, ignore_errors=True)  # a directory rank 0 does not know about
         if status != "ok":
             raise CheckpointError(f"checkpoint step {step} was not committed: {payload}")
@@ -101,6 +131,7 @@ def merge_fragments(fragments: list[dict], header: dict) -> dict:
     if any(s != header["step"] for s in steps):
         raise CheckpointError(f"the ranks saved different steps {steps}; every rank must call "
                               f"save() with the same step")
+    _check_replicated(fragments)
     tree_text = json.dumps(base["tree"], sort_keys=True)
     for r, f in enumerate(fragments[1:], start=1):
         if json.dumps(f["tree"], sort_keys=True) != tree_text:
@@ -130,7 +161,27 @@ def merge_fragments(fragments: list[dict], header: dict) -> dict:
     return manifest
 
 
+def _check_replicated(fragments: list[dict]) -> None:
+    """Tensors saved once for all ranks must hold the same bytes on every rank."""
+    crcs = [f.get("replicated") for f in fragments]
+    if len(fragments) < 2 or any(c is None for c in crcs):
+        return
+    for name, crc0 in crcs[0].items():
+        by_value: dict = {}
+        for r, c in enumerate(crcs):
+            by_value.setdefault(c.get(name), []).append(r)
+        if len(by_value) > 1:
+            groups = "; ".join(f"ranks {v} hold crc32c {k:08x}" if k is not None else f"ranks {v} lack it"
+                               for k, v in by_value.items())
+            raise CheckpointError(
+                f"tensor {name!r} differs between ranks ({groups}): a plain tensor in state is saved "
+                f"once for all ranks, so its values must be the same everywhere. Put per-rank tensors "
+                f"in save(rank_state=...) (saved and loaded per rank) and sharded ones in DTensors")
+
+
 def _commit_files(root, step, tmp, fragments, header) -> str:
+    # The commit number: one past the newest committed step's (see _layout.py).
+    header = dict(header, seq=layout.next_seq(root))
     manifest = merge_fragments(fragments, header)
     layout.write_manifest(tmp, manifest)
     return layout.commit(root, step)

@@ -22,8 +22,10 @@ from .errors import CheckpointCorruptError
 
 
 class _ReadBatch:
-    def __init__(self, step, directory: str, what: str | None = None):
+    def __init__(self, step, directory: str, what: str | None = None, read=None):
         self.step, self.dir = step, directory
+        # read(specs, dsts): _C.checkpoint.read_chunks, or the memory tier's reader of mapped snapshots
+        self.read = read or _C.checkpoint.read_chunks
         self.what = what or f"checkpoint step {step}"
         self.specs: list[tuple] = []
         self.dsts: list[torch.Tensor] = []
@@ -50,7 +52,7 @@ class _ReadBatch:
         if not self.specs:
             return
         try:
-            _C.checkpoint.read_chunks(self.specs, self.dsts)
+            self.read(self.specs, self.dsts)
         except RuntimeError as e:
             msg = str(e).split("\nException raised from")[0]
             for label, (fname, tname) in self.labels.items():
@@ -106,7 +108,7 @@ def load_rank_step(root: str, step: int, rank: int):
     return None if part is None else load_tree(step, layout.step_dir(root, step), part, None)
 
 
-def load_tree(step: int, directory: str, manifest: dict, into=None):
+def load_tree(step: int, directory: str, manifest: dict, into=None, read=None):
     """Rebuild manifest["tree"] from manifest["tensors"] / manifest["storages"]."""
     entries, storages = manifest["tensors"], manifest["storages"]
     targets: dict[str, torch.Tensor] = {}
@@ -118,7 +120,7 @@ def load_tree(step: int, directory: str, manifest: dict, into=None):
         if missing:
             raise KeyError(f"into has tensors that checkpoint step {step} does not: {missing[:5]}")
 
-    batch = _ReadBatch(step, directory)
+    batch = _ReadBatch(step, directory, read=read)
     storage_bufs: dict[int, torch.Tensor] = {}
     outs: list = [None] * len(entries)
     copies: list = []   # (dst region view, shard buffer view) after the reads

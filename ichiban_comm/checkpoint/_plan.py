@@ -43,6 +43,7 @@ class Plan:
     entries: list = field(default_factory=list)    # manifest "tensors", one per leaf
     storages: list = field(default_factory=list)   # manifest "storages"
     blobs: list = field(default_factory=list)      # what this rank writes
+    replicated: list = field(default_factory=list)  # (name, source) saved once for all ranks
 
     @property
     def nbytes(self) -> int:
@@ -148,7 +149,8 @@ def build_plan(leaves: list, rank: int = 0, world: int = 1) -> Plan:
         sid = len(plan.storages)
         target = {"nbytes": span1 - span0}
         plan.storages.append(target)
-        replicated.append((span1 - span0, f"<storage {sid}>", span, widths.pop() if len(widths) == 1 else 1, target))
+        label = f"<storage {sid} shared by {', '.join(leaves[i][0] for i in members[:3])}>"
+        replicated.append((span1 - span0, label, span, widths.pop() if len(widths) == 1 else 1, target))
         for i in members:
             t = leaves[i][1]
             view_of[i] = (sid, t.storage_offset() * t.element_size() - span0)
@@ -172,6 +174,7 @@ def build_plan(leaves: list, rank: int = 0, world: int = 1) -> Plan:
             entry["shards"] = [shard]
             replicated.append((_nbytes(t), path, t, _plane_width(t.dtype), shard))
 
+    plan.replicated = [(name, src) for _, name, src, _, _ in replicated]
     owners = _owner([(n, name) for n, name, *_ in replicated], world)
     for (n, name, src, width, target), r in zip(replicated, owners):
         target["rank"] = r

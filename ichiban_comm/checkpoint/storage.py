@@ -16,6 +16,7 @@ import dataclasses
 import io
 import os
 import pickle
+import threading
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -36,10 +37,6 @@ from .errors import CheckpointCorruptError
 METADATA = ".metadata"
 
 
-class _DeviceMeshNotCpu(Exception):
-    pass
-
-
 def _done(value) -> Future:
     f: Future = Future()
     f.set_result(value)
@@ -49,33 +46,56 @@ def _done(value) -> Future:
 class StorageWriter(_DcpWriter):
     """Writes a DCP checkpoint into directory ``path`` with ichiban_comm's writer threads.
 
-    It is also ``dcp.async_save``'s stager: tensors are copied into a staging pool
-    (C++ threads for CPU tensors, a side stream for CUDA ones) that this writer
-    keeps and reuses for its next ``async_save`` once the previous one has been
-    written, so the caller waits only for that copy.
+    It is also ``dcp.async_save``'s stager: tensors (plain, or DTensors' local shards on any
+    mesh) are copied into a staging pool (C++ threads for CPU tensors, a side stream for CUDA
+    ones) and the caller waits only for that copy. Every save owns the pool it staged into
+    until DCP has let go of the staged tensors (written them, or, with the process executor,
+    handed them to the checkpoint process); an ``async_save`` that overlaps one still in flight
+    takes another pool, never a busy one. Idle pools are kept and reused, so with one writer
+    a run allocates one pool (two while saves overlap), pinned off the caller's thread as in
+    ``AsyncCheckpointer``.
     """
 
     # AsyncStager protocol: stage() returns a finished copy, nothing to synchronize later.
     _synchronize_after_execute = False
 
     def __init__(self, path, *, compression: str | None = None, compression_level: int = 1,
-                 writer_threads: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 writer_threads: int = 4, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 pin_memory: bool = True):
         super().__init__()
         if compression not in _CODECS:
             raise ValueError(f"compression must be None or 'zstd', got {compression!r}")
         if not isinstance(writer_threads, int) or writer_threads < 1:
             raise ValueError(f"writer_threads must be an integer >= 1, got {writer_threads!r}")
+        if not isinstance(pin_memory, bool):
+            raise TypeError(f"pin_memory must be a bool, got {pin_memory!r}")
         self.path = os.fspath(path)
         self.codec, self.level = _CODECS[compression], compression_level
         self.threads, self.chunk_bytes = writer_threads, chunk_bytes
+        self.pin_memory = pin_memory
         self.prefix = "r0"
-        self._pool: StagingPool | None = None
-        self._pool_free = True
+        self._pools: list[StagingPool] = []
+        self._claimed: set[int] = set()     # id() of pools a stage() is filling right now
+        self._leases: dict[int, tuple] = {}  # id(pool) -> (storage of its staged views, address, length)
+        self._pools_lock = threading.Lock()
+        self._tls = threading.local()       # per save thread: the checkpoint path of that save
 
-    def __getstate__(self):  # a process-based async_save pickles the writer: not its pool
+    def __getstate__(self):  # a process-based async_save pickles the writer: not its pools
         state = dict(self.__dict__)
-        state["_pool"], state["_pool_free"] = None, True
+        state["_pools"], state["_claimed"], state["_leases"] = [], set(), {}
+        del state["_pools_lock"], state["_tls"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pools_lock = threading.Lock()
+        self._tls = threading.local()
+
+    @property
+    def _path(self) -> str:
+        # Overlapping async_saves run on different executor threads through this one writer:
+        # each save's reset(checkpoint_id) sets the path for its own thread only.
+        return getattr(self._tls, "path", self.path)
 
     # ------------------------------------------------------------------ staging
     @property
@@ -85,19 +105,62 @@ class StorageWriter(_DcpWriter):
     def synchronize_staging(self) -> None:
         pass
 
+    def stats(self) -> dict:
+        """Per staging pool: its counters (see AsyncCheckpointer.stats) and how many saves still
+        hold it (leases)."""
+        with self._pools_lock:
+            return {"pools": [dict(p.stats(), leases=int(self._busy(p))) for p in self._pools]}
+
+    def _busy(self, pool: StagingPool) -> bool:
+        """Whether a save still holds the pool: its staged views share one storage of their own
+        over the pool's bytes, and that storage is alive (DCP has not let go of them) and still
+        points there (pickling them for the checkpoint process moves them to shared memory)."""
+        lease = self._leases.get(id(pool))
+        if lease is None:
+            return False
+        storage, address, _ = lease
+        if storage.data_ptr() == address and torch._C._storage_Use_Count(storage._cdata) > 1:
+            return True
+        del self._leases[id(pool)]
+        return False
+
     def close(self) -> None:
-        if self._pool is not None and self._pool_free:
-            self._pool.release()
-        self._pool = None
+        """Release the idle staging pools (a pool a save still holds is freed with it)."""
+        with self._pools_lock:
+            keep = []
+            for p in self._pools:
+                if self._busy(p):
+                    keep.append(p)
+                else:
+                    p.close()
+            self._pools = keep
+
+    def _written(self, sources) -> None:
+        """This save's staged bytes are on disk: the pool they were staged in (found by address;
+        never another save's) is free, even while DCP still holds the views for a moment."""
+        with self._pools_lock:
+            for key, (_, address, length) in list(self._leases.items()):
+                if any(address <= t.data_ptr() < address + length for t in sources if t.numel()):
+                    del self._leases[key]
+
+    def _claim_pool(self, nbytes: int) -> StagingPool:
+        with self._pools_lock:
+            free = [p for p in self._pools if id(p) not in self._claimed and not self._busy(p)]
+            if free:  # the smallest that holds the state, else the largest (it grows)
+                fits = [p for p in free if p.nbytes >= nbytes]
+                pool = min(fits, key=lambda p: p.nbytes) if fits else max(free, key=lambda p: p.nbytes)
+            else:
+                pool = StagingPool(pin=self.pin_memory, what="StorageWriter staging pool")
+                self._pools.append(pool)
+            self._claimed.add(id(pool))
+            return pool
 
     def stage(self, state_dict):
-        """A copy of state_dict whose tensors live in this writer's staging pool."""
+        """A copy of state_dict whose tensors live in a staging pool this save owns."""
         leaves: list[torch.Tensor] = []
 
         def collect(x):
             if _is_dtensor(x):
-                if x.device_mesh.device_type != "cpu":
-                    raise _DeviceMeshNotCpu
                 leaves.append(x.to_local())
             elif isinstance(x, torch.Tensor):
                 leaves.append(x)
@@ -108,33 +171,37 @@ class StorageWriter(_DcpWriter):
                 for v in x:
                     collect(v)
 
-        try:
-            collect(state_dict)
-        except _DeviceMeshNotCpu:
-            # A DTensor on a device mesh cannot hold a CPU local tensor: torch's own CPU copy.
-            from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-
-            return _copy_state_dict(state_dict, _create_cpu_state_dict(state_dict))
+        collect(state_dict)
         pieces, used = [], 0
         for i, t in enumerate(leaves):
             n = t.numel() * t.element_size()
             pieces.append(Piece(i, t.detach(), 0, n, used))
             used += -(-n // 64) * 64
-        # Reuse the pool only once the previous async_save has written it out.
-        if self._pool is None or not self._pool_free:
-            self._pool = StagingPool()
-        self._pool_free = False
-        buf = self._pool.reserve(max(64, used))
-        self._pool.copy_in([p for p in pieces if p.nbytes])
-        staged = iter(buf[p.pool_offset:p.pool_offset + p.nbytes].view(p.source.dtype).view(p.source.shape)
-                      for p in pieces)
+        pool = self._claim_pool(used)
+        try:
+            buf, fresh = pool.prepare(used)
+            pool.copy_in([p for p in pieces if p.nbytes], buf)
+            # The staged tensors are views of a storage of their own over the pool's bytes:
+            # the pool is busy exactly as long as that storage holds them.
+            lease = pool.arena.tensor()[:max(64, used)]
+            if fresh:
+                pool.settle()
+        finally:
+            with self._pools_lock:
+                if "lease" in locals():
+                    self._leases[id(pool)] = (lease.untyped_storage(), pool.arena.address, lease.numel())
+                self._claimed.discard(id(pool))
+        staged = iter([lease[p.pool_offset:p.pool_offset + p.nbytes].view(p.source.dtype).view(p.source.shape)
+                       for p in pieces])
+        del lease
 
         def rebuild(x):
             if _is_dtensor(x):
                 from torch.distributed.tensor import DTensor
 
-                return DTensor.from_local(next(staged), x.device_mesh, x.placements, run_check=False,
-                                          shape=x.shape, stride=x.stride())
+                # The spec (mesh, placements, global shape) is kept; the local shard is the CPU
+                # copy, also for a CUDA mesh (as torch's own CPU staging does).
+                return DTensor(next(staged), x._spec, requires_grad=False)
             if isinstance(x, torch.Tensor):
                 return next(staged)
             if isinstance(x, dict):
@@ -149,13 +216,13 @@ class StorageWriter(_DcpWriter):
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id is not None:
-            self.path = os.fspath(checkpoint_id)
+            self._tls.path = os.fspath(checkpoint_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
         self.is_coordinator = is_coordinator
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        os.makedirs(self.path, exist_ok=True)
+        os.makedirs(self._path, exist_ok=True)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -186,12 +253,10 @@ class StorageWriter(_DcpWriter):
         sizes = [t.numel() for t in sources]
         names = [f"{prefix}_w{k}.bin" for k in range(self.threads)]
         job = _C.checkpoint.WriteJob(sources, [(i, 0, n, w) for i, (n, w) in enumerate(zip(sizes, widths))],
-                                     [os.path.join(self.path, n) for n in names], self.chunk_bytes,
+                                     [os.path.join(self._path, n) for n in names], self.chunk_bytes,
                                      self.codec, self.level)
-        try:
-            job.wait()
-        finally:
-            self._pool_free = True  # the staged tensors have been written (or never will be)
+        job.wait()
+        self._written(sources)
         chunks: dict[int, list] = {}
         for (b, _i, raw_off, raw_len, f, f_off, stored, crc, codec, planes) in job.records():
             chunks.setdefault(b, []).append((raw_off, [names[f], f_off, stored, raw_len, crc, codec, planes]))
@@ -204,14 +269,15 @@ class StorageWriter(_DcpWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         metadata.storage_data = {r.index: r.storage_data for rank in results for r in rank}
         body = pickle.dumps(metadata)
-        tmp = os.path.join(self.path, METADATA + ".tmp")
+        path = self._path
+        tmp = os.path.join(path, METADATA + ".tmp")
         layout.write_file_durable(tmp, body + b"\ncrc32c=%08x\n" % _C.checkpoint.crc32c(body))
-        _C.checkpoint.fsync_dir(self.path)
-        os.replace(tmp, os.path.join(self.path, METADATA))
-        _C.checkpoint.fsync_dir(self.path)
+        _C.checkpoint.fsync_dir(path)
+        os.replace(tmp, os.path.join(path, METADATA))
+        _C.checkpoint.fsync_dir(path)
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self.path)
+        return StorageMeta(checkpoint_id=self._path)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:

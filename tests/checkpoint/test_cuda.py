@@ -23,6 +23,7 @@ def test_cuda_snapshot_is_consistent_and_pinned(tmp_path):
     expect["a"] *= 2                 # exact in float32
     expect["view"] = expect["a"].t()[::3].clone()
     with AsyncCheckpointer(tmp_path) as ck:
+        ck.reserve(state)            # grown, prefaulted and pinned before the first save
         # Work still queued on the current stream when save() is called must be in the snapshot.
         torch.cuda._sleep(50_000_000)
         state["a"].mul_(2)

@@ -165,7 +165,7 @@ def test_background_write_error_surfaces_and_partial_step_removed(tmp_path):
         ck.save(5, big)
         with pytest.raises(CheckpointError, match="step 5 failed"):
             ck.close()                     # ... or on close
-    assert sorted(os.listdir(root)) == ["latest", layout.step_name(1)]
+    assert sorted(os.listdir(root)) == [layout.LOCK, "latest", layout.step_name(1)]
     ck = AsyncCheckpointer(root)
     assert ck.steps() == [1]
     assert torch.equal(ck.load()["w"], small["w"])

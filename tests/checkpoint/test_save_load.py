@@ -150,7 +150,7 @@ def test_bad_arguments(tmp_path):
             ck.load()
         with pytest.raises(ValueError, match="step must be None or a non-negative integer"):
             ck.load(step="3")
-        assert not os.listdir(tmp_path), "refused saves must leave nothing behind"
+        assert os.listdir(tmp_path) == [layout.LOCK], "refused saves must leave nothing behind"
     with pytest.raises(CheckpointError, match="closed"):
         ck.save(1, {})
 
@@ -170,7 +170,7 @@ def test_stale_tmp_swept_on_start(tmp_path):
     (tmp_path / "step_000000000007.tmp" / "r0_v0_w0.bin").write_bytes(b"junk")
     os.makedirs(tmp_path / "step_000000000003.del")
     AsyncCheckpointer(tmp_path).close()
-    assert sorted(os.listdir(tmp_path)) == []
+    assert sorted(os.listdir(tmp_path)) == [layout.LOCK]
 
 
 def test_rank_state_single_process(tmp_path):
