@@ -33,7 +33,7 @@ _NEG_BIG = tl.constexpr(-3.0e38)
 
 # ----------------------------------------------------------------------------- reference
 def cross_entropy_reference(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                            reduction="mean"):
+                            reduction="mean", loss_dtype=None):
     """Plain torch, unsharded: the test oracle (float64 in, float64 math)."""
     lf = logits if logits.dtype == torch.float64 else logits.float()
     lf = lf.reshape(-1, lf.shape[-1])
@@ -43,7 +43,7 @@ def cross_entropy_reference(logits, target, ignore_index=-100, label_smoothing=0
     xt = lf.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
     loss = (1.0 - label_smoothing) * (lse - xt) + label_smoothing * (lse - lf.mean(-1))
     loss = torch.where(valid, loss + z_loss * lse * lse, 0.0)
-    return _reduce(loss, valid, reduction, target.shape).to(logits.dtype)
+    return _reduce(loss, valid, reduction, target.shape).to(loss_dtype or logits.dtype)
 
 
 def _reduce(loss, valid, reduction, shape):
@@ -248,7 +248,7 @@ def assert_targets_in_range(target, valid, vocab_total):
 class _CrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, smoothing, z_loss, reduction, group,
-                triton_path):
+                triton_path, loss_dtype):
         lg = rows_2d(logits)  # (N, V/tp)
         t = target.reshape(-1)  # (N,)
         start, total = vocab_layout(lg.shape[1], group)
@@ -259,7 +259,7 @@ class _CrossEntropyFn(torch.autograd.Function):
         loss = row_loss(lse, xt, sx, valid, total, smoothing, z_loss)
         ctx.save_for_backward(lg, t, lse, valid)
         ctx.args = (start, total, smoothing, z_loss, reduction, triton_path, logits.shape)
-        return _reduce(loss, valid, reduction, target.shape).to(logits.dtype)
+        return _reduce(loss, valid, reduction, target.shape).to(loss_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -267,15 +267,16 @@ class _CrossEntropyFn(torch.autograd.Function):
         start, total, smoothing, z_loss, reduction, triton_path, shape = ctx.args
         coef = grad_coef(grad_out, valid, reduction)
         d = row_grad(lg, t, lse, coef, start, total, smoothing, z_loss, triton_path)
-        return d.view(shape), None, None, None, None, None, None, None
+        return d.view(shape), None, None, None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                   label_smoothing: float = 0.0, z_loss: float = 0.0, reduction: str = "mean",
-                  group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+                  group: Optional[dist.ProcessGroup] = None,
+                  loss_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Cross-entropy of ``logits`` ``(..., V)`` (or ``(..., V/tp)`` with ``group``) against
     ``target`` ``(...)`` of global ids; see the module docstring. Returns the loss in logits'
-    dtype (``reduction="none"``: target's shape, ignored rows 0)."""
+    dtype, or ``loss_dtype`` (``reduction="none"``: target's shape, ignored rows 0)."""
     if not isinstance(logits, torch.Tensor) or logits.dtype not in (
             torch.float16, torch.bfloat16, torch.float32):
         raise TypeError("logits must be a float16, bfloat16 or float32 tensor, got "
@@ -285,9 +286,12 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     rows = logits.numel() // logits.shape[-1]
     check_ce_args("logits", logits, target, ignore_index, label_smoothing, z_loss, reduction,
                   rows)
+    loss_dtype = logits.dtype if loss_dtype is None else loss_dtype
+    if loss_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"loss_dtype must be a float dtype (16/32-bit), got {loss_dtype}")
     triton_path = use_triton(logits)
     if group is None and not triton_path:
         return cross_entropy_reference(logits, target, ignore_index, label_smoothing, z_loss,
-                                       reduction)
+                                       reduction, loss_dtype)
     return _CrossEntropyFn.apply(logits, target, ignore_index, float(label_smoothing),
-                                 float(z_loss), reduction, group, triton_path)
+                                 float(z_loss), reduction, group, triton_path, loss_dtype)

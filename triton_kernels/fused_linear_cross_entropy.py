@@ -38,11 +38,15 @@ _CHUNK_BYTES = 1 << 28
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, ignore_index=-100,
-                                         label_smoothing=0.0, z_loss=0.0, reduction="mean"):
+                                         label_smoothing=0.0, z_loss=0.0, reduction="mean",
+                                         logit_scale=1.0, softcap=None):
     """Plain torch, unsharded, materialising the logits: the test oracle."""
     logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
     if bias is not None:
         logits = logits + bias
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return cross_entropy_reference(logits, target.reshape(-1), ignore_index, label_smoothing,
                                    z_loss, reduction).reshape(
         target.shape if reduction == "none" else ())
@@ -55,6 +59,23 @@ def default_chunk_size(rows: int, v_local: int, elem_size: int) -> int:
 def _logits(h, weight, bias):
     # (c, H) @ (H, V/tp) -> (c, V/tp) in the input dtype
     return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+
+def _transform(lg, scale, softcap):
+    """Logit scaling / soft-capping (Granite, Gemma-2/3): returns the transformed chunk logits and
+    d(new)/d(old) per element (None when it is the constant ``scale``)."""
+    if scale == 1.0 and softcap is None:
+        return lg, None
+    if softcap is None:
+        return lg * scale, None
+    t = torch.tanh(lg.float() * (scale / softcap))  # (c, V/tp) float32, this chunk only
+    return (t * softcap).to(lg.dtype), (1.0 - t * t).mul_(scale)
+
+
+def _chain(dlg, factor, scale):
+    if factor is not None:
+        return (dlg.float() * factor).to(dlg.dtype)
+    return dlg * scale if scale != 1.0 else dlg
 
 
 def _grad_buffers(h2, weight, bias, need):
@@ -91,7 +112,7 @@ class _FusedLinearCEFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, reduction,
-                group, chunk, triton_path, need):
+                group, chunk, triton_path, need, scale, softcap):
         h2 = rows_2d(hidden)  # (N, H)
         t = target.reshape(-1)  # (N,)
         n = h2.shape[0]
@@ -100,7 +121,7 @@ class _FusedLinearCEFn(torch.autograd.Function):
         assert_targets_in_range(t, valid, total)
         ctx.grad_in_forward = reduction != "none" and any(need)
         ctx.args = (start, total, smoothing, z_loss, reduction, group, chunk, triton_path,
-                    hidden.shape)
+                    hidden.shape, scale, softcap)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         if ctx.grad_in_forward:
             coef = valid.float()  # d loss / d loss_i before the incoming gradient
@@ -111,13 +132,13 @@ class _FusedLinearCEFn(torch.autograd.Function):
             for c0 in range(0, n, chunk):
                 sl = slice(c0, c0 + chunk)
                 hc = h2[sl]
-                lg = _logits(hc, weight, bias)  # (c, V/tp)
+                lg, factor = _transform(_logits(hc, weight, bias), scale, softcap)  # (c, V/tp)
                 lse, xt, sx = combine_stats(row_stats(lg, t[sl], start, smoothing > 0,
                                                       triton_path), group, smoothing > 0)
                 loss[sl] = row_loss(lse, xt, sx, valid[sl], total, smoothing, z_loss)
-                dlg = row_grad(lg, t[sl], lse, coef[sl], start, total, smoothing, z_loss,
-                               triton_path)
-                del lg
+                dlg = _chain(row_grad(lg, t[sl], lse, coef[sl], start, total, smoothing, z_loss,
+                                      triton_path), factor, scale)
+                del lg, factor
                 _accumulate(dlg, hc, weight, sl, dh, dw, db)
                 del dlg
             if dh is not None and group is not None:
@@ -128,7 +149,7 @@ class _FusedLinearCEFn(torch.autograd.Function):
 
         stats = h2.new_empty((4, n), dtype=torch.float32)  # local per-row stats, all chunks
         for c0 in range(0, n, chunk):
-            lg = _logits(h2[c0:c0 + chunk], weight, bias)  # (c, V/tp), freed each step
+            lg, _ = _transform(_logits(h2[c0:c0 + chunk], weight, bias), scale, softcap)
             stats[:, c0:c0 + chunk] = row_stats(lg, t[c0:c0 + chunk], start, smoothing > 0,
                                                 triton_path)
             del lg
@@ -139,7 +160,8 @@ class _FusedLinearCEFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        start, total, smoothing, z_loss, reduction, group, chunk, triton_path, shape = ctx.args
+        (start, total, smoothing, z_loss, reduction, group, chunk, triton_path, shape, scale,
+         softcap) = ctx.args
         if ctx.grad_in_forward:
             if ctx.used:
                 raise RuntimeError("fused_linear_cross_entropy: backward through the same loss "
@@ -151,23 +173,23 @@ class _FusedLinearCEFn(torch.autograd.Function):
             if dw is not None:
                 dw.mul_(g)  # in place: a second (V/tp, H) buffer is what this op avoids
             db = (db * g).to(ctx.bias_dtype) if db is not None else None
-            return dh, dw, db, None, None, None, None, None, None, None, None, None
+            return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
         h2, weight, bias, t, lse, valid = ctx.saved_tensors
         coef = grad_coef(grad_out, valid, reduction)  # (N,)
         dh, dw, db = _grad_buffers(h2, weight, bias, ctx.needs_input_grad[:3])
         for c0 in range(0, h2.shape[0], chunk):
             sl = slice(c0, c0 + chunk)
-            lg = _logits(h2[sl], weight, bias)
-            dlg = row_grad(lg, t[sl], lse[sl], coef[sl], start, total, smoothing, z_loss,
-                           triton_path)  # (c, V/tp)
-            del lg
+            lg, factor = _transform(_logits(h2[sl], weight, bias), scale, softcap)
+            dlg = _chain(row_grad(lg, t[sl], lse[sl], coef[sl], start, total, smoothing, z_loss,
+                                  triton_path), factor, scale)  # (c, V/tp)
+            del lg, factor
             _accumulate(dlg, h2[sl], weight, sl, dh, dw, db)
             del dlg
         if dh is not None and group is not None:
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
         dh = dh.view(shape) if dh is not None else None
         db = db.to(bias.dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -175,11 +197,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                label_smoothing: float = 0.0, z_loss: float = 0.0,
                                reduction: str = "mean",
                                group: Optional[dist.ProcessGroup] = None,
-                               chunk_size: Optional[int] = None) -> torch.Tensor:
+                               chunk_size: Optional[int] = None, logit_scale: float = 1.0,
+                               softcap: Optional[float] = None) -> torch.Tensor:
     """Cross-entropy of ``hidden (..., H) @ weight (V or V/tp, H).T + bias`` against ``target
     (...)`` without materialising the logits; arguments as in ``cross_entropy``.
 
     ``chunk_size``: tokens per chunk (default: ~256 MiB of logits per chunk).
+    ``logit_scale`` / ``softcap``: the loss is taken on ``softcap * tanh(scale * z / softcap)``
+    (or ``scale * z`` without ``softcap``), ``z = hidden @ weight.T + bias`` — Granite's logit
+    scaling and Gemma-2/3's final soft-capping.
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -213,9 +239,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         chunk_size = default_chunk_size(rows, weight.shape[0], hidden.element_size())
     elif not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not (isinstance(logit_scale, (int, float)) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a positive number, got {logit_scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
     need = (torch.is_grad_enabled() and hidden.requires_grad,
             torch.is_grad_enabled() and weight.requires_grad,
             torch.is_grad_enabled() and bias is not None and bias.requires_grad)
     return _FusedLinearCEFn.apply(hidden, weight, bias, target, ignore_index,
                                   float(label_smoothing), float(z_loss), reduction, group,
-                                  chunk_size, use_triton(hidden), need)
+                                  chunk_size, use_triton(hidden), need, float(logit_scale),
+                                  None if softcap is None else float(softcap))

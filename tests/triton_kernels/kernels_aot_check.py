@@ -18,7 +18,7 @@ import time
 
 FP32_PTRS = {"RSTD", "MEAN", "DWP", "DBP", "STATS", "LSE", "COEF", "W", "B"}
 INT_PTRS = {"TARGET"}
-FLOATS = {"eps", "p", "smoothing", "z_loss", "inv_vocab_total"}
+FLOATS = {"eps", "p", "smoothing", "z_loss", "inv_vocab_total", "offset"}
 INT64 = {"seed", "vocab_start"}
 SCALAR_UPPER = {"N", "V", "S", "HALF"}  # upper-case names that are sizes, not pointers
 SCALAR_UPPER_IN = {"_rope_kernel": {"H"}}  # (H is the head count there, a buffer elsewhere)
