@@ -111,15 +111,18 @@ def expect_launches(*names: str):
                              f"the reference); launches now: {after}")
 
 
-def custom_op(name: str, fake):
+def custom_op(name: str, fake, mutates=()):
     """Register the decorated launcher as ``torch.ops.ichiban_tk.<name>`` with a fake (meta) impl.
 
     The op is opaque to torch.compile: it traces through it without a graph break using ``fake``
-    for shapes, and calls the launcher at run time.
+    for shapes, and calls the launcher at run time. ``mutates``: the arguments the launcher
+    writes into (declared, so functionalization sees the write); every other argument is
+    read-only and no output may alias an input — ``tests/triton_kernels/test_kernels_opcheck.py``
+    checks each op against its declaration with ``torch.library.opcheck``.
     """
 
     def deco(fn):
-        op = torch.library.custom_op(f"{LIB}::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"{LIB}::{name}", mutates_args=tuple(mutates))(fn)
         op.register_fake(fake)
         _LAUNCHERS[name] = fn
         return op

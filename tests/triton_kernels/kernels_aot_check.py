@@ -16,10 +16,10 @@ import os
 import sys
 import time
 
-FP32_PTRS = {"RSTD", "MEAN", "DWP", "DBP", "STATS", "LSE", "COEF", "W", "B"}
-INT_PTRS = {"TARGET"}
-FLOATS = {"eps", "p", "smoothing", "z_loss", "inv_vocab_total", "offset"}
-INT64 = {"seed", "vocab_start"}
+FP32_PTRS = {"RSTD", "MEAN", "DWP", "DBP", "STATS", "LSE", "COEF", "W", "B", "LOSS", "G", "SRC"}
+INT_PTRS = {"TARGET", "NVALID"}
+FLOATS = {"eps", "p", "smoothing", "z_loss", "inv_vocab_total", "inv_vocab", "offset"}
+INT64 = {"seed", "vocab_start", "ignore_index", "n"}
 SCALAR_UPPER = {"N", "V", "S", "HALF"}  # upper-case names that are sizes, not pointers
 SCALAR_UPPER_IN = {"_rope_kernel": {"H"}}  # (H is the head count there, a buffer elsewhere)
 
@@ -43,8 +43,12 @@ KERNELS = {
                                               "BLOCK": [1024]}, 4),
                          ("_bda_bwd_kernel", {"BLOCK": [1024]}, 4)],
     "rope": [("_rope_kernel", {"BACKWARD": [True, False], "BLOCK_H": [16], "BLOCK_D": [64]}, 4)],
-    "cross_entropy": [("_ce_stats_kernel", {"SMOOTH": [True, False], "BLOCK": [4096]}, 8),
-                      ("_ce_grad_kernel", {"BLOCK": [4096]}, 8)],
+    "cross_entropy": [("_ce_fwd_kernel", {"SMOOTH": [True, False], "WRITE_GRAD": [True, False],
+                                          "MEAN": [True, False], "BLOCK": [4096]}, 8),
+                      ("_ce_stats_kernel", {"SMOOTH": [True, False], "BLOCK": [4096]}, 8),
+                      ("_ce_grad_kernel", {"BLOCK": [4096]}, 8),
+                      ("_scale_kernel", {"ALWAYS": [True, False], "BLOCK": [4096]}, 8),
+                      ("_scale_rows_kernel", {"BLOCK": [4096]}, 8)],
 }
 
 
