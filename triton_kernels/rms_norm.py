@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import (check_rows, check_same, count_launch, custom_op, num_programs,
-                        row_block, row_warps, rows_2d, run_op, tl, triton, use_triton)
+from ._dispatch import (check_rows, check_same, count_launch, custom_op, finish_partials,
+                        num_programs, row_block, row_warps, rows_2d, rows_per_program, run_op,
+                        tl, triton, use_triton)
 
 __all__ = ["rms_norm", "rms_norm_reference"]
 
@@ -35,21 +36,27 @@ def rms_norm_reference(x, weight, eps=1e-6, residual=None, offset=0.0):
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _rms_norm_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, N, eps,
-                         offset, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2**31
+def _rms_norm_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, rows, N,
+                         eps, offset, HAS_RES: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    # A (ROWS, BLOCK) tile: ROWS > 1 for narrow rows (hidden <= 256), so a program still moves
+    # a few KiB; int64 row offsets (rows * stride can pass 2**31)
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rmask = r < rows
+    mask = rmask[:, None] & (cols < N)[None, :]
+    h = tl.load(X + r[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        h += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h += tl.load(R + r[:, None] * stride_r + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
         h = h.to(H.dtype.element_ty)
-        tl.store(H + row * stride_h + cols, h, mask=mask)
+        tl.store(H + r[:, None] * stride_h + cols[None, :], h, mask=mask)
         h = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / N + eps)
-    tl.store(RSTD + row, rstd)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    tl.store(Y + row * stride_y + cols, (h * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / N + eps)
+    tl.store(RSTD + r, rstd, mask=rmask)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32) + offset
+    y = h * rstd[:, None] * w[None, :]
+    tl.store(Y + r[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -97,22 +104,23 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torc
         count_launch("rms_norm_fwd")
         r = residual if residual is not None else x
         hh = h if residual is not None else y
-        _rms_norm_fwd_kernel[(rows,)](x, r, weight, y, hh, rstd, x.stride(0), r.stride(0),
-                                      y.stride(0), hh.stride(0), n, eps, offset,
-                                      HAS_RES=residual is not None, BLOCK=block,
-                                      num_warps=row_warps(block))
+        nr = rows_per_program(block)
+        _rms_norm_fwd_kernel[(triton.cdiv(rows, nr),)](
+            x, r, weight, y, hh, rstd, x.stride(0), r.stride(0), y.stride(0), hh.stride(0), rows,
+            n, eps, offset, HAS_RES=residual is not None, ROWS=nr, BLOCK=block,
+            num_warps=row_warps(block * nr))
     return y, h, rstd
 
 
 def _bwd_fake(dy, h, weight, rstd, dh_out, offset):
-    return torch.empty_like(h), weight.new_empty(weight.shape, dtype=torch.float32)
+    return torch.empty_like(h), torch.empty_like(weight)
 
 
 @custom_op("rms_norm_bwd", _bwd_fake)
 def _rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                   dh_out: Optional[torch.Tensor], offset: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    # dy, h, dh_out: (rows, N); returns dx (rows, N) in h's dtype and dweight (N,) in float32
+    # dy, h, dh_out: (rows, N); returns dx (rows, N) in h's dtype and dweight (N,) in weight's
     rows, n = h.shape
     dx = torch.empty_like(h)
     progs = num_programs(h.device, rows)
@@ -126,7 +134,7 @@ def _rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd:
                                        h.stride(0), dho.stride(0), dx.stride(0), rows, n,
                                        triton.cdiv(rows, progs), offset, HAS_DHO=dh_out is not None,
                                        BLOCK=block, num_warps=row_warps(block))
-    return dx, dwp.sum(0)
+    return dx, finish_partials(dwp, weight.dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -152,7 +160,7 @@ class _RMSNormFn(torch.autograd.Function):
         dho = rows_2d(dh_out) if (ctx.has_res and dh_out is not None) else None
         dx, dw = run_op("rms_norm_bwd", dy2, h, weight, rstd, dho, ctx.offset)
         dx = dx.view(ctx.shape)
-        return dx, dw.to(weight.dtype), (dx if ctx.has_res else None), None, None
+        return dx, dw, (dx if ctx.has_res else None), None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
