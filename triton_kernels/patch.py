@@ -40,6 +40,7 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import types
 import warnings
 from typing import Optional
 
@@ -119,8 +120,12 @@ def _pick_norm(m: nn.Module, fam: _Family, why: list):
         new = RMSNorm.from_module(m, offset=fam.norm_offset)
         x = _probe_input(w.shape[0], w)
         want = rms_norm_reference(x, w.detach().float(), new.eps, offset=fam.norm_offset)
-    with torch.no_grad():
-        got = m(x)
+    try:
+        with torch.no_grad():
+            got = m(x)
+    except Exception as exc:  # noqa: BLE001 - e.g. weights on the meta device: cannot check
+        why.append(f"{name}: could not be checked ({type(exc).__name__}), kept")
+        return None
     if not _close(got.float(), want):
         why.append(f"{name}: its output differs from the fused formula (kept)")
         return None
@@ -201,6 +206,9 @@ def _pick_mlp(m: nn.Module, fam: _Family, why: list):
         with torch.no_grad():
             ref = m(x.to(w.dtype)).float()
             alt = want(x.to(w.dtype)).float()
+    except Exception as exc:  # noqa: BLE001 - e.g. weights on the meta device: cannot check
+        why.append(f"{type(m).__name__}: could not be checked ({type(exc).__name__}), kept")
+        return None
     finally:
         m.train(training)
     if not _close(ref, alt):
@@ -410,30 +418,32 @@ def _layer_plan(layer: nn.Module):
 
 
 def _fused_layer_forward(layer, plan):
+    """The fused forward, bound to ``layer`` (a bound method: ``copy.deepcopy`` of the model
+    rebinds it to the copied layer)."""
     layout, attn_names, branches, sig, varkw = plan
-    original = layer.forward
 
-    def forward(*args, **kwargs):
+    def forward(self, *args, **kwargs):
         try:
-            bound = sig.bind(layer, *args, **kwargs)
-        except TypeError:
-            return original(*args, **kwargs)  # a call this plan does not cover
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError:  # a call this plan does not cover: the original forward
+            return type(self).forward(self, *args, **kwargs)
+        bound.apply_defaults()  # the attention gets the layer's defaults, as in the original
         a = bound.arguments
-        attn_kw = {n: a[n] for n in attn_names if n in a}
+        attn_kw = {n: a[n] for n in attn_names}
         attn_kw.update(a.get(varkw, {}) if varkw else {})
         residual = a["hidden_states"]
-        h = layer.input_layernorm(residual)
-        h = layer.self_attn(hidden_states=h, **attn_kw)[0]
+        h = self.input_layernorm(residual)
+        h = self.self_attn(hidden_states=h, **attn_kw)[0]
         if layout == "pre":
             # residual + branch(attn), normalised: one kernel; the sum is the next residual
-            h, residual = layer.post_attention_layernorm(branches[0](layer, h), residual=residual)
-            return residual + branches[1](layer, layer.mlp(h))
-        h = layer.post_attention_layernorm(h)
-        h, residual = layer.pre_feedforward_layernorm(h, residual=residual)
-        return residual + layer.post_feedforward_layernorm(layer.mlp(h))
+            h, residual = self.post_attention_layernorm(branches[0](self, h), residual=residual)
+            return residual + branches[1](self, self.mlp(h))
+        h = self.post_attention_layernorm(h)
+        h, residual = self.pre_feedforward_layernorm(h, residual=residual)
+        return residual + self.post_feedforward_layernorm(self.mlp(h))
 
-    forward.ichiban_original = original
-    return forward
+    forward.ichiban_original = type(layer).forward
+    return types.MethodType(forward, layer)
 
 
 def _fuse_residuals(model: nn.Module, why: list) -> int:
@@ -492,22 +502,21 @@ def _logit_transform(model, fam: _Family):
 
 
 def _fused_linear_forward(model, scale, softcap):
-    """A causal-LM forward that never builds the logits when given labels."""
-    original = model.forward
-    base = model.base_model
-    head = model.lm_head
+    """A causal-LM forward that never builds the logits when given labels (a bound method:
+    ``copy.deepcopy`` of the model rebinds it to the copy)."""
 
-    def forward(*args, labels=None, **kwargs):
+    def forward(self, *args, labels=None, **kwargs):
         if labels is None or args or kwargs.get("return_dict") is False:
-            return original(*args, labels=labels, **kwargs)
+            return type(self).forward(self, *args, labels=labels, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         num_items = kwargs.pop("num_items_in_batch", None)
         ignore_index = kwargs.pop("ignore_index", -100)
         shift = kwargs.pop("shift_labels", None)
         kwargs.pop("logits_to_keep", None)
-        out = base(**kwargs)
+        out = self.base_model(**kwargs)
         h = out.last_hidden_state  # (B, T, H)
+        head = self.lm_head
         target = shift if shift is not None else _shift_labels(labels, ignore_index)
         loss = fused_linear_cross_entropy(
             h, head.weight, target.to(h.device), bias=head.bias, ignore_index=ignore_index,
@@ -522,8 +531,8 @@ def _fused_linear_forward(model, scale, softcap):
         return CausalLMOutputWithPast(loss=loss, logits=None,
                                       **{k: v for k, v in extra.items() if k in fields})
 
-    forward.ichiban_original = original
-    return forward
+    forward.ichiban_original = type(model).forward
+    return types.MethodType(forward, model)
 
 
 # ----------------------------------------------------------------------------- entry point

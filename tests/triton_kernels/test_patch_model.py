@@ -275,3 +275,21 @@ def test_patch_model_fused_linear_loss_needs_a_causal_lm():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             patch_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), fused_linear_loss=True)
+
+
+def test_deepcopy_of_a_patched_model_uses_its_own_parameters():
+    """The patched forwards are bound methods: a deepcopy (e.g. for an EMA copy) runs its own
+    modules and leaves the original's gradients alone."""
+    model = build("llama")
+    try:
+        patch_model(model, fused_linear_loss=True)
+        twin = copy.deepcopy(model)
+        ids, labels = _batch(3)
+        got = _run(twin, ids, labels)
+        assert all(p.grad is None for p in model.parameters())
+        want = _run(model, ids, labels)
+    finally:
+        unpatch_rotary()
+    torch.testing.assert_close(got[1], want[1])
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name])
