@@ -11,9 +11,13 @@ exp, target logit (0 unless the target is in the slice) and, only with label smo
 sum — and only those cross the group (one MAX all-reduce of ``(N,)``, one SUM all-reduce of
 ``(2, N)``, ``(3, N)`` with label smoothing).
 The gradient of the slice is then local: ``softmax - onehot`` needs nothing more than the global
-``lse``.
+``lse``, so it is written in the forward and the backward has no collective.
 
-The same row statistics and gradient are used chunk by chunk by ``fused_linear_cross_entropy``.
+Without ``group`` one kernel does a row in one program: statistics (block-wise running max, one
+``exp`` per element), loss and gradient, the gradient written into a buffer saved in place of
+the logits, or over the logits themselves (``inplace=True``). The backward multiplies it by the
+incoming gradient in place — on the device, returning at once when that is 1. The same kernels
+serve ``fused_linear_cross_entropy`` chunk by chunk (in place on each chunk's logits).
 """
 
 from __future__ import annotations
