@@ -24,7 +24,8 @@ from .swiglu import swiglu
 __all__ = [
     "rms_norm", "layer_norm", "swiglu", "geglu", "rope", "bias_gelu", "bias_dropout_add",
     "cross_entropy", "fused_linear_cross_entropy",
-    "RMSNorm", "LayerNorm", "FusedGatedMLP", "FusedGateUpMLP", "FusedBiasGeLUMLP", "patch_model", "unpatch_rotary",
+    "RMSNorm", "LayerNorm", "FusedGatedMLP", "FusedGateUpMLP", "FusedBiasGeLUMLP", "patch_model",
+    "unpatch_rotary",
     "causal_lm_loss", "FusedOps",
     "HAS_TRITON", "use_triton", "launch_counts", "reset_launch_counts",
 ]

@@ -1,7 +1,8 @@
 """``residual + dropout(x + bias, p)`` in one pass, with a counter-based (seeded) dropout mask.
 
 The mask is a pure function of ``(seed, row, column)`` (Philox: one ``tl.randint4x`` round gives
-the mask of four neighbouring columns), so it is never stored: the backward regenerates it. The same seed gives the same output on the same device.
+the mask of four neighbouring columns), so it is never stored: the backward regenerates it.
+The same seed gives the same output on the same device.
 The CPU reference path draws its mask from a ``torch.Generator`` seeded with ``seed``, so it is
 deterministic too, but its mask differs from the Triton one.
 """

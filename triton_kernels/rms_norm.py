@@ -61,7 +61,8 @@ def _rms_norm_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stri
 
 @triton.jit
 def _rms_norm_bwd_kernel(DY, H, W, RSTD, DHO, DX, DWP, stride_dy, stride_h, stride_dho, stride_dx,
-                         rows, N, rows_per_prog, offset, HAS_DHO: tl.constexpr, BLOCK: tl.constexpr):
+                         rows, N, rows_per_prog, offset, HAS_DHO: tl.constexpr,
+                         BLOCK: tl.constexpr):
     # Each program owns a contiguous range of rows and accumulates its partial dweight in
     # registers; the (programs, N) partials are summed on the host side afterwards.
     pid = tl.program_id(0).to(tl.int64)
