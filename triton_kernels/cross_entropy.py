@@ -84,20 +84,25 @@ def _grad_torch(logits, target, lse, coef, vocab_start, vocab_total, smoothing, 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _ce_fwd_kernel(LOGITS, TARGET, LOSS, LSE, GRAD, NVALID, stride, gstride, V, ignore_index,
-                   inv_vocab, smoothing, z_loss, SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                   MEAN: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_fwd_kernel(LOGITS, TARGET, LOSS, LSE, GRAD, NVALID, BAD, stride, gstride, V,
+                   ignore_index, inv_vocab, smoothing, z_loss, SMOOTH: tl.constexpr,
+                   WRITE_GRAD: tl.constexpr, MEAN: tl.constexpr, CHECK: tl.constexpr,
+                   BLOCK: tl.constexpr):
     """One row, whole vocabulary: statistics, loss and (WRITE_GRAD) the gradient, one program.
 
     Pass 1 keeps a running max per block (one exp per element plus one per block); pass 2
     re-reads the row (mostly from L2: a row is at most a few hundred KiB) and writes
     d loss / d logits, already multiplied by 1 / (valid rows) for a mean. GRAD may be LOGITS
-    itself (in place: each element is read before it is overwritten, by the same program)."""
+    itself (in place: each element is read before it is overwritten, by the same program).
+    CHECK: a target outside [0, V) that is not ignore_index sets BAD (an atomic only then)."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride
     cols = tl.arange(0, BLOCK)
     tgt = tl.load(TARGET + row).to(tl.int64)
     valid = tgt != ignore_index
+    if CHECK:
+        if valid & ((tgt < 0) | (tgt >= V)):
+            tl.atomic_max(BAD, 1)
     m = tl.full((), _NEG_BIG, tl.float32)
     s = tl.full((), 0.0, tl.float32)
     sx = tl.full((), 0.0, tl.float32)
@@ -212,23 +217,30 @@ def _vocab_block(v: int, device: torch.device) -> int:
     return max(16, min(triton.next_power_of_2(v), 4096 if device.type == "cuda" else 1 << 14))
 
 
-def _fwd_launch(logits, target, n_valid, ignore_index, smoothing, z_loss, mean, grad):
+def _fwd_launch(logits, target, n_valid, ignore_index, smoothing, z_loss, mean, grad, check):
     # logits (N, V) unit last stride, target (N,), n_valid () int64 -> loss, lse (N,) float32;
-    # the gradient goes to ``grad`` (a (N, V) buffer, possibly logits itself) when given
+    # the gradient goes to ``grad`` (a (N, V) buffer, possibly logits itself) when given.
+    # check: the target range is checked inside the kernel (one flag, one device-side assert:
+    # three launches instead of the seven of the same check in torch ops)
     n, v = logits.shape
     loss = logits.new_empty(n, dtype=torch.float32)
     lse = logits.new_empty(n, dtype=torch.float32)
     if n:
         count_launch("cross_entropy_fwd")
         g = grad if grad is not None else logits
-        _ce_fwd_kernel[(n,)](logits, target, loss, lse, g, n_valid, logits.stride(0),
+        bad = logits.new_zeros(1, dtype=torch.int32) if check else lse
+        _ce_fwd_kernel[(n,)](logits, target, loss, lse, g, n_valid, bad, logits.stride(0),
                              g.stride(0), v, ignore_index, 1.0 / v, smoothing, z_loss,
                              SMOOTH=smoothing > 0, WRITE_GRAD=grad is not None, MEAN=mean,
-                             BLOCK=_vocab_block(v, logits.device), num_warps=8)
+                             CHECK=check, BLOCK=_vocab_block(v, logits.device), num_warps=8)
+        if check:
+            torch._assert_async(bad[0] == 0, f"cross_entropy: a target id is outside [0, {v}) "
+                                             "and is not ignore_index")
     return loss, lse
 
 
-def _ce_fwd_fake(logits, target, n_valid, ignore_index, smoothing, z_loss, mean, want_grad):
+def _ce_fwd_fake(logits, target, n_valid, ignore_index, smoothing, z_loss, mean, want_grad,
+                 check):
     n = logits.shape[0]
     return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
             torch.empty_like(logits) if want_grad else logits.new_empty(0))
@@ -236,26 +248,27 @@ def _ce_fwd_fake(logits, target, n_valid, ignore_index, smoothing, z_loss, mean,
 
 @custom_op("ce_fwd", _ce_fwd_fake)
 def _ce_fwd(logits: torch.Tensor, target: torch.Tensor, n_valid: torch.Tensor, ignore_index: int,
-            smoothing: float, z_loss: float, mean: bool, want_grad: bool
+            smoothing: float, z_loss: float, mean: bool, want_grad: bool, check: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # -> per-row loss (N,), lse (N,), and a new (N, V) gradient buffer (empty unless want_grad)
     grad = torch.empty_like(logits) if want_grad else logits.new_empty(0)
     loss, lse = _fwd_launch(logits, target, n_valid, ignore_index, smoothing, z_loss, mean,
-                            grad if want_grad else None)
+                            grad if want_grad else None, check)
     return loss, lse, grad
 
 
-def _ce_fwd_inplace_fake(logits, target, n_valid, ignore_index, smoothing, z_loss, mean):
+def _ce_fwd_inplace_fake(logits, target, n_valid, ignore_index, smoothing, z_loss, mean, check):
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
 @custom_op("ce_fwd_inplace", _ce_fwd_inplace_fake, mutates=("logits",))
 def _ce_fwd_inplace(logits: torch.Tensor, target: torch.Tensor, n_valid: torch.Tensor,
-                    ignore_index: int, smoothing: float, z_loss: float, mean: bool
+                    ignore_index: int, smoothing: float, z_loss: float, mean: bool, check: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     # as ce_fwd, the gradient overwriting the logits (declared: the op mutates ``logits``)
-    return _fwd_launch(logits, target, n_valid, ignore_index, smoothing, z_loss, mean, logits)
+    return _fwd_launch(logits, target, n_valid, ignore_index, smoothing, z_loss, mean, logits,
+                       check)
 
 
 @custom_op("ce_stats", lambda logits, target, vocab_start, smooth:
@@ -447,21 +460,23 @@ class _CrossEntropyFn(torch.autograd.Function):
         t = target.reshape(-1)  # (N,)
         start, total = vocab_layout(lg.shape[1], group)
         valid = t != ignore_index
-        assert_targets_in_range(t, valid, total)
+        one_kernel = group is None and triton_path  # it checks the target range itself
+        if not one_kernel:
+            assert_targets_in_range(t, valid, total)
         n_valid = valid.sum()  # stays on the device
         want_grad = ctx.needs_input_grad[0]
         mean = reduction == "mean"
         # a traced graph never writes into its input: inplace is an eager-mode memory saving
         inplace = inplace and want_grad and not torch.compiler.is_compiling()
         grad = None
-        if group is None and triton_path:
+        if one_kernel:
             if inplace:
                 loss, _ = run_op("ce_fwd_inplace", lg, t, n_valid, ignore_index, smoothing,
-                                 z_loss, mean)
+                                 z_loss, mean, True)
                 grad = lg
             else:
                 loss, _, grad = run_op("ce_fwd", lg, t, n_valid, ignore_index, smoothing,
-                                       z_loss, mean, want_grad)
+                                       z_loss, mean, want_grad, True)
         else:
             stats = row_stats(lg, t, start, smoothing > 0, triton_path)
             lse, xt, sx = combine_stats(stats, group, smoothing > 0)

@@ -237,10 +237,11 @@ def _ce_chunk_inplace(lg, t, n_valid, ignore_index, smoothing, z_loss, mean):
     gradient in a new buffer, copied back (functionalization does the same with the mutation)."""
     if torch.compiler.is_compiling():
         loss, _, grad = run_op("ce_fwd", lg, t, n_valid, ignore_index, smoothing, z_loss, mean,
-                               True)
+                               True, False)  # targets checked once for all chunks
         lg.copy_(grad)
         return loss
-    loss, _ = run_op("ce_fwd_inplace", lg, t, n_valid, ignore_index, smoothing, z_loss, mean)
+    loss, _ = run_op("ce_fwd_inplace", lg, t, n_valid, ignore_index, smoothing, z_loss, mean,
+                     False)
     return loss
 
 

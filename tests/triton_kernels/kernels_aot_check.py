@@ -19,6 +19,7 @@ import time
 FP32_PTRS = {"RSTD", "MEAN", "DWP", "DBP", "STATS", "LSE", "COEF", "W", "B", "LOSS", "G", "SRC",
              "P1", "P2"}
 INT_PTRS = {"TARGET", "NVALID"}
+I32_PTRS = {"BAD"}
 FLOATS = {"eps", "p", "smoothing", "z_loss", "inv_vocab_total", "inv_vocab", "offset"}
 INT64 = {"seed", "vocab_start", "ignore_index", "n", "quads_per_row"}
 SCALAR_UPPER = {"N", "V", "S", "HALF"}  # upper-case names that are sizes, not pointers
@@ -51,7 +52,8 @@ KERNELS = {
                                               "BLOCK": [1024]}, 4)],
     "rope": [("_rope_kernel", {"BACKWARD": [True, False], "BLOCK_H": [16], "BLOCK_D": [64]}, 4)],
     "cross_entropy": [("_ce_fwd_kernel", {"SMOOTH": [True, False], "WRITE_GRAD": [True, False],
-                                          "MEAN": [True, False], "BLOCK": [4096]}, 8),
+                                          "MEAN": [True, False], "CHECK": [True, False],
+                                          "BLOCK": [4096]}, 8),
                       ("_ce_stats_kernel", {"SMOOTH": [True, False], "BLOCK": [4096]}, 8),
                       ("_ce_grad_kernel", {"BLOCK": [4096]}, 8),
                       ("_scale_kernel", {"ALWAYS": [True, False], "BLOCK": [4096]}, 8),
@@ -69,7 +71,8 @@ def _signature(kname, kernel, act):
             sig[name] = "constexpr"
             consts.append(name)
         elif name.isupper() and name not in sizes:
-            sig[name] = "*fp32" if name in FP32_PTRS else "*i64" if name in INT_PTRS else act
+            sig[name] = "*fp32" if name in FP32_PTRS else "*i64" if name in INT_PTRS else \
+                "*i32" if name in I32_PTRS else act
         else:
             sig[name] = "fp32" if name in FLOATS else "i64" if name in INT64 else "i32"
     return sig, consts

@@ -132,3 +132,13 @@ def test_cross_entropy_inplace_on_logits_saved_elsewhere_fails_loudly():
     loss = cross_entropy(y, targets((4,), 30, 26, ignore=()), inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("bad", [10, -5])
+def test_cross_entropy_target_range_is_checked_in_the_kernel(bad):
+    """Without a group the one-pass kernel checks the ids itself (a flag and one device-side
+    assert, no torch-op chain): an id outside [0, V) that is not ignore_index raises."""
+    x = torch.randn(4, 10)
+    with expect_launches("cross_entropy_fwd"), pytest.raises(RuntimeError, match="outside"):
+        cross_entropy(x, torch.tensor([0, -100, bad, 2]))
+    cross_entropy(x, torch.tensor([0, -100, 9, 2]))  # in range, and ignore_index: fine
