@@ -97,7 +97,7 @@ def _acc_dw(dw, dlg, hc):
     if dw.dtype == dlg.dtype:
         dw.addmm_(dlg.t(), hc)
         return
-    if dw.is_cuda and _ADDMM_DTYPE_OUT[0]:
+    if dw.is_cuda and _ADDMM_DTYPE_OUT[0] and not torch.compiler.is_compiling():
         try:  # C (float32) += A @ B in one GEMM: the bf16 products summed in float32
             torch.addmm(dw, dlg.t(), hc, out_dtype=dw.dtype, out=dw)
             return
