@@ -15,7 +15,7 @@ from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .geglu import geglu
 from .layer_norm import layer_norm
 from .ops_table import FusedOps
-from .modules import FusedBiasGeLUMLP, FusedGatedMLP, LayerNorm, RMSNorm
+from .modules import FusedBiasGeLUMLP, FusedGatedMLP, FusedGateUpMLP, LayerNorm, RMSNorm
 from .patch import causal_lm_loss, patch_model, unpatch_rotary
 from .rms_norm import rms_norm
 from .rope import rope
@@ -24,7 +24,8 @@ from .swiglu import swiglu
 __all__ = [
     "rms_norm", "layer_norm", "swiglu", "geglu", "rope", "bias_gelu", "bias_dropout_add",
     "cross_entropy", "fused_linear_cross_entropy",
-    "RMSNorm", "LayerNorm", "FusedGatedMLP", "FusedBiasGeLUMLP", "patch_model", "unpatch_rotary",
+    "RMSNorm", "LayerNorm", "FusedGatedMLP", "FusedGateUpMLP", "FusedBiasGeLUMLP", "patch_model",
+    "unpatch_rotary",
     "causal_lm_loss", "FusedOps",
     "HAS_TRITON", "use_triton", "launch_counts", "reset_launch_counts",
 ]

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import os
 import types
 import warnings
+
+from typing import Optional
 
 import torch
 
@@ -111,15 +114,18 @@ def expect_launches(*names: str):
                              f"the reference); launches now: {after}")
 
 
-def custom_op(name: str, fake):
+def custom_op(name: str, fake, mutates=()):
     """Register the decorated launcher as ``torch.ops.ichiban_tk.<name>`` with a fake (meta) impl.
 
     The op is opaque to torch.compile: it traces through it without a graph break using ``fake``
-    for shapes, and calls the launcher at run time.
+    for shapes, and calls the launcher at run time. ``mutates``: the arguments the launcher
+    writes into (declared, so functionalization sees the write); every other argument is
+    read-only and no output may alias an input — ``tests/triton_kernels/test_kernels_opcheck.py``
+    checks each op against its declaration with ``torch.library.opcheck``.
     """
 
     def deco(fn):
-        op = torch.library.custom_op(f"{LIB}::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"{LIB}::{name}", mutates_args=tuple(mutates))(fn)
         op.register_fake(fake)
         _LAUNCHERS[name] = fn
         return op
@@ -167,15 +173,53 @@ def rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def num_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
-    """Programs for a persistent row-loop kernel: a few per SM on a GPU, a handful elsewhere.
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (asked once per device)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
-    4 per SM: enough resident programs to hide load latency, while the (programs, N) float32
-    partial sums of a weight gradient stay small (132 SMs x 4 x 8192 x 4 B = 17 MiB)."""
+
+def num_programs(device: torch.device, rows: int, per_sm: int = 2) -> int:
+    """Programs for a persistent row-loop kernel: one or two per SM on a GPU, a handful elsewhere.
+
+    2 per SM: enough resident programs to keep the loads in flight, while the (programs, N)
+    float32 partial sums of a weight gradient, finished by ``finish_partials``, stay small."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, sms * per_sm))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return max(1, min(rows, sm_count(index) * per_sm))
     return max(1, min(rows, 4))  # interpreter: few programs keeps the Python loop short
+
+
+@triton.jit
+def _finish_partials_kernel(P1, P2, O1, O2, progs, N, TWO: tl.constexpr, BLOCK: tl.constexpr):
+    # O[c] = sum over programs of P[p, c] (float32 sums, rounded once to O's dtype)
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    a = tl.zeros([BLOCK], dtype=tl.float32)
+    b = tl.zeros([BLOCK], dtype=tl.float32)
+    for p in range(0, progs):
+        a += tl.load(P1 + p * N + c, mask=mask, other=0.0)
+        if TWO:
+            b += tl.load(P2 + p * N + c, mask=mask, other=0.0)
+    tl.store(O1 + c, a.to(O1.dtype.element_ty), mask=mask)
+    if TWO:
+        tl.store(O2 + c, b.to(O2.dtype.element_ty), mask=mask)
+
+
+def finish_partials(p1: torch.Tensor, dtype1: torch.dtype, p2: Optional[torch.Tensor] = None,
+                    dtype2: Optional[torch.dtype] = None):
+    """Column sums of one or two (programs, N) float32 partial buffers, in one launch, each in
+    its own output dtype (a weight / bias gradient): replaces sum + cast kernels per buffer."""
+    progs, n = p1.shape
+    o1 = p1.new_empty(n, dtype=dtype1)
+    o2 = p2.new_empty(n, dtype=dtype2) if p2 is not None else None
+    if n:
+        count_launch("finish_partials")
+        block = 256 if p1.is_cuda else max(16, triton.next_power_of_2(n))
+        _finish_partials_kernel[(triton.cdiv(n, block),)](
+            p1, p2 if p2 is not None else p1, o1, o2 if o2 is not None else o1, progs, n,
+            TWO=p2 is not None, BLOCK=block, num_warps=4)
+    return (o1, o2) if p2 is not None else o1
 
 
 def row_block(n: int, what: str, limit: int = 1 << 16) -> int:
@@ -184,6 +228,12 @@ def row_block(n: int, what: str, limit: int = 1 << 16) -> int:
         # A row lives in registers; beyond this it would spill (64Ki fp32 = 256 KiB per row).
         raise ValueError(f"{what} of size {n} is larger than the supported {limit}")
     return max(16, triton.next_power_of_2(n))  # >= 16: the smallest block worth a program
+
+
+def rows_per_program(block: int) -> int:
+    """Rows per program of a row-wise forward: 1, or for rows of at most 256 columns enough to
+    fill a 2048-element tile (one narrow row per program would leave most lanes idle)."""
+    return 1 if block > 256 else 2048 // block
 
 
 def check_rows(name: str, x: torch.Tensor) -> None:

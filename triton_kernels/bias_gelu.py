@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from ._dispatch import (check_approximate, check_float, check_same, col_block, count_launch,
-                        custom_op, rows_2d, run_op, tl, triton, use_triton)
+                        custom_op, finish_partials, num_programs, rows_2d, run_op, tl, triton,
+                        use_triton)
 from ._gelu import gelu_and_grad
 
 __all__ = ["bias_gelu", "bias_gelu_reference"]
@@ -39,17 +40,31 @@ def _bias_gelu_fwd_kernel(X, B, Y, cols, stride_x, stride_y, HAS_B: tl.constexpr
 
 
 @triton.jit
-def _bias_gelu_bwd_kernel(DY, X, B, DX, cols, stride_dy, stride_x, stride_dx, HAS_B: tl.constexpr,
+def _bias_gelu_bwd_kernel(DY, X, B, DX, DBP, rows, cols, rows_per_prog, stride_dy, stride_x,
+                          stride_dx, HAS_B: tl.constexpr, HAS_DB: tl.constexpr,
                           APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    # grid: (programs, column blocks); each program walks a contiguous range of rows and, for
+    # the bias gradient, sums its dx column-wise in registers: one (programs, cols) float32
+    # partial row per program, finished by one small kernel — dx is never read again.
+    pid = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < cols
-    dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+    cmask = c < cols
+    b = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_B:
-        x += tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
-    _, dgelu = gelu_and_grad(x, APPROX_TANH)
-    tl.store(DX + row * stride_dx + c, (dy * dgelu).to(DX.dtype.element_ty), mask=mask)
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    db = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, rows_per_prog):
+        row = pid * rows_per_prog + i
+        mask = cmask & (row < rows)
+        dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32) + b
+        _, dgelu = gelu_and_grad(x, APPROX_TANH)
+        dx = dy * dgelu
+        tl.store(DX + row * stride_dx + c, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DB:
+            db += tl.where(mask, dx, 0.0)
+    if HAS_DB:
+        tl.store(DBP + pid * cols + c, db, mask=cmask)
 
 
 def _out_like(x):
@@ -71,18 +86,30 @@ def _bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approx_tanh: b
     return y
 
 
-@custom_op("bias_gelu_bwd", lambda dy, x, bias, approx_tanh: _out_like(x))
+def _bwd_fake(dy, x, bias, approx_tanh, need_db):
+    return _out_like(x), (bias.new_empty(bias.shape) if need_db else x.new_empty(0))
+
+
+@custom_op("bias_gelu_bwd", _bwd_fake)
 def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
-                   approx_tanh: bool) -> torch.Tensor:
+                   approx_tanh: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # -> dx (rows, cols) contiguous, dbias (cols,) in bias' dtype (empty unless need_db)
     rows, cols = x.shape
     dx = _out_like(x)
+    need_db = need_db and bias is not None
+    progs = num_programs(x.device, rows)
+    # every program stores its whole partial row (zeros only when no kernel runs)
+    dbp = (x.new_empty if dx.numel() else x.new_zeros)((progs, cols), dtype=torch.float32) \
+        if need_db else None
     if dx.numel():
         count_launch("bias_gelu_bwd")
         block = col_block(x.device, cols)
-        _bias_gelu_bwd_kernel[(rows, triton.cdiv(cols, block))](
-            dy, x, bias if bias is not None else x, dx, cols, dy.stride(0), x.stride(0),
-            dx.stride(0), HAS_B=bias is not None, APPROX_TANH=approx_tanh, BLOCK=block)
-    return dx
+        _bias_gelu_bwd_kernel[(progs, triton.cdiv(cols, block))](
+            dy, x, bias if bias is not None else x, dx, dbp if need_db else dx, rows, cols,
+            triton.cdiv(rows, progs), dy.stride(0), x.stride(0), dx.stride(0),
+            HAS_B=bias is not None, HAS_DB=need_db, APPROX_TANH=approx_tanh, BLOCK=block)
+    db = finish_partials(dbp, bias.dtype) if need_db else x.new_empty(0)
+    return dx, db
 
 
 class _BiasGeLUFn(torch.autograd.Function):
@@ -97,12 +124,9 @@ class _BiasGeLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, b = ctx.saved_tensors
-        dx = run_op("bias_gelu_bwd", rows_2d(dy), x2, b, ctx.approx_tanh)
-        db = None
-        if b is not None and ctx.needs_input_grad[1]:
-            # (rows, cols) summed over rows in float32, then back to the bias dtype
-            db = dx.sum(0, dtype=torch.float32).to(b.dtype)
-        return dx.view(ctx.shape), db, None
+        need_db = b is not None and ctx.needs_input_grad[1]
+        dx, db = run_op("bias_gelu_bwd", rows_2d(dy), x2, b, ctx.approx_tanh, need_db)
+        return dx.view(ctx.shape), (db if need_db else None), None
 
 
 def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "tanh"

@@ -1,10 +1,10 @@
 """Cross-entropy of ``hidden @ weight.T (+ bias)`` without ever holding the full logits.
 
 The tokens are processed in chunks: a chunk's logits ``(chunk, V/tp)`` are made by one matmul,
-reduced to per-row statistics by the cross-entropy kernel, turned into ``dlogits`` by the
-gradient kernel and fed straight into the two gradient matmuls (``dhidden = dlogits @ W`` and
-``dW += dlogits.T @ hidden``) before the next chunk. Peak extra memory is two chunks of logits,
-not ``N x V``.
+turned into their loss rows and, in place, into ``dlogits`` by the one-pass cross-entropy kernel,
+and fed straight into the two gradient matmuls (``dhidden = dlogits @ W`` and
+``dW += dlogits.T @ hidden``, summed in float32 for a 16-bit head) before the next chunk. Peak
+extra memory is one chunk of logits (plus the float32 ``dW`` accumulator), not ``N x V``.
 
 For a scalar loss (reduction "mean"/"sum") that needs a gradient, this happens in the forward,
 while the chunk's logits exist (the backward only multiplies the finished gradients by the
@@ -25,24 +25,30 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ._dispatch import check_float, rows_2d, use_triton
+from ._dispatch import check_float, rows_2d, run_op, use_triton
 from .cross_entropy import (assert_targets_in_range, check_ce_args, combine_stats,
                             cross_entropy_reference, grad_coef, row_grad, row_loss, row_stats,
-                            vocab_layout, _reduce)
+                            scale_grad, vocab_layout, _reduce)
 
 __all__ = ["fused_linear_cross_entropy", "fused_linear_cross_entropy_reference"]
 
-# Logits bytes per chunk. 256 MiB is ~1k tokens at a 128k bf16 vocabulary: a matmul big enough
-# to keep a GPU busy, while two chunks stay far below the N x V logits of the unfused loss.
-_CHUNK_BYTES = 1 << 28
+# Logits bytes per chunk. The gradient overwrites the chunk's logits, so one such buffer is
+# alive at a time: 512 MiB is ~2k tokens at a 128k bf16 vocabulary, which makes the reduction
+# dimension of the dweight GEMM (dlogits.T @ hidden) 2k deep, while staying far below the
+# N x V logits of the unfused loss.
+_CHUNK_BYTES = 1 << 29
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, ignore_index=-100,
-                                         label_smoothing=0.0, z_loss=0.0, reduction="mean"):
+                                         label_smoothing=0.0, z_loss=0.0, reduction="mean",
+                                         logit_scale=1.0, softcap=None):
     """Plain torch, unsharded, materialising the logits: the test oracle."""
     logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
     if bias is not None:
         logits = logits + bias
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return cross_entropy_reference(logits, target.reshape(-1), ignore_index, label_smoothing,
                                    z_loss, reduction).reshape(
         target.shape if reduction == "none" else ())
@@ -57,13 +63,50 @@ def _logits(h, weight, bias):
     return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
 
 
-def _grad_buffers(h2, weight, bias, need):
+def _transform(lg, scale, softcap):
+    """Logit scaling / soft-capping (Granite, Gemma-2/3): returns the transformed chunk logits and
+    d(new)/d(old) per element (None when it is the constant ``scale``)."""
+    if scale == 1.0 and softcap is None:
+        return lg, None
+    if softcap is None:
+        return lg * scale, None
+    t = torch.tanh(lg.float() * (scale / softcap))  # (c, V/tp) float32, this chunk only
+    return (t * softcap).to(lg.dtype), (1.0 - t * t).mul_(scale)
+
+
+def _chain(dlg, factor, scale):
+    if factor is not None:
+        return (dlg.float() * factor).to(dlg.dtype)
+    return dlg * scale if scale != 1.0 else dlg
+
+
+def _grad_buffers(h2, weight, bias, need, accum_dtype):
     need_h, need_w, need_b = need
-    dh = torch.empty_like(h2) if need_h else None  # (N, H)
-    dw = torch.zeros_like(weight) if need_w else None  # (V/tp, H)
+    dh = torch.empty_like(h2) if need_h else None  # (N, H), each row written once
+    dw = torch.zeros_like(weight, dtype=accum_dtype) if need_w else None  # (V/tp, H), summed
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
         if (need_b and bias is not None) else None
     return dh, dw, db
+
+
+_ADDMM_DTYPE_OUT = [True]  # cuBLAS addmm with a float32 C and bf16/fp16 A, B (until it fails)
+
+
+def _acc_dw(dw, dlg, hc):
+    """dw += dlg.T @ hc, accumulated in dw's dtype (float32 for a bf16 head by default)."""
+    if dw.dtype == dlg.dtype:
+        dw.addmm_(dlg.t(), hc)
+        return
+    if dw.is_cuda and _ADDMM_DTYPE_OUT[0] and not torch.compiler.is_compiling():
+        try:  # C (float32) += A @ B in one GEMM: the bf16 products summed in float32
+            torch.addmm(dw, dlg.t(), hc, out_dtype=dw.dtype, out=dw)
+            return
+        except (RuntimeError, TypeError):
+            _ADDMM_DTYPE_OUT[0] = False
+    if dw.is_cuda:
+        dw.add_(torch.mm(dlg.t(), hc, out_dtype=dw.dtype))
+    else:
+        dw.addmm_(dlg.t().to(dw.dtype), hc.to(dw.dtype))
 
 
 def _accumulate(dlg, hc, weight, sl, dh, dw, db):
@@ -71,7 +114,7 @@ def _accumulate(dlg, hc, weight, sl, dh, dw, db):
     if dh is not None:
         torch.mm(dlg, weight, out=dh[sl])
     if dw is not None:
-        dw.addmm_(dlg.t(), hc)  # accumulates in the weight dtype, one rounding per chunk
+        _acc_dw(dw, dlg, hc)
     if db is not None:
         db += dlg.sum(0, dtype=torch.float32)
 
@@ -79,56 +122,73 @@ def _accumulate(dlg, hc, weight, sl, dh, dw, db):
 class _FusedLinearCEFn(torch.autograd.Function):
     """Two schedules:
 
-    * ``grad_in_forward`` (reduction "mean"/"sum" with a gradient wanted): each chunk's dlogits
-      are made right after its loss, while its logits are still there, and folded into the
-      gradient buffers in the forward; the backward only scales them by the (scalar) incoming
-      gradient. Three matmuls per chunk; the collectives run per chunk (the chunk's lse must be
-      global before its dlogits exist).
+    * ``grad_in_forward`` (reduction "mean"/"sum" with a gradient wanted): each chunk's logits
+      are turned into their gradient in place by the one-pass cross-entropy kernel (statistics,
+      loss and gradient in one program; with ``group`` the statistics cross the group first)
+      and folded into the gradient buffers in the forward. The backward multiplies them by the
+      incoming scalar, in place and as a no-op on the device when it is 1 (no host sync).
+      Two matmuls and one logits-sized buffer per chunk; the collectives run per chunk.
     * otherwise (reduction "none", or no gradient): the forward keeps only per-row statistics
       and the backward recomputes each chunk's logits (one extra matmul per chunk), which keeps
       any per-row incoming gradient exact.
+
+    ``dweight`` (and ``dbias``) are summed over chunks in ``accum_dtype`` (float32 by default
+    for a 16-bit head), rounded to the weight's dtype once at the end of the forward.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, reduction,
-                group, chunk, triton_path, need):
+                group, chunk, triton_path, need, scale, softcap, accum_dtype):
         h2 = rows_2d(hidden)  # (N, H)
         t = target.reshape(-1)  # (N,)
         n = h2.shape[0]
         start, total = vocab_layout(weight.shape[0], group)
         valid = t != ignore_index
         assert_targets_in_range(t, valid, total)
+        n_valid = valid.sum()  # on the device
+        mean = reduction == "mean"
         ctx.grad_in_forward = reduction != "none" and any(need)
         ctx.args = (start, total, smoothing, z_loss, reduction, group, chunk, triton_path,
-                    hidden.shape)
+                    hidden.shape, scale, softcap, accum_dtype)
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.weight_dtype = weight.dtype
         if ctx.grad_in_forward:
-            coef = valid.float()  # d loss / d loss_i before the incoming gradient
-            if reduction == "mean":
-                coef = coef / valid.sum()
-            dh, dw, db = _grad_buffers(h2, weight, bias, need)
+            coef = None
+            if group is not None or not triton_path:
+                coef = valid.float()  # d loss / d loss_i before the incoming gradient
+                if mean:
+                    coef = coef / n_valid.clamp(min=1)
+            dh, dw, db = _grad_buffers(h2, weight, bias, need, accum_dtype)
             loss = h2.new_empty(n, dtype=torch.float32)
             for c0 in range(0, n, chunk):
                 sl = slice(c0, c0 + chunk)
                 hc = h2[sl]
-                lg = _logits(hc, weight, bias)  # (c, V/tp)
-                lse, xt, sx = combine_stats(row_stats(lg, t[sl], start, smoothing > 0,
-                                                      triton_path), group, smoothing > 0)
-                loss[sl] = row_loss(lse, xt, sx, valid[sl], total, smoothing, z_loss)
-                dlg = row_grad(lg, t[sl], lse, coef[sl], start, total, smoothing, z_loss,
-                               triton_path)
-                del lg
+                lg, factor = _transform(_logits(hc, weight, bias), scale, softcap)  # (c, V/tp)
+                if coef is None:  # one kernel: loss rows, and the gradient over lg
+                    loss[sl] = _ce_chunk_inplace(lg, t[sl], n_valid, ignore_index, smoothing,
+                                                 z_loss, mean)
+                else:
+                    lse, xt, sx = combine_stats(row_stats(lg, t[sl], start, smoothing > 0,
+                                                          triton_path), group, smoothing > 0)
+                    loss[sl] = row_loss(lse, xt, sx, valid[sl], total, smoothing, z_loss)
+                    lg = row_grad(lg, t[sl], lse, coef[sl], start, total, smoothing, z_loss,
+                                  triton_path, inplace=True)
+                dlg = _chain(lg, factor, scale)
+                del lg, factor
                 _accumulate(dlg, hc, weight, sl, dh, dw, db)
                 del dlg
             if dh is not None and group is not None:
                 dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
+            if dw is not None and dw.dtype != weight.dtype:
+                dw = dw.to(weight.dtype)  # the one rounding of the summed gradient
             ctx.save_for_backward(dh, dw, db)
             ctx.used = False
-            return _reduce(loss, valid, reduction, target.shape).to(hidden.dtype)
+            out = loss.sum() / n_valid if mean else loss.sum()
+            return out.to(hidden.dtype)
 
         stats = h2.new_empty((4, n), dtype=torch.float32)  # local per-row stats, all chunks
         for c0 in range(0, n, chunk):
-            lg = _logits(h2[c0:c0 + chunk], weight, bias)  # (c, V/tp), freed each step
+            lg, _ = _transform(_logits(h2[c0:c0 + chunk], weight, bias), scale, softcap)
             stats[:, c0:c0 + chunk] = row_stats(lg, t[c0:c0 + chunk], start, smoothing > 0,
                                                 triton_path)
             del lg
@@ -139,35 +199,50 @@ class _FusedLinearCEFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        start, total, smoothing, z_loss, reduction, group, chunk, triton_path, shape = ctx.args
+        (start, total, smoothing, z_loss, reduction, group, chunk, triton_path, shape, scale,
+         softcap, accum_dtype) = ctx.args
+        nones = (None,) * 12
         if ctx.grad_in_forward:
             if ctx.used:
                 raise RuntimeError("fused_linear_cross_entropy: backward through the same loss "
                                    "twice is not supported (its gradients are scaled in place)")
             ctx.used = True
             dh, dw, db = ctx.saved_tensors
-            g = grad_out.float()  # scalar
-            dh = (dh * g).to(dh.dtype).view(shape) if dh is not None else None
-            if dw is not None:
-                dw.mul_(g)  # in place: a second (V/tp, H) buffer is what this op avoids
-            db = (db * g).to(ctx.bias_dtype) if db is not None else None
-            return dh, dw, db, None, None, None, None, None, None, None, None, None
+            dh = scale_grad(dh, grad_out, triton_path).view(shape) if dh is not None else None
+            dw = scale_grad(dw, grad_out, triton_path) if dw is not None else None
+            db = (db * grad_out.float()).to(ctx.bias_dtype) if db is not None else None
+            return (dh, dw, db) + nones
         h2, weight, bias, t, lse, valid = ctx.saved_tensors
         coef = grad_coef(grad_out, valid, reduction)  # (N,)
-        dh, dw, db = _grad_buffers(h2, weight, bias, ctx.needs_input_grad[:3])
+        dh, dw, db = _grad_buffers(h2, weight, bias, ctx.needs_input_grad[:3], accum_dtype)
         for c0 in range(0, h2.shape[0], chunk):
             sl = slice(c0, c0 + chunk)
-            lg = _logits(h2[sl], weight, bias)
-            dlg = row_grad(lg, t[sl], lse[sl], coef[sl], start, total, smoothing, z_loss,
-                           triton_path)  # (c, V/tp)
-            del lg
+            lg, factor = _transform(_logits(h2[sl], weight, bias), scale, softcap)
+            lg = row_grad(lg, t[sl], lse[sl], coef[sl], start, total, smoothing, z_loss,
+                          triton_path, inplace=True)  # (c, V/tp)
+            dlg = _chain(lg, factor, scale)
+            del lg, factor
             _accumulate(dlg, h2[sl], weight, sl, dh, dw, db)
             del dlg
         if dh is not None and group is not None:
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
         dh = dh.view(shape) if dh is not None else None
+        dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(bias.dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None, None, None, None, None, None
+        return (dh, dw, db) + nones
+
+
+def _ce_chunk_inplace(lg, t, n_valid, ignore_index, smoothing, z_loss, mean):
+    """Loss rows of a chunk; its gradient overwrites ``lg`` (eager) — a traced call gets the
+    gradient in a new buffer, copied back (functionalization does the same with the mutation)."""
+    if torch.compiler.is_compiling():
+        loss, _, grad = run_op("ce_fwd", lg, t, n_valid, ignore_index, smoothing, z_loss, mean,
+                               True, False)  # targets checked once for all chunks
+        lg.copy_(grad)
+        return loss
+    loss, _ = run_op("ce_fwd_inplace", lg, t, n_valid, ignore_index, smoothing, z_loss, mean,
+                     False)
+    return loss
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -175,11 +250,20 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                label_smoothing: float = 0.0, z_loss: float = 0.0,
                                reduction: str = "mean",
                                group: Optional[dist.ProcessGroup] = None,
-                               chunk_size: Optional[int] = None) -> torch.Tensor:
+                               chunk_size: Optional[int] = None, logit_scale: float = 1.0,
+                               softcap: Optional[float] = None,
+                               accum_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Cross-entropy of ``hidden (..., H) @ weight (V or V/tp, H).T + bias`` against ``target
     (...)`` without materialising the logits; arguments as in ``cross_entropy``.
 
-    ``chunk_size``: tokens per chunk (default: ~256 MiB of logits per chunk).
+    ``chunk_size``: tokens per chunk (default: ~512 MiB of logits per chunk).
+    ``accum_dtype``: dtype in which ``dweight``/``dbias`` are summed over the chunks (default
+    float32 for a float16/bfloat16 head — one rounding at the end instead of one per chunk —
+    else the weight's dtype). ``dhidden`` rows are written once each (the GEMM itself sums in
+    float32).
+    ``logit_scale`` / ``softcap``: the loss is taken on ``softcap * tanh(scale * z / softcap)``
+    (or ``scale * z`` without ``softcap``), ``z = hidden @ weight.T + bias`` — Granite's logit
+    scaling and Gemma-2/3's final soft-capping.
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -213,9 +297,20 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         chunk_size = default_chunk_size(rows, weight.shape[0], hidden.element_size())
     elif not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not (isinstance(logit_scale, (int, float)) and logit_scale > 0):
+        raise ValueError(f"logit_scale must be a positive number, got {logit_scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+    if accum_dtype is None:
+        accum_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) \
+            else weight.dtype
+    elif accum_dtype not in (torch.float32, weight.dtype):
+        raise ValueError(f"accum_dtype must be torch.float32 or the weight's dtype "
+                         f"{weight.dtype}, got {accum_dtype}")
     need = (torch.is_grad_enabled() and hidden.requires_grad,
             torch.is_grad_enabled() and weight.requires_grad,
             torch.is_grad_enabled() and bias is not None and bias.requires_grad)
     return _FusedLinearCEFn.apply(hidden, weight, bias, target, ignore_index,
                                   float(label_smoothing), float(z_loss), reduction, group,
-                                  chunk_size, use_triton(hidden), need)
+                                  chunk_size, use_triton(hidden), need, float(logit_scale),
+                                  None if softcap is None else float(softcap), accum_dtype)

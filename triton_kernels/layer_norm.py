@@ -12,8 +12,9 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import (check_rows, check_same, count_launch, custom_op, num_programs,
-                        row_block, row_warps, rows_2d, run_op, tl, triton, use_triton)
+from ._dispatch import (check_rows, check_same, count_launch, custom_op, finish_partials,
+                        num_programs, row_block, row_warps, rows_2d, rows_per_program, run_op,
+                        tl, triton, use_triton)
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 
@@ -37,28 +38,32 @@ def layer_norm_reference(x, weight, bias, eps=1e-5, residual=None):
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _layer_norm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, stride_x, stride_r, stride_y, stride_h,
-                           N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-                           HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2**31
+                           rows, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                           HAS_B: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # A (ROWS, BLOCK) tile (ROWS > 1 for rows of at most 256 columns); int64 row offsets
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rmask = r < rows
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    h = tl.load(X + r[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        h += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h += tl.load(R + r[:, None] * stride_r + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
         h = h.to(H.dtype.element_ty)
-        tl.store(H + row * stride_h + cols, h, mask=mask)
+        tl.store(H + r[:, None] * stride_h + cols[None, :], h, mask=mask)
         h = h.to(tl.float32)
-    mean = tl.sum(h, axis=0) / N
-    d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-    y = d * rstd
+    mean = tl.sum(h, axis=1) / N
+    d = tl.where(mask, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
+    tl.store(MEAN + r, mean, mask=rmask)
+    tl.store(RSTD + r, rstd, mask=rmask)
+    y = d * rstd[:, None]
     if HAS_W:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + r[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -117,25 +122,26 @@ def _layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
         count_launch("layer_norm_fwd")
         r = residual if residual is not None else x
         hh = h if residual is not None else y
-        _layer_norm_fwd_kernel[(rows,)](
+        nr = rows_per_program(block)
+        _layer_norm_fwd_kernel[(triton.cdiv(rows, nr),)](
             x, r, weight if weight is not None else x, bias if bias is not None else x, y, hh,
-            mean, rstd, x.stride(0), r.stride(0), y.stride(0), hh.stride(0), n, eps,
+            mean, rstd, x.stride(0), r.stride(0), y.stride(0), hh.stride(0), rows, n, eps,
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK=block, num_warps=row_warps(block))
+            ROWS=nr, BLOCK=block, num_warps=row_warps(block * nr))
     return y, h, mean, rstd
 
 
-def _bwd_fake(dy, h, weight, mean, rstd, dh_out):
+def _bwd_fake(dy, h, weight, mean, rstd, dh_out, param_dtype):
     n = h.shape[1]
-    return (torch.empty_like(h), h.new_empty(n, dtype=torch.float32),
-            h.new_empty(n, dtype=torch.float32))
+    return (torch.empty_like(h), h.new_empty(n, dtype=param_dtype),
+            h.new_empty(n, dtype=param_dtype))
 
 
 @custom_op("layer_norm_bwd", _bwd_fake)
 def _layer_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor],
-                    mean: torch.Tensor, rstd: torch.Tensor, dh_out: Optional[torch.Tensor]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # dy, h, dh_out: (rows, N); returns dx (rows, N), dweight (N,) f32, dbias (N,) f32
+                    mean: torch.Tensor, rstd: torch.Tensor, dh_out: Optional[torch.Tensor],
+                    param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # dy, h, dh_out: (rows, N); returns dx (rows, N), dweight (N,), dbias (N,) in param_dtype
     rows, n = h.shape
     dx = torch.empty_like(h)
     progs = num_programs(h.device, rows)
@@ -153,7 +159,8 @@ def _layer_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Te
             dy.stride(0), h.stride(0), dho.stride(0), dx.stride(0), rows, n,
             triton.cdiv(rows, progs), HAS_DHO=dh_out is not None, HAS_W=weight is not None,
             BLOCK=block, num_warps=row_warps(block))
-    return dx, dwp.sum(0), dbp.sum(0)
+    dw, db = finish_partials(dwp, param_dtype, dbp, param_dtype)  # one launch for both sums
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -166,6 +173,7 @@ class _LayerNormFn(torch.autograd.Function):
         y, h, mean, rstd = run_op("layer_norm_fwd", x2, weight, bias, r2, eps)
         ctx.save_for_backward(h if residual is not None else x2, weight, mean, rstd)
         ctx.has_res, ctx.has_b, ctx.shape = residual is not None, bias is not None, shape
+        ctx.b_dtype = bias.dtype if bias is not None else None
         if ctx.has_res:
             return y.view(shape), h.view(shape)
         return y.view(shape)
@@ -174,10 +182,11 @@ class _LayerNormFn(torch.autograd.Function):
     def backward(ctx, dy, dh_out=None):
         h, weight, mean, rstd = ctx.saved_tensors
         dho = rows_2d(dh_out) if (ctx.has_res and dh_out is not None) else None
-        dx, dw, db = run_op("layer_norm_bwd", rows_2d(dy), h, weight, mean, rstd, dho)
+        pdt = weight.dtype if weight is not None else (ctx.b_dtype or dy.dtype)
+        dx, dw, db = run_op("layer_norm_bwd", rows_2d(dy), h, weight, mean, rstd, dho, pdt)
         dx = dx.view(ctx.shape)
-        dw = dw.to(weight.dtype) if weight is not None else None
-        db = db.to(dy.dtype if weight is None else weight.dtype) if ctx.has_b else None
+        dw = dw if weight is not None else None
+        db = db.to(ctx.b_dtype) if ctx.has_b else None  # no-op when it is the weight's dtype
         return dx, dw, db, (dx if ctx.has_res else None), None
 
 

@@ -20,21 +20,26 @@ from .layer_norm import layer_norm
 from .rms_norm import rms_norm
 from .swiglu import swiglu
 
-__all__ = ["RMSNorm", "LayerNorm", "FusedGatedMLP", "FusedBiasGeLUMLP"]
+__all__ = ["RMSNorm", "LayerNorm", "FusedGatedMLP", "FusedGateUpMLP", "FusedBiasGeLUMLP"]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+    """``offset=1.0``: the Gemma form ``(1 + weight) * x / rms(x)`` (weight initialised to 0)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None,
+                 offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        init = torch.zeros if offset else torch.ones
+        self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
         self.eps = eps
+        self.offset = float(offset)
 
     @property
     def variance_epsilon(self) -> float:  # the attribute name transformers' norms use
         return self.eps
 
     @classmethod
-    def from_module(cls, norm: nn.Module) -> "RMSNorm":
+    def from_module(cls, norm: nn.Module, offset: float = 0.0) -> "RMSNorm":
         """Wrap an existing RMSNorm, sharing its weight Parameter (optimizers stay valid)."""
         eps = getattr(norm, "variance_epsilon", None)
         if eps is None:
@@ -45,13 +50,15 @@ class RMSNorm(nn.Module):
         nn.Module.__init__(new)
         new.weight = norm.weight
         new.eps = float(eps)
+        new.offset = float(offset)
         return new
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual, self.offset)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+        off = f", offset={self.offset}" if self.offset else ""
+        return f"{tuple(self.weight.shape)}, eps={self.eps}{off}"
 
 
 class LayerNorm(nn.Module):
@@ -96,6 +103,22 @@ class FusedGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)
+        a = swiglu(g, u) if self.approximate is None else geglu(g, u, self.approximate)
+        return self.down_proj(a)
+
+
+class FusedGateUpMLP(nn.Module):
+    """``down(act(gate) * up)`` with ``gate, up = gate_up(x).chunk(2, -1)`` (Phi-3 layout): the
+    two halves are read in place by the fused kernel (row strides), no copy."""
+
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module,
+                 approximate: Optional[str] = None):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_up_proj(x).chunk(2, dim=-1)
         a = swiglu(g, u) if self.approximate is None else geglu(g, u, self.approximate)
         return self.down_proj(a)
 

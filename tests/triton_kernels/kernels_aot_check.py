@@ -16,19 +16,26 @@ import os
 import sys
 import time
 
-FP32_PTRS = {"RSTD", "MEAN", "DWP", "DBP", "STATS", "LSE", "COEF", "W", "B"}
-INT_PTRS = {"TARGET"}
-FLOATS = {"eps", "p", "smoothing", "z_loss", "inv_vocab_total"}
-INT64 = {"seed", "vocab_start"}
+FP32_PTRS = {"RSTD", "MEAN", "DWP", "DBP", "STATS", "LSE", "COEF", "W", "B", "LOSS", "G", "SRC",
+             "P1", "P2"}
+INT_PTRS = {"TARGET", "NVALID"}
+I32_PTRS = {"BAD"}
+FLOATS = {"eps", "p", "smoothing", "z_loss", "inv_vocab_total", "inv_vocab", "offset"}
+INT64 = {"seed", "vocab_start", "ignore_index", "n", "quads_per_row"}
 SCALAR_UPPER = {"N", "V", "S", "HALF"}  # upper-case names that are sizes, not pointers
 SCALAR_UPPER_IN = {"_rope_kernel": {"H"}}  # (H is the head count there, a buffer elsewhere)
 
 # module -> [(kernel name, {constexpr: values to try}, num_warps)]
 KERNELS = {
-    "rms_norm": [("_rms_norm_fwd_kernel", {"HAS_RES": [True, False], "BLOCK": [4096]}, 16),
+    "rms_norm": [("_rms_norm_fwd_kernel", {"HAS_RES": [True, False], "ROWS": [1],
+                                           "BLOCK": [4096]}, 16),
+                 ("_rms_norm_fwd_kernel", {"HAS_RES": [True], "ROWS": [16], "BLOCK": [128]}, 8),
                  ("_rms_norm_bwd_kernel", {"HAS_DHO": [True, False], "BLOCK": [4096]}, 16)],
     "layer_norm": [("_layer_norm_fwd_kernel", {"HAS_RES": [True, False], "HAS_W": [True],
-                                               "HAS_B": [True, False], "BLOCK": [1024]}, 4),
+                                               "HAS_B": [True, False], "ROWS": [1],
+                                               "BLOCK": [1024]}, 4),
+                   ("_layer_norm_fwd_kernel", {"HAS_RES": [False], "HAS_W": [True],
+                                               "HAS_B": [True], "ROWS": [8], "BLOCK": [256]}, 8),
                    ("_layer_norm_bwd_kernel", {"HAS_DHO": [True, False], "HAS_W": [True, False],
                                                "BLOCK": [1024]}, 4)],
     "swiglu": [("_swiglu_fwd_kernel", {"BLOCK": [1024]}, 4),
@@ -37,14 +44,21 @@ KERNELS = {
               ("_geglu_bwd_kernel", {"APPROX_TANH": [True, False], "BLOCK": [1024]}, 4)],
     "bias_gelu": [("_bias_gelu_fwd_kernel", {"HAS_B": [True, False], "APPROX_TANH": [True, False],
                                              "BLOCK": [1024]}, 4),
-                  ("_bias_gelu_bwd_kernel", {"HAS_B": [True], "APPROX_TANH": [True, False],
-                                             "BLOCK": [1024]}, 4)],
+                  ("_bias_gelu_bwd_kernel", {"HAS_B": [True, False], "HAS_DB": [True, False],
+                                             "APPROX_TANH": [True, False], "BLOCK": [1024]}, 4)],
     "bias_dropout_add": [("_bda_fwd_kernel", {"HAS_B": [True, False], "DROP": [True, False],
                                               "BLOCK": [1024]}, 4),
-                         ("_bda_bwd_kernel", {"BLOCK": [1024]}, 4)],
+                         ("_bda_bwd_kernel", {"DROP": [True, False], "HAS_DB": [True, False],
+                                              "BLOCK": [1024]}, 4)],
     "rope": [("_rope_kernel", {"BACKWARD": [True, False], "BLOCK_H": [16], "BLOCK_D": [64]}, 4)],
-    "cross_entropy": [("_ce_stats_kernel", {"SMOOTH": [True, False], "BLOCK": [4096]}, 8),
-                      ("_ce_grad_kernel", {"BLOCK": [4096]}, 8)],
+    "cross_entropy": [("_ce_fwd_kernel", {"SMOOTH": [True, False], "WRITE_GRAD": [True, False],
+                                          "MEAN": [True, False], "CHECK": [True, False],
+                                          "BLOCK": [4096]}, 8),
+                      ("_ce_stats_kernel", {"SMOOTH": [True, False], "BLOCK": [4096]}, 8),
+                      ("_ce_grad_kernel", {"BLOCK": [4096]}, 8),
+                      ("_scale_kernel", {"ALWAYS": [True, False], "BLOCK": [4096]}, 8),
+                      ("_scale_rows_kernel", {"BLOCK": [4096]}, 8)],
+    "_dispatch": [("_finish_partials_kernel", {"TWO": [True, False], "BLOCK": [256]}, 4)],
 }
 
 
@@ -57,7 +71,8 @@ def _signature(kname, kernel, act):
             sig[name] = "constexpr"
             consts.append(name)
         elif name.isupper() and name not in sizes:
-            sig[name] = "*fp32" if name in FP32_PTRS else "*i64" if name in INT_PTRS else act
+            sig[name] = "*fp32" if name in FP32_PTRS else "*i64" if name in INT_PTRS else \
+                "*i32" if name in I32_PTRS else act
         else:
             sig[name] = "fp32" if name in FLOATS else "i64" if name in INT64 else "i32"
     return sig, consts

@@ -10,7 +10,7 @@ import torch
 
 from ichiban_comm.triton_kernels import cross_entropy
 from ichiban_comm.triton_kernels.cross_entropy import cross_entropy_reference
-from kernels_testlib import DTYPES, noncontig, randn, run_case
+from kernels_testlib import DTYPES, expect_launches, noncontig, randn, run_case
 
 LAUNCHES = ("cross_entropy_fwd", "cross_entropy_bwd")
 CONFIGS = [(0.0, 0.0, "mean"), (0.1, 1e-3, "sum"), (0.2, 0.0, "none")]
@@ -94,3 +94,51 @@ def test_cross_entropy_bad_arguments():
         cross_entropy(x.double(), t)
     with pytest.raises(RuntimeError, match="outside"):
         cross_entropy(x, torch.tensor([0, 1, 10, 2]))
+
+
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])
+def test_cross_entropy_inplace_writes_the_gradient_over_the_logits(red):
+    """inplace=True: same loss and gradient, the gradient living in the logits' buffer; a plain
+    loss.backward() (incoming gradient 1) leaves the forward's gradient as it is."""
+    x = randn(6, 123, seed=21, scale=3).float()
+    t = targets((6,), 123, 22)
+    want_x = x.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy(want_x, t, reduction=red, label_smoothing=0.1)
+    (want.sum() if red == "none" else want).backward()
+    base = x.clone().requires_grad_()
+    logits = base * 1.0  # a non-leaf, as a model's logits are
+    with expect_launches("cross_entropy_fwd"):
+        loss = cross_entropy(logits, t, reduction=red, label_smoothing=0.1, inplace=True)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.detach(), want_x.grad, rtol=1e-5, atol=1e-6)  # overwritten
+    with expect_launches("cross_entropy_bwd"):
+        (loss.sum() if red == "none" else loss).backward()
+    torch.testing.assert_close(base.grad, want_x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_backward_twice_raises():
+    x = randn(3, 20, seed=23).float().requires_grad_()
+    loss = cross_entropy(x, targets((3,), 20, 24))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_cross_entropy_inplace_on_logits_saved_elsewhere_fails_loudly():
+    """exp() saves its output for its backward: overwriting it with the gradient must raise
+    in backward, not give a wrong gradient."""
+    x = randn(4, 30, seed=25).float().requires_grad_()
+    y = x.exp()
+    loss = cross_entropy(y, targets((4,), 30, 26, ignore=()), inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("bad", [10, -5])
+def test_cross_entropy_target_range_is_checked_in_the_kernel(bad):
+    """Without a group the one-pass kernel checks the ids itself (a flag and one device-side
+    assert, no torch-op chain): an id outside [0, V) that is not ignore_index raises."""
+    x = torch.randn(4, 10)
+    with expect_launches("cross_entropy_fwd"), pytest.raises(RuntimeError, match="outside"):
+        cross_entropy(x, torch.tensor([0, -100, bad, 2]))
+    cross_entropy(x, torch.tensor([0, -100, 9, 2]))  # in range, and ignore_index: fine

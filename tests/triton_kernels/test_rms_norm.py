@@ -29,7 +29,8 @@ def _ours(x, w, r=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 123), (7, 33)])
+# (37, 100): narrow rows, 16 per program -> three programs, the last one partly masked
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 123), (7, 33), (37, 100)])
 def test_rms_norm(dtype, shape):
     x, w = randn(*shape, seed=1), randn(shape[-1], seed=2) * 0.5 + 1
     run_case(_ours, _lowp, _ref, [x, w], dtype, grad=(0, 1),
@@ -95,3 +96,21 @@ def test_rms_norm_bad_arguments():
         rms_norm(x, torch.randn(8), residual=torch.randn(4, 8).half())
     with pytest.raises(ValueError, match="at least one dimension"):
         rms_norm(torch.tensor(1.0), torch.randn(1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_one_plus_weight_offset(dtype):
+    """offset=1: the Gemma (1 + w) norm, with and without the residual add."""
+    x, w, r = randn(3, 37, seed=11), randn(37, seed=12) * 0.1, randn(3, 37, seed=13)
+
+    def lowp(x, w, r):
+        h = x + r
+        return F.rms_norm(h, (h.shape[-1],), 1 + w, EPS), h
+
+    run_case(lambda x, w, r: rms_norm(x, w, EPS, residual=r, offset=1.0), lowp,
+             lambda x, w, r: rms_norm_reference(x, w, EPS, r, offset=1.0), [x, w, r], dtype,
+             grad=(0, 1, 2), launches=("rms_norm_fwd", "rms_norm_bwd"))
+    run_case(lambda x, w: rms_norm(x, w, EPS, offset=1.0),
+             lambda x, w: F.rms_norm(x, (x.shape[-1],), 1 + w, EPS),
+             lambda x, w: rms_norm_reference(x, w, EPS, offset=1.0), [x, w], dtype, grad=(0, 1),
+             launches=("rms_norm_fwd", "rms_norm_bwd"))
