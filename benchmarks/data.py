@@ -12,7 +12,8 @@ memory map, num_workers 0 and 2, pin_memory where CUDA is present):
   tokens/s    consumed flat out, no compute
   first_s     construction to the first batch
   rss_anon    anonymous resident memory of the process and its workers after the
-              run (mapped shard pages are page cache, counted apart as rss_file)
+              run, and its growth over the run (mapped shard pages are page
+              cache, counted apart as rss_file)
 Then prepare throughput: MB/s of text through `prepare` (tokenize + write
 shards) against a bare `tokenizers` encode_batch loop over the same documents.
 """
@@ -137,6 +138,7 @@ def calibrate_compute(ms: float):
 
 
 def measure(name: str, make, compute, steps: int, flat_steps: int) -> dict:
+    before = rss()
     t0 = time.perf_counter()
     it = make()
     next(it)
@@ -157,7 +159,8 @@ def measure(name: str, make, compute, steps: int, flat_steps: int) -> dict:
     waits.sort()
     return {"loader": name, "wait_us_median": 1e6 * statistics.median(waits),
             "wait_us_p90": 1e6 * waits[int(0.9 * len(waits))], "tokens_per_s": tokens / flat,
-            "first_batch_s": first, **mem}
+            "first_batch_s": first, **mem,
+            "rss_anon_growth_MiB": round(mem["rss_anon_MiB"] - before["rss_anon_MiB"], 1)}
 
 
 def bench_loaders(path: str, args) -> list[dict]:
@@ -172,7 +175,8 @@ def bench_loaders(path: str, args) -> list[dict]:
 
     def ours():
         return iter(TokenLoader(TokenDataset(path, seq_len=args.seq_len, seed=0),
-                                batch_size=args.batch, prefetch=4, num_threads=2, pin_memory=pin))
+                                batch_size=args.batch, prefetch=4, num_threads=args.loader_threads,
+                                pin_memory=pin))
 
     def torch_loader(workers):
         def make():
@@ -193,7 +197,7 @@ def bench_loaders(path: str, args) -> list[dict]:
         rows.append(row)
         print(f"  {name:<28} wait {row['wait_us_median']:8.1f} us (p90 {row['wait_us_p90']:8.1f})  "
               f"{row['tokens_per_s'] / 1e6:8.1f} M tok/s  first {row['first_batch_s']:.3f} s  "
-              f"anon {row['rss_anon_MiB']:.0f} MiB file {row['rss_file_MiB']:.0f} MiB", flush=True)
+              f"anon +{row['rss_anon_growth_MiB']:.0f} MiB (total {row['rss_anon_MiB']:.0f})", flush=True)
     return rows
 
 
@@ -241,6 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--prepare-mb", type=float, default=4.0, help="MB of text for the prepare rows")
     p.add_argument("--dir", default=None, help="where to make the shards (default: a temp dir)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the compute")
+    p.add_argument("--loader-threads", type=int, default=1, help="TokenLoader num_threads")
     p.add_argument("--json", help="write the results as JSON to this path")
     args = p.parse_args(argv)
     if args.gb:

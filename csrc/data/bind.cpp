@@ -25,16 +25,17 @@ void bind_data(pybind11::module_& m) {
       .def_property_readonly("vocab_size", &TokenSource::vocab_size)
       .def(
           "read",
-          [](const TokenSource& s, int64_t start, int64_t n) {
+          [](const TokenSource& s, int64_t start, int64_t n, bool check_size) {
             at::Tensor out = at::empty({n}, at::kLong);
             int64_t* dst = out.data_ptr<int64_t>();
             {
               py::gil_scoped_release nogil;
-              s.read(start, n, dst);
+              s.read(start, n, dst, check_size);
             }
             return out;
           },
-          py::arg("start"), py::arg("n"), "tokens [start, start + n) of the stream as int64");
+          py::arg("start"), py::arg("n"), py::arg("check_size") = true,
+          "tokens [start, start + n) of the stream as int64 (check_size=false: tests only, see token_source.h)");
 
   py::class_<BatchLoader>(m, "BatchLoader")
       .def(py::init([](std::shared_ptr<TokenSource> src, int64_t seq_len, int64_t batch_size,
@@ -61,7 +62,18 @@ void bind_data(pybind11::module_& m) {
            py::arg("world_size"), py::arg("first_sample"), py::arg("num_samples"), py::arg("seed"),
            py::arg("shuffle"), py::arg("start_position"), py::arg("prefetch"), py::arg("threads"),
            py::arg("pin_memory"), py::arg("documents"), py::arg("doc_starts"))
-      .def("next", &BatchLoader::next, py::call_guard<py::gil_scoped_release>())
+      .def("next",
+           [](BatchLoader& l) {
+             std::vector<at::Tensor> out;
+             {
+               py::gil_scoped_release nogil;
+               out = l.next();
+             }
+             py::tuple t(out.size());
+             for (size_t i = 0; i < out.size(); ++i) t[i] = py::cast(std::move(out[i]));
+             return t;
+           },
+           "the next batch as a tuple (waits without the GIL)")
       .def_property_readonly("batches_taken", &BatchLoader::batches_taken)
       .def_property_readonly("fresh_allocations", &BatchLoader::fresh_allocations)
       .def("sample_at", &BatchLoader::sample_at, py::arg("position"));

@@ -58,6 +58,14 @@ int64_t BatchLoader::sample_at(int64_t position) const {
 
 namespace {
 bool exclusive(const at::Tensor& t) { return t.defined() && t.storage().use_count() == 1; }
+
+// A new tensor over t's storage (contiguous, `sizes`), built without a trip
+// through the dispatcher: next() is on the training thread's critical path.
+at::Tensor share(const at::Tensor& t, at::IntArrayRef sizes) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(t.storage()), t.key_set(), t.dtype());
+  impl->set_sizes_contiguous(sizes);
+  return at::Tensor(std::move(impl));
+}
 }  // namespace
 
 void BatchLoader::fill(Slot& slot, int64_t k, std::vector<int64_t>& row) {
@@ -146,15 +154,15 @@ std::vector<at::Tensor> BatchLoader::next() {
   ICHIBAN_CHECK(slot.error.empty(), slot.error);
   // Aliases: new TensorImpls over the slot's storages, so the slot can tell
   // (storage use count) when the caller has dropped every view.
-  std::vector<at::Tensor> out{slot.x.alias(), slot.y.alias()};
+  std::vector<at::Tensor> out{share(slot.x, slot.x.sizes()), share(slot.y, slot.y.sizes())};
   if (opt_.documents) {
-    out.push_back(slot.pos.alias());
-    out.push_back(slot.cu.narrow(0, 0, slot.cu_len));
+    out.push_back(share(slot.pos, slot.pos.sizes()));
+    out.push_back(share(slot.cu, {slot.cu_len}));
   }
   slot.ready = false;
   ++next_take_;
   lock.unlock();
-  cv_free_.notify_all();
+  cv_free_.notify_one();  // one slot came free: one worker is enough
   return out;
 }
 

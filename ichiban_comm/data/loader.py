@@ -159,7 +159,7 @@ class TokenLoader:
     """
 
     def __init__(self, dataset: TokenDataset, batch_size: int, *, rank: int = 0,
-                 world_size: int = 1, prefetch: int = 4, num_threads: int = 2,
+                 world_size: int = 1, prefetch: int = 4, num_threads: int = 1,
                  pin_memory: bool = True, device=None, documents: bool = False):
         if not isinstance(dataset, TokenDataset):
             raise TypeError(f"dataset must be a TokenDataset, got {type(dataset).__name__}")
@@ -204,12 +204,11 @@ class TokenLoader:
             ds._source, ds.seq_len, self.batch_size, self.rank, self.world_size, ds.first_sample,
             ds.num_samples, ds.seed, ds.shuffle, self._position, self.prefetch, self.num_threads,
             self.pin_memory, self.documents, doc)
+        return self._native
 
     def _next_host(self):
-        if self._native is None:
-            self._start()
         try:
-            return tuple(self._native.next())
+            return (self._native or self._start()).next()
         except RuntimeError as e:
             raise DataError(str(e)) from None
 
@@ -226,9 +225,13 @@ class TokenLoader:
         return self
 
     def __next__(self):
-        if self.device is None or self.device.type != "cuda":
-            batch = self._next_host()
-            return batch if self.device is None else tuple(t.to(self.device) for t in batch)
+        if self.device is None:  # the common case, kept short: it is on the step's critical path
+            try:
+                return (self._native or self._start()).next()
+            except RuntimeError as e:
+                raise DataError(str(e)) from None
+        if self.device.type != "cuda":
+            return tuple(t.to(self.device) for t in self._next_host())
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=self.device)
         if self._staged is None:

@@ -126,3 +126,28 @@ def test_shard_truncated_while_open_fails_cleanly(shard):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert "DataError:" in out.stdout and "s.bin: token file truncated while open" in out.stdout, out.stdout
+
+
+def test_sigbus_guard_turns_a_fault_into_an_error(shard):
+    # The size check skipped, a read of pages lost to truncation faults (SIGBUS);
+    # the guard must turn it into the same clean error. Any other SIGBUS still kills.
+    code = textwrap.dedent(f"""
+        import os
+        from ichiban_comm.data import TokenDataset
+        ds = TokenDataset({str(shard)!r}, seq_len=8)
+        n = ds.num_tokens
+        ds.tokens(0, n)
+        os.truncate({str(shard) + '.bin'!r}, 0)
+        try:
+            ds._source.read(0, n, check_size=False)
+        except RuntimeError as e:
+            print("error:", str(e).splitlines()[0])
+        try:
+            ds._source.read(n - 1, 1, check_size=False)  # the thread's guard still works
+        except RuntimeError as e:
+            print("again:", str(e).splitlines()[0])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "error: " in out.stdout and "truncated while open (bus error" in out.stdout, out.stdout
+    assert "again: " in out.stdout and "bus error" in out.stdout, out.stdout
