@@ -11,6 +11,8 @@ memory map, num_workers 0 and 2, pin_memory where CUDA is present):
               ~--compute-ms between batches (median and p90): what a step pays
   tokens/s    consumed flat out, no compute
   first_s     construction to the first batch
+  floor       median torch.empty(8) call just after, to read the waits against
+              (a loaded host inflates every call alike)
   rss_anon    anonymous resident memory of the process and its workers after the
               run, and its growth over the run (mapped shard pages are page
               cache, counted apart as rss_file)
@@ -158,9 +160,21 @@ def measure(name: str, make, compute, steps: int, flat_steps: int) -> dict:
     del it
     waits.sort()
     return {"loader": name, "wait_us_median": 1e6 * statistics.median(waits),
+            "wait_us_mean": 1e6 * statistics.mean(waits),
             "wait_us_p90": 1e6 * waits[int(0.9 * len(waits))], "tokens_per_s": tokens / flat,
             "first_batch_s": first, **mem,
             "rss_anon_growth_MiB": round(mem["rss_anon_MiB"] - before["rss_anon_MiB"], 1)}
+
+
+def call_floor_us() -> float:
+    """Median cost of torch.empty(8): the price of one trivial torch call on this
+    machine at this moment (a loaded host inflates every wait in the same way)."""
+    ts = []
+    for _ in range(500):
+        t = time.perf_counter()
+        torch.empty(8)
+        ts.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(ts)
 
 
 def bench_loaders(path: str, args) -> list[dict]:
@@ -194,10 +208,13 @@ def bench_loaders(path: str, args) -> list[dict]:
                        ("torch DataLoader workers=2", torch_loader(2))]:
         row = measure(name, make, compute, args.steps, args.flat_steps)
         row["compute_ms"] = compute_ms
+        row["floor_us_torch_empty"] = call_floor_us()
         rows.append(row)
-        print(f"  {name:<28} wait {row['wait_us_median']:8.1f} us (p90 {row['wait_us_p90']:8.1f})  "
+        print(f"  {name:<28} wait {row['wait_us_median']:8.1f} us (p90 {row['wait_us_p90']:8.1f}, "
+              f"mean {row['wait_us_mean']:8.1f})  "
               f"{row['tokens_per_s'] / 1e6:8.1f} M tok/s  first {row['first_batch_s']:.3f} s  "
-              f"anon +{row['rss_anon_growth_MiB']:.0f} MiB (total {row['rss_anon_MiB']:.0f})", flush=True)
+              f"anon +{row['rss_anon_growth_MiB']:.0f} MiB (total {row['rss_anon_MiB']:.0f})  "
+              f"[torch.empty {row['floor_us_torch_empty']:.1f} us]", flush=True)
     return rows
 
 

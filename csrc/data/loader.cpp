@@ -1,6 +1,7 @@
 #include "data/loader.h"
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 
 #include "common/errors.h"
@@ -121,7 +122,14 @@ void BatchLoader::worker() {
     int64_t k;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_free_.wait(lock, [&] { return stop_ || next_fill_ < next_take_ + opt_.prefetch; });
+      // An idle worker checks for a free slot every millisecond instead of being
+      // woken by next(): a wake-up there costs the training thread a syscall and
+      // often its core; a millisecond of refill latency costs nothing while
+      // `prefetch` batches are ready. next() still wakes workers when it finds
+      // its batch unclaimed (the consumer has caught up).
+      while (!stop_ && next_fill_ >= next_take_ + opt_.prefetch) {
+        cv_free_.wait_for(lock, std::chrono::milliseconds(1));
+      }
       if (stop_) return;
       k = next_fill_++;
     }
@@ -148,6 +156,7 @@ std::vector<at::Tensor> BatchLoader::next() {
   std::unique_lock<std::mutex> lock(mu_);
   const int64_t k = next_take_;
   Slot& slot = slots_[static_cast<size_t>(k) % slots_.size()];
+  if (!(slot.ready && slot.batch == k) && next_fill_ <= k) cv_free_.notify_all();  // behind: wake all
   cv_ready_.wait(lock, [&] { return stop_ || (slot.ready && slot.batch == k); });
   ICHIBAN_CHECK(!stop_, "loader stopped");
   // An error stays: the loader is done after it (every later call repeats it).
@@ -161,9 +170,7 @@ std::vector<at::Tensor> BatchLoader::next() {
   }
   slot.ready = false;
   ++next_take_;
-  lock.unlock();
-  cv_free_.notify_one();  // one slot came free: one worker is enough
-  return out;
+  return out;  // no wake-up here: idle workers poll (see worker())
 }
 
 int64_t BatchLoader::batches_taken() const {

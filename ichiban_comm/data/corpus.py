@@ -1,8 +1,9 @@
 """The built-in corpus: the Python standard library's own source.
 
 Every machine with Python has it, so nothing is downloaded. Files are read in
-sorted path order and concatenated as bytes (byte-level tokens, vocabulary 256),
-so the corpus is identical wherever the same Python version runs.
+sorted path order, so the corpus is identical wherever the same Python version
+runs. The main job tokenizes it into shards (``prepare.prepare_builtin``, one
+document per file); ``ByteBatches`` reads it as raw bytes (vocabulary 256).
 """
 
 from __future__ import annotations
