@@ -125,8 +125,8 @@ void BatchLoader::worker() {
       // An idle worker checks for a free slot every millisecond instead of being
       // woken by next(): a wake-up there costs the training thread a syscall and
       // often its core; a millisecond of refill latency costs nothing while
-      // `prefetch` batches are ready. next() still wakes workers when it finds
-      // its batch unclaimed (the consumer has caught up).
+      // `prefetch` batches are ready. When next() finds its batch unclaimed (the
+      // consumer has caught up) it fills that batch itself and wakes the workers.
       while (!stop_ && next_fill_ >= next_take_ + opt_.prefetch) {
         cv_free_.wait_for(lock, std::chrono::milliseconds(1));
       }
@@ -156,7 +156,27 @@ std::vector<at::Tensor> BatchLoader::next() {
   std::unique_lock<std::mutex> lock(mu_);
   const int64_t k = next_take_;
   Slot& slot = slots_[static_cast<size_t>(k) % slots_.size()];
-  if (!(slot.ready && slot.batch == k) && next_fill_ <= k) cv_free_.notify_all();  // behind: wake all
+  if (!(slot.ready && slot.batch == k) && next_fill_ <= k) {
+    // Caught up, and no worker has claimed batch k (on a busy host they may not
+    // have been scheduled): fill it here rather than wait for one to run, so the
+    // worst case is packing one batch inline. Workers go on with the next ones.
+    next_fill_ = k + 1;
+    lock.unlock();
+    cv_free_.notify_all();
+    std::vector<int64_t> row(static_cast<size_t>(opt_.seq_len + 1));
+    std::string error;
+    try {
+      fill(slot, k, row);
+    } catch (const std::exception& e) {
+      error = e.what();
+      const auto nl = error.find("\nException raised from");
+      if (nl != std::string::npos) error.resize(nl);
+    }
+    lock.lock();
+    slot.batch = k;
+    slot.error = std::move(error);
+    slot.ready = true;
+  }
   cv_ready_.wait(lock, [&] { return stop_ || (slot.ready && slot.batch == k); });
   ICHIBAN_CHECK(!stop_, "loader stopped");
   // An error stays: the loader is done after it (every later call repeats it).

@@ -51,8 +51,9 @@ class BatchLoader {
   ~BatchLoader();
 
   // The next batch: inputs, targets (B, T) int64, then with documents
-  // position_ids (B, T) int64 and cu_seqlens (n,) int32. Blocks (call without
-  // the GIL) until a worker has filled it; rethrows a worker's error.
+  // position_ids (B, T) int64 and cu_seqlens (n,) int32. Call without the GIL,
+  // from one thread. Takes a batch a worker has filled, waits for one being
+  // filled, or fills an unclaimed one itself; rethrows a fill's error.
   std::vector<at::Tensor> next();
   int64_t batches_taken() const;
   // Buffers allocated because the consumer still held the previous ones.
