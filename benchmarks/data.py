@@ -120,21 +120,15 @@ def rss() -> dict:
 
 
 def calibrate_compute(ms: float):
-    """A matmul loop taking about `ms` on one thread: the 'training step'."""
-    a = torch.randn(128, 128)
-    reps = 1
-    while True:
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ a
-        dt = (time.perf_counter() - t) * 1e3
-        if dt >= ms / 4:
-            reps = max(1, round(reps * ms / dt))
-            break
-        reps *= 2
+    """The 'training step': small matmuls until `ms` of wall time have passed
+    (a fixed time, not a fixed amount of work, so host load cannot stretch it)."""
+    a = torch.randn(64, 64)
+    for _ in range(20):  # warm-up: the first calls pay the BLAS start-up
+        a @ a
 
     def compute():
-        for _ in range(reps):
+        end = time.perf_counter() + ms / 1e3
+        while time.perf_counter() < end:
             a @ a
     return compute
 
