@@ -20,7 +20,7 @@ BatchLoader::BatchLoader(std::shared_ptr<TokenSource> source, LoaderOptions opt,
                         (opt_.first_sample + opt_.num_samples) * opt_.seq_len + 1 <= src_->num_tokens(),
                     "sample range past the end of the token stream");
   ICHIBAN_CHECK_ARG(opt_.prefetch >= 1, "prefetch must be >= 1, got ", opt_.prefetch);
-  ICHIBAN_CHECK_ARG(opt_.threads >= 1, "threads must be >= 1, got ", opt_.threads);
+  ICHIBAN_CHECK_ARG(opt_.threads >= 0, "threads must be >= 0, got ", opt_.threads);  // 0: next() packs
   ICHIBAN_CHECK_ARG(opt_.start_position >= 0, "start position must be >= 0");
   if (opt_.documents) {
     ICHIBAN_CHECK_ARG(doc_starts_.defined() && doc_starts_.dim() == 1 &&

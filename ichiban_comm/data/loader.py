@@ -153,6 +153,8 @@ class TokenLoader:
     Rank ``r`` of ``w`` reads rows ``[r*B, (r+1)*B)`` of each global batch of
     ``B*w`` consecutive samples of the global order.
 
+    num_threads: worker threads packing batches ahead (0: ``next()`` packs each
+    batch itself, nothing runs in the background).
     pin_memory: batch buffers in page-locked memory (only when CUDA is
     available). device: ``None`` keeps CPU tensors; a CUDA device gets each
     batch copied there without blocking, on a side stream, one batch ahead.
@@ -164,7 +166,7 @@ class TokenLoader:
         if not isinstance(dataset, TokenDataset):
             raise TypeError(f"dataset must be a TokenDataset, got {type(dataset).__name__}")
         for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
-                                 ("prefetch", prefetch, 1), ("num_threads", num_threads, 1)):
+                                 ("prefetch", prefetch, 1), ("num_threads", num_threads, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:

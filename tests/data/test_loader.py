@@ -50,7 +50,7 @@ def reference_batches(stream, seq_len, seed, n_samples, batch, rank, world, step
     return out
 
 
-@pytest.mark.parametrize("threads,prefetch", [(1, 1), (2, 4), (3, 2)])
+@pytest.mark.parametrize("threads,prefetch", [(0, 1), (1, 1), (2, 4), (3, 2)])
 def test_batches_match_reference_across_epochs(corpus, threads, prefetch):
     path, stream, _ = corpus
     ds = TokenDataset(path, seq_len=24, seed=7)
