@@ -45,12 +45,15 @@ class Progress:
         self.total, self.enabled, self.label = total_bytes, enabled, label
         self.t0 = self.last = time.perf_counter()
         self.tty = sys.stderr.isatty()
+        self.shown = None  # the last (done, tokens, shards) printed
 
     def update(self, done: int, tokens: int, shards: int, force: bool = False) -> None:
         now = time.perf_counter()
         if not self.enabled or (not force and now - self.last < (0.5 if self.tty else 5.0)):
             return
-        self.last = now
+        if (done, tokens, shards) == self.shown:
+            return
+        self.last, self.shown = now, (done, tokens, shards)
         rate = done / 1e6 / max(now - self.t0, 1e-9)
         pct = f" ({100 * done / self.total:.0f}%)" if self.total else ""
         total = f"/{self.total / 1e6:.1f}" if self.total else ""
