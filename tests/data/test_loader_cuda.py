@@ -1,6 +1,6 @@
 """The loader on a GPU: pinned buffers, non-blocking copies on a side stream,
 batches equal to the CPU loader's. Run on a GPU machine:
-ICHIBAN_TEST_GPU=1 python -m pytest -q tests/data/test_cuda.py
+ICHIBAN_TEST_GPU=1 python -m pytest -q tests/data/test_loader_cuda.py
 """
 
 import pytest

@@ -2,7 +2,7 @@
 uninterrupted one; a different number of ranks continues the global stream with
 no repeat and no gap.
 
-Run: python -m pytest -q tests/data/test_resume.py
+Run: python -m pytest -q tests/data/test_loader_resume.py
 """
 
 import hashlib
