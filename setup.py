@@ -248,14 +248,16 @@ setup(
     package_dir={"ichiban_comm.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.13", "numpy"],
+    install_requires=["torch>=2.13", "numpy", "tokenizers"],
     extras_require={
         "topology": ["nvidia-ml-py"],
         "test": ["pytest", "pytest-timeout"],
         "bench": ["mpi4py", "mpich"],
+        "parquet": ["pyarrow"],
     },
     entry_points={
-        "console_scripts": ["ichiban-train=ichiban_comm.train:main"],
+        "console_scripts": ["ichiban-train=ichiban_comm.train:main",
+                            "ichiban-data=ichiban_comm.data.cli:main"],
         "torch.distributed.backends": ["ichiban=ichiban_comm.distributed.backend:_entry_point"],
     },
     zip_safe=False,

@@ -1,9 +1,10 @@
-"""The main job: train a small GPT on byte-level tokens of the Python standard library.
+"""The main job: train a small GPT on BPE tokens of the Python standard library.
 
     ichiban-train                       # defaults: a ~1M-parameter model, 200 steps on CPU
     ichiban-train --steps 1000 --d-model 256 --n-layer 6 --out-dir runs/big
     ichiban-train --ckpt-every 50 --ckpt-dir runs/ckpt      # async checkpoints while training
     ichiban-train --ckpt-dir runs/ckpt --resume             # continue from the newest checkpoint
+    ichiban-train --data data/shards                        # your shards (ichiban-data prepare)
     torchrun --nproc-per-node 2 -m ichiban_comm.train       # data parallel over the "ichiban" backend
     ichiban-train --nproc 4 --tp 2 --dp 2                   # 4 local ranks: tensor x data parallel
     ichiban-train --nproc 4 --tp 2 --zero                   # ... the optimizer state sharded over dp
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from .data import ByteBatches, stdlib_corpus
+from .data.job import JobData, job_data
 from .models import GPT, GPTConfig, PlainOps
 
 
@@ -52,8 +53,11 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g = p.add_argument_group("data and output")
+    g.add_argument("--data", default=None, metavar="DIR",
+                   help="token shards (ichiban-data prepare); default: the built-in corpus, "
+                        "prepared on first use and cached")
     g.add_argument("--data-bytes", type=int, default=8 << 20,
-                   help="bytes of the standard-library corpus to use (0: all)")
+                   help="built-in corpus: bytes of standard-library source to tokenize (0: all)")
     g.add_argument("--out-dir", default="runs/train")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--eval-batches", type=int, default=8,
@@ -126,11 +130,11 @@ def select_ops(name: str):
     return FusedOps
 
 
-def build(args, dims=None):
+def build(args, dims=None, vocab_size: int = 256):
     """(model, optimizer, pipeline): the full model made with one seed (so every split starts
     from the same numbers), split by --tp, cut by --pp, its optimizer sharded by --zero."""
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
-                    d_model=args.d_model)
+                    d_model=args.d_model, vocab_size=vocab_size)
     torch.manual_seed(args.seed)
     model = GPT(cfg, ops=select_ops(args.ops))
     model.tp_report, model.full_params = None, model.num_params()
@@ -162,7 +166,7 @@ def build(args, dims=None):
 
 
 @torch.no_grad()
-def evaluate(model, data: ByteBatches, n: int) -> float:
+def evaluate(model, data: JobData, n: int) -> float:
     model.eval()
     losses = [model(*data.val_batch(i)).item() for i in range(n)]
     model.train()
@@ -304,10 +308,11 @@ def main(argv=None) -> int:
     say = print if lead else (lambda *a, **k: None)
     os.makedirs(args.out_dir, exist_ok=True)
 
-    t0 = time.perf_counter()
-    corpus = stdlib_corpus(args.data_bytes or None)
-    data = ByteBatches(corpus, args.seq_len, args.batch_size, seed=args.seed)
-    model, opt, pipe = build(args, dims)
+    # each data-parallel replica reads its own slice of the global batch; tp and pp ranks of one
+    # replica read the same one
+    data = job_data(args.data, args.data_bytes, args.seq_len, args.batch_size, args.seed,
+                    dp_rank, dp)
+    model, opt, pipe = build(args, dims, data.vocab_size)
     core = model
     if dims is not None:
         say(dims.layout.describe(), flush=True)
@@ -317,8 +322,7 @@ def main(argv=None) -> int:
         model = torch.nn.parallel.DistributedDataParallel(core, process_group=dims.dp_group)
     say(f"ichiban-train: {core.full_params / 1e6:.2f}M parameters "
         f"({args.n_layer} layers, d_model {args.d_model}, {args.n_head} heads), "
-        f"ops: {core.ops.name}; data: {len(corpus) / 2**20:.1f} MiB of standard-library source "
-        f"({time.perf_counter() - t0:.1f} s to load); {args.steps} steps of "
+        f"ops: {core.ops.name}; data: {data.describe()}; {args.steps} steps of "
         f"{dp}x{args.batch_size}x{args.seq_len} tokens; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads" + (f", {world} ranks on {args.backend}" if world > 1 else ""),
         flush=True)
@@ -332,8 +336,10 @@ def main(argv=None) -> int:
         elif _sharded(dims, args):  # global shapes and offsets: any tp x dp saved it
             from .parallel import checkpoint as pckpt
 
-            start = int(pckpt.load(ckpt, core, opt, dims, step=latest)["step"])
+            extra = pckpt.load(ckpt, core, opt, dims, step=latest)
+            start = int(extra["step"])
             torch.set_rng_state(ckpt.load_rank_state()["rng"])
+            data.loader.load_state_dict(extra["data"])
             say(f"resumed from {args.ckpt_dir} at step {start} (resharded to tp={dims.tp}, "
                 f"dp={dims.dp} as needed)")
         else:
@@ -341,6 +347,7 @@ def main(argv=None) -> int:
             core.load_state_dict(state["model"])
             opt.load_state_dict(state["optim"])
             torch.set_rng_state(ckpt.load_rank_state()["rng"])
+            data.loader.load_state_dict(state["data"])
             start = int(state["step"])
             say(f"resumed from {args.ckpt_dir} at step {start}")
     if start >= args.steps:
@@ -360,8 +367,7 @@ def main(argv=None) -> int:
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        # each data-parallel replica its own batch, fixed by the step (tp ranks share it)
-        x, y = data.batch(step * dp + dp_rank)
+        x, y = next(data.loader)  # this replica's slice of the global batch
         opt.zero_grad(set_to_none=True)
         if pipe is not None:
             loss = _pipeline_step(pipe, dims, x, y, opt, args.zero)
@@ -388,9 +394,10 @@ def main(argv=None) -> int:
                 from .parallel import checkpoint as pckpt
 
                 state = pckpt.sharded_state(core, opt, dims)
-                state["extra"] = {"step": step + 1}
+                state["extra"] = {"step": step + 1, "data": data.loader.state_dict()}
             else:
-                state = {"model": core.state_dict(), "optim": opt.state_dict(), "step": step + 1}
+                state = {"model": core.state_dict(), "optim": opt.state_dict(), "step": step + 1,
+                         "data": data.loader.state_dict()}
             saves.append(ckpt.save(step + 1, state, rank_state={"rng": torch.get_rng_state()}))
         if metrics is not None:
             metrics.write(json.dumps({"step": step, "loss": loss_f, "lr": lr,

@@ -32,8 +32,8 @@ def _run(tmp_path, name, extra=()):
 def test_loss_falls_and_outputs_are_written(tmp_path, capsys):
     summary, losses = _run(tmp_path, "a")
     assert len(losses) == 40
-    assert losses[0] > 5.0  # ~ln(256) at initialisation
-    assert summary["last_loss"] < losses[0] - 1.5
+    assert losses[0] > 7.0  # ~ln(2048), the built-in BPE's vocabulary, at initialisation
+    assert summary["last_loss"] < losses[0] - 0.75
     out = capsys.readouterr().out
     assert "step     10/40" in out and "tok/s" in out and out.strip().splitlines()[-1].startswith("done:")
 

@@ -1,8 +1,9 @@
-"""The main job's built-in default data: the Python standard library's own source.
+"""The built-in corpus: the Python standard library's own source.
 
 Every machine with Python has it, so nothing is downloaded. Files are read in
-sorted path order and concatenated as bytes (byte-level tokens, vocabulary 256),
-so the corpus is identical wherever the same Python version runs.
+sorted path order, so the corpus is identical wherever the same Python version
+runs. The main job tokenizes it into shards (``prepare.prepare_builtin``, one
+document per file); ``ByteBatches`` reads it as raw bytes (vocabulary 256).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import sysconfig
 import torch
 
 
-def stdlib_corpus(max_bytes: int | None = None) -> bytes:
-    """The .py sources under the standard library directory (site-packages left out)."""
+def stdlib_paths() -> list[str]:
+    """The .py sources under the standard library directory (site-packages left out), sorted."""
     root = sysconfig.get_paths()["stdlib"]
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -23,19 +24,31 @@ def stdlib_corpus(max_bytes: int | None = None) -> bytes:
         paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
     if not paths:
         raise FileNotFoundError(f"no .py files under the standard library directory {root}")
-    chunks, total = [], 0
-    for p in sorted(paths):
+    return sorted(paths)
+
+
+def stdlib_documents(max_bytes: int | None = None):
+    """(path, bytes) of each standard-library source file, in sorted path order,
+    until ``max_bytes`` (the last file cut at the limit)."""
+    total = 0
+    for p in stdlib_paths():
         try:
             with open(p, "rb") as f:
                 data = f.read()
         except OSError:
             continue
-        chunks.append(data)
+        if max_bytes is not None and total + len(data) > max_bytes:
+            data = data[:max_bytes - total]
         total += len(data)
+        if data:
+            yield p, data
         if max_bytes is not None and total >= max_bytes:
-            break
-    corpus = b"".join(chunks)
-    return corpus[:max_bytes] if max_bytes is not None else corpus
+            return
+
+
+def stdlib_corpus(max_bytes: int | None = None) -> bytes:
+    """The standard-library sources concatenated (see stdlib_documents)."""
+    return b"".join(data for _, data in stdlib_documents(max_bytes))
 
 
 class ByteBatches:
