@@ -67,9 +67,10 @@ void StagingArena::grow(int64_t nbytes) {
   ICHIBAN_CHECK(::mprotect(p, len, PROT_READ | PROT_WRITE) == 0,
                 sys_error("mapping " + std::to_string(len) + " staging bytes"));
   ::madvise(p, len, MADV_DONTFORK);
-#ifdef MADV_HUGEPAGE
-  ::madvise(p, len, MADV_HUGEPAGE);  // advisory
-#endif
+  // No MADV_HUGEPAGE here: a save that copies into fresh pages pays for their allocation on the
+  // caller's time, and on a host whose free memory is fragmented each huge page can cost a
+  // direct compaction (several times slower than base pages; benchmarks/results/
+  // checkpoint_cpu2.md). The system's THP policy still applies.
   size_ = end;
 }
 
