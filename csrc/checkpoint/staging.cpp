@@ -67,10 +67,9 @@ void StagingArena::grow(int64_t nbytes) {
   ICHIBAN_CHECK(::mprotect(p, len, PROT_READ | PROT_WRITE) == 0,
                 sys_error("mapping " + std::to_string(len) + " staging bytes"));
   ::madvise(p, len, MADV_DONTFORK);
-  // No MADV_HUGEPAGE here: a save that copies into fresh pages pays for their allocation on the
-  // caller's time, and on a host whose free memory is fragmented each huge page can cost a
-  // direct compaction (several times slower than base pages; benchmarks/results/
-  // checkpoint_cpu2.md). The system's THP policy still applies.
+  // Huge pages are the caller's choice (ichiban_comm/checkpoint/_stager.py advises them): they
+  // fill several times faster than base pages where the host has free huge pages and several
+  // times slower where each needs a direct compaction (benchmarks/results/checkpoint_cpu2.md).
   size_ = end;
 }
 
