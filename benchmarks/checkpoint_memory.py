@@ -30,6 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from checkpoint import machine, memcpy_bandwidth, nbytes, transformer_state  # noqa: E402
 
 
+MSTEP = 4   # the step the memory-tier rows restore
+
+
 def median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2]
@@ -76,10 +79,11 @@ def main(argv=None) -> int:
     res["state_copy_bound_s"] = n / mc["GBps"] / 1e9
     try:
         # ---- save, with and without the memory tier (steady state: second save)
-        for label, mem in (("disk_only", False), ("memory", True)):
+        # steps 1, 2 without the memory tier, then 3, 4 (MSTEP) with it: one root, commit order
+        for label, mem, first in (("disk_only", False, 1), ("memory", True, MSTEP - 1)):
             ck = AsyncCheckpointer(root, keep_last=2, memory=mem, memory_keep=1)
-            ck.save(1, state).wait()
-            h = ck.save(2, state)
+            ck.save(first, state).wait()
+            h = ck.save(first + 1, state)
             h.wait()
             res[f"save_{label}"] = {"blocking_s": h.blocking_s, "commit_s": h.total_s}
             if mem:
@@ -103,13 +107,13 @@ def main(argv=None) -> int:
                                             idle_timeout=120, tcp="127.0.0.1")
         peer.close()
         with mt.local_lock:
-            meta, fds = mt.local.get(0, 2)
+            meta, fds = mt.local.get(0, MSTEP)
         size = os.fstat(fds[0]).st_size
         rows = {}
         for label, rate in (("unthrottled", None), ("throttled", args.bandwidth)):
             c = KeeperClient(tuple(pinfo["tcp"]), ptoken)
             t0 = time.perf_counter()
-            c.put(0, 2, meta, fds, [size], origin="replica", rate=rate)
+            c.put(0, MSTEP, meta, fds, [size], origin="replica", rate=rate)
             dt = time.perf_counter() - t0
             c.close()
             rows[label] = {"s": dt, "GB_per_s": size / dt / 1e9, "cap_GB_per_s": rate / 1e9 if rate else None}
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
         for _ in range(args.repeat):
             opened = []
             t0 = time.perf_counter()
-            got, where = mt._load_step(2, None, {(0, 2): ["peer-host"]}, opened)
+            got, where = mt._load_step(MSTEP, None, {(0, MSTEP): ["peer-host"]}, opened)
             times.append(time.perf_counter() - t0)
             for fd in opened:
                 os.close(fd)
@@ -260,7 +264,7 @@ def bench_training(meta, size, root, host, pinfo, ptoken, rate, steps: int = 15)
         return time.perf_counter() - t0
 
     local, _, _ = ensure_keeper(root, host, keep=1, budget_bytes=None, idle_timeout=60, tcp=None)
-    _, fds = local.get(0, 2)
+    _, fds = local.get(0, MSTEP)
     for _ in range(3):
         step()
     before = [step() for _ in range(steps)]
@@ -270,7 +274,7 @@ def bench_training(meta, size, root, host, pinfo, ptoken, rate, steps: int = 15)
     def stream():
         c = KeeperClient(tuple(pinfo["tcp"]), ptoken)
         t0 = time.perf_counter()
-        c.put(0, 3, meta, fds, [size], origin="replica", rate=rate)
+        c.put(0, MSTEP + 1, meta, fds, [size], origin="replica", rate=rate)
         sent["s"] = time.perf_counter() - t0
         c.close()
         done.set()

@@ -25,10 +25,6 @@ import logging
 import mmap
 import os
 import queue
-import secrets
-import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -39,188 +35,14 @@ import torch
 from .._native import _C
 from . import _replica_codec
 from . import keeper as kp
+from ._keeper_client import KeeperClient, ensure_keeper, stop_keepers, tcp_address
+from ._memory_read import mapped_reader, needed_files, rewrite_chunks
 from .errors import CheckpointCorruptError, CheckpointError
 
+__all__ = ["MemoryTier", "KeeperClient", "ensure_keeper", "stop_keepers", "check_args"]
+
+
 log = logging.getLogger("ichiban_comm.checkpoint")
-TIERS = ("memory", "peer", "disk")
-
-
-# ------------------------------------------------------------------ keeper connections
-class KeeperClient:
-    """One authenticated connection to a keeper (Unix socket path or (host, port))."""
-
-    def __init__(self, address, token: str, timeout: float = 60.0):
-        self.unix = isinstance(address, str)
-        self.address = address
-        self.sock = socket.socket(socket.AF_UNIX if self.unix else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(address if self.unix else tuple(address))
-            if not self.unix:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            kp.send_msg(self.sock, {"op": "hello", "token": token})
-            self.info = self._reply()
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _reply(self) -> dict:
-        msg, fds = kp.recv_msg(self.sock, self.unix)
-        self._fds = fds
-        if not msg.get("ok"):
-            for fd in fds:
-                os.close(fd)
-            raise CheckpointError(f"keeper at {self.address}: {msg.get('error', 'refused')}")
-        return msg
-
-    def call(self, header: dict, fds=()) -> dict:
-        kp.send_msg(self.sock, header, fds)
-        return self._reply()
-
-    def put(self, rank, step, meta, fds, sizes, origin="local", rate=None) -> None:
-        head = {"op": "put", "rank": rank, "step": step, "meta": meta, "sizes": sizes, "origin": origin}
-        if self.unix:
-            self.call(head, fds)
-            return
-        kp.send_msg(self.sock, head)
-        clock = [time.monotonic(), 0]
-        for fd, n in zip(fds, sizes):
-            kp.send_fd_bytes(self.sock, fd, n, rate, clock)
-        self._reply()
-
-    def list(self) -> list[dict]:
-        return self.call({"op": "list"})["snapshots"]
-
-    def get(self, rank, step, meta_only=False):
-        """(meta, fds): descriptors passed on a Unix socket, streamed into local memfds over TCP."""
-        reply = self.call({"op": "get", "rank": rank, "step": step, "meta_only": meta_only})
-        if meta_only:
-            return reply["meta"], []
-        if self.unix:
-            return reply["meta"], self._fds
-        fds = []
-        try:
-            for i, n in enumerate(reply["sizes"]):
-                fds.append(kp.recv_into_memfd(self.sock, n, f"ichiban-fetch-r{rank}-{i}"))
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return reply["meta"], fds
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _read_file(path: str) -> str:
-    with open(path) as f:
-        return f.read().strip()
-
-
-def ensure_keeper(root: str, host: str, *, keep: int, budget_bytes: int | None, idle_timeout: float,
-                  tcp: str | None, start_timeout: float = 60.0, watch_pid: int | None = None):
-    """Attach to this host's keeper of root, starting it first when there is none.
-
-    Returns (client, info, token). Starting is serialised per user by a lock on the runtime
-    directory, so the ranks of a host end up with one keeper. The keeper exits with watch_pid
-    (default: this process's parent, the job's launcher).
-    """
-    import fcntl
-
-    base = kp.keeper_base(root, host)
-    dirfd = os.open(kp.runtime_dir(), os.O_RDONLY)
-    try:
-        fcntl.flock(dirfd, fcntl.LOCK_EX)
-        try:
-            token = _read_file(base + ".token")
-            info = json.loads(_read_file(base + ".json"))
-            client = KeeperClient(base + ".sock", token, timeout=start_timeout)
-            if tcp and not info.get("tcp"):
-                warnings.warn(f"the keeper of host {host!r} (pid {info['pid']}) does not listen on TCP: "
-                              f"its snapshots are not served to other hosts", RuntimeWarning)
-            return client, info, token
-        except (OSError, ValueError, CheckpointError):
-            pass  # none, or a dead one's files: start a new one
-        token = secrets.token_hex(24)
-        for suffix in (".sock", ".json"):
-            try:
-                os.unlink(base + suffix)
-            except FileNotFoundError:
-                pass
-        with open(os.open(base + ".token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write(token + "\n")
-        if budget_bytes is None:
-            budget_bytes = _default_budget()
-        cmd = [sys.executable, kp.__file__, "serve", "--base", base, "--host", host, "--keep", str(keep),
-               "--budget-bytes", str(budget_bytes), "--idle-timeout", str(idle_timeout),
-               "--watch-pid", str(os.getppid() if watch_pid is None else watch_pid)]
-        if tcp:
-            cmd += ["--tcp", tcp]
-        with open(os.open(base + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as logf:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf,
-                                    start_new_session=True, close_fds=True, text=True, cwd="/")
-        proc.stdin.write(token + "\n")
-        proc.stdin.close()
-        import select
-
-        ready, _, _ = select.select([proc.stdout], [], [], start_timeout)
-        line = proc.stdout.readline() if ready else ""
-        proc.stdout.close()
-        if not line.startswith("ready "):
-            proc.kill()
-            proc.wait()
-            raise CheckpointError(f"the checkpoint keeper for host {host!r} did not start within "
-                                  f"{start_timeout:.0f} s ({line.strip() or 'no output'}); see {base}.log")
-        info = json.loads(line[len("ready "):])
-        # Reaped by a thread so it never lingers as a zombie while this trainer lives.
-        threading.Thread(target=proc.wait, daemon=True).start()
-        return KeeperClient(base + ".sock", token, timeout=start_timeout), info, token
-    finally:
-        os.close(dirfd)
-
-
-def stop_keepers(root: str) -> list[int]:
-    """Stop every keeper of root on this machine; returns their pids (for tests and job ends)."""
-    import glob
-
-    pids = []
-    for info_path in glob.glob(os.path.join(kp.runtime_dir(), f"keeper-{kp.job_id(root)}-*.json")):
-        base = info_path[:-len(".json")]
-        try:
-            info = json.loads(_read_file(info_path))
-            c = KeeperClient(base + ".sock", _read_file(base + ".token"), timeout=10)
-            c.call({"op": "stop"})
-            c.close()
-            pids.append(info["pid"])
-        except (OSError, ValueError, CheckpointError):
-            continue
-    return pids
-
-
-def _default_budget() -> int:
-    """Half of the memory the host has available now."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return 8 << 30
-
-
-def _tcp_address() -> str:
-    """The address other hosts reach this one at: ICHIBAN_KEEPER_ADDR, else the interface that
-    routes to MASTER_ADDR (127.0.0.1 when the job runs on one machine)."""
-    explicit = os.environ.get("ICHIBAN_KEEPER_ADDR")
-    if explicit:
-        return explicit
-    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    if master in ("localhost", "") or master.startswith("127."):
-        return "127.0.0.1"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((socket.gethostbyname(master), 1))
-        return s.getsockname()[0]
 
 
 def check_args(replicas, bandwidth, keep, budget, idle, compression) -> None:
@@ -276,7 +98,7 @@ class MemoryTier:
         i = order.index(self.host)
         self.peers = [order[(i + k) % len(order)] for k in range(1, replicas + 1)]
         self._keeper_args = {"keep": keep, "budget_bytes": budget_bytes, "idle_timeout": idle_timeout,
-                             "tcp": _tcp_address() if len(order) > 1 else None}
+                             "tcp": tcp_address() if len(order) > 1 else None}
         self.local = None
         try:
             self.local, info, token = ensure_keeper(root, self.host, **self._keeper_args)
@@ -294,7 +116,7 @@ class MemoryTier:
             raise CheckpointError("memory=True: no checkpoint keeper: " + "; ".join(errors))
         self.keepers = {d["host"]: d for d in gathered}
         self.crc_pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ichiban-mem-crc")
-        self._read_mapped = _mapped_reader(self.crc_pool)
+        self._read_mapped = mapped_reader(self.crc_pool)
         self._snap = None
         self._warned: set[str] = set()
         self.last_load: dict | None = None
@@ -625,7 +447,7 @@ class MemoryTier:
                     return None
                 paths = {n: f"/proc/self/fd/{fd}" for n, fd in zip(meta["files"], fds)}
                 manifest = {"ranks": [part], "tensors": [], "storages": []}
-                _rewrite_chunks(manifest, paths)
+                rewrite_chunks(manifest, paths)
                 return load_tree(step, "/", part, None)
             except (CheckpointError, OSError, ConnectionError, KeyError, TypeError) as e:
                 errors.append(f"{host}: {e}")
@@ -658,7 +480,7 @@ class MemoryTier:
                     metas[k] = client(source(k)).get(k, step, meta_only=True)[0]
             header = metas[0]["header"]
             manifest = merge_fragments([metas[k]["fragment"] for k in range(self.world)], header)
-            needed = _needed_files(manifest, into)
+            needed = needed_files(manifest, into)
             paths, tier = {}, "memory"
             for k in range(self.world):
                 names = [n for n in metas[k]["files"] if n in needed]
@@ -675,116 +497,8 @@ class MemoryTier:
         finally:
             for c in remote.values():
                 c.close()
-        _rewrite_chunks(manifest, paths)
+        rewrite_chunks(manifest, paths)
         try:
             return load_tree(step, "/", manifest, into, read=self._read_mapped), tier
         except CheckpointCorruptError as e:
             raise CheckpointCorruptError(f"memory tier ({tier}): {e}", step=step) from e
-
-
-_FD_PATH = "/proc/self/fd/"
-
-
-def _mapped_reader(pool: ThreadPoolExecutor):
-    """A read(specs, dsts) for load_tree: raw chunks of snapshot memfds are checked (CRC-32C)
-    and copied straight out of a read-only mapping; anything else goes to read_chunks.
-
-    Reading a memfd with pread goes through the kernel's shmem read path page by page, slower
-    than a memory copy (benchmarks/checkpoint_memory.py measures both); a populated mapping
-    costs one page-table pass, then the CRC and the copy run at memory bandwidth.
-    """
-    def read(specs, dsts):
-        mapped = [s for s in specs if s[5] == 0 and s[0].startswith(_FD_PATH)]
-        rest = [s for s in specs if not (s[5] == 0 and s[0].startswith(_FD_PATH))]
-        if rest:
-            _C.checkpoint.read_chunks(rest, dsts)
-        if not mapped:
-            return
-        views = {}
-        maps = []
-        try:
-            for path in {s[0] for s in mapped}:
-                fd = int(path[len(_FD_PATH):])
-                size = os.fstat(fd).st_size
-                if size == 0:
-                    views[path] = torch.empty(0, dtype=torch.uint8)
-                    continue
-                m = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ)
-                maps.append(m)
-                with warnings.catch_warnings():   # read-only on purpose: nothing writes through it
-                    warnings.simplefilter("ignore", UserWarning)
-                    views[path] = torch.frombuffer(m, dtype=torch.uint8)
-            flat = [d.view(-1) for d in dsts]
-
-            def one(spec):
-                path, off, stored, raw, crc, _codec, _planes, di, doff, label = spec
-                src = views[path]
-                if off + stored > src.numel() or stored != raw:
-                    raise RuntimeError(f"{label}: chunk [{off}, +{stored}) is outside the snapshot of "
-                                       f"{src.numel()} bytes")
-                piece = src[off:off + stored]
-                got = _C.checkpoint.crc32c_tensor(piece)
-                if got != crc:
-                    raise RuntimeError(f"{label}: crc32c mismatch (manifest 0x{crc:08x}, memory "
-                                       f"0x{got:08x}): the snapshot is corrupted")
-                _C.checkpoint.copy_bytes(flat[di][doff:doff + raw], piece)
-
-            for _ in pool.map(one, mapped):
-                pass
-        finally:
-            views.clear()
-            for m in maps:
-                try:
-                    m.close()
-                except BufferError:
-                    pass  # a traceback still holds a view: the mapping goes with it
-    return read
-
-
-def _all_chunk_lists(manifest):
-    for e in manifest["tensors"]:
-        for s in e.get("shards", []):
-            yield s, e
-    for s in manifest["storages"]:
-        yield s, None
-
-
-def _needed_files(manifest, into) -> set[str]:
-    """Snapshot files holding a chunk this rank's load reads (the regions of into's DTensors)."""
-    from ._loader import _local_region, _overlap
-    from ._tree import flatten
-
-    targets = dict(flatten(into)[1]) if into is not None else {}
-    needed = set()
-    for s in manifest["storages"]:
-        needed.update(c[0] for c in s.get("chunks", []))
-    for e in manifest["tensors"]:
-        if "view" in e:
-            continue
-        r_off, r_shape = _local_region(targets.get(e["name"]), e["shape"])
-        for s in e.get("shards", []):
-            if _overlap(r_off, r_shape, s["offsets"], s["shape"]) is not None or not r_shape:
-                needed.update(c[0] for c in s.get("chunks", []))
-    for part in manifest.get("ranks") or []:
-        if part:
-            for e in part["tensors"]:
-                for s in e.get("shards", []):
-                    needed.update(c[0] for c in s.get("chunks", []))
-            for s in part["storages"]:
-                needed.update(c[0] for c in s.get("chunks", []))
-    return needed
-
-
-def _rewrite_chunks(manifest, paths) -> None:
-    def fix(chunks):
-        for c in chunks:
-            c[0] = paths.get(c[0], c[0])
-    for s, _ in _all_chunk_lists(manifest):
-        fix(s.get("chunks", []))
-    for part in manifest.get("ranks") or []:
-        if part:
-            for e in part["tensors"]:
-                for s in e.get("shards", []):
-                    fix(s.get("chunks", []))
-            for s in part["storages"]:
-                fix(s.get("chunks", []))

@@ -295,3 +295,16 @@ def test_keeper_exits_with_the_job_launcher(root):
     assert _gone(info["pid"], 10), "the keeper outlived the job's launcher"
     client.close()
     assert _keeper_files(root) == []
+
+
+def test_rollback_drops_abandoned_steps_from_memory(root):
+    ck = AsyncCheckpointer(root, memory=True, memory_keep=3, chunk_bytes=4096)
+    for step in (1, 2, 3):
+        ck.save(step, seeded_state(step)).wait()
+    assert sorted(s["step"] for s in ck.memory_tier.local.list()) == [1, 2, 3]
+    ck.rollback(1)
+    assert sorted(s["step"] for s in ck.memory_tier.local.list()) == [1]
+    got = ck.load()
+    assert ck.last_load == {"step": 1, "tiers": ["memory"]}
+    assert_same(got, seeded_state(1))
+    ck.close()
