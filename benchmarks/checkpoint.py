@@ -200,9 +200,9 @@ def fresh_copy_modes(state) -> dict:
     """Ways to stage a state into memory nobody has touched yet (what a first save must do), best
     of two: torch's per-tensor clone (what dcp.async_save's default stager does on CPU); the
     old first save (allocate and prefault the pool on the thread pool, then copy into it); the
-    C++ copy into fresh pages advised MADV_HUGEPAGE; and the C++ copy straight into fresh pages
-    of a staging arena (base pages; the copier threads take the page faults), which the first
-    save uses now."""
+    C++ copy into fresh pages advised MADV_HUGEPAGE (what the first save does now: the pool
+    advises huge pages on each grown range and the copier threads take the faults); and the same
+    copy into fresh base pages."""
     from ichiban_comm import _C
 
     tensors = list(state["model"].values()) + [v for g in state["optim"].values() for v in g.values()]
@@ -402,7 +402,7 @@ def print_table(r) -> None:
         ("fresh memory: prefault pool, then copy", f"{r['fresh']['prefault_then_copy_s'] * 1e3:.0f} ms", ""),
         ("fresh memory: copy into fresh huge pages", f"{r['fresh']['copy_into_fresh_huge_pages_s'] * 1e3:.0f} ms",
          "MADV_HUGEPAGE"),
-        ("fresh memory: copy into fresh arena pages", f"{r['fresh']['copy_into_fresh_pages_s'] * 1e3:.0f} ms",
+        ("fresh memory: copy into fresh base pages", f"{r['fresh']['copy_into_fresh_pages_s'] * 1e3:.0f} ms",
          f"{r['fresh']['copy_into_fresh_pages_s'] / mc:.2f} x memcpy bound"),
         ("ichiban save blocking (first, no hint)", f"{ib['first']['blocking_s'] * 1e3:.0f} ms",
          f"{ib['first']['blocking_s'] / mc:.2f} x memcpy bound" + (

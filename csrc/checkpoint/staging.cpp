@@ -67,9 +67,9 @@ void StagingArena::grow(int64_t nbytes) {
   ICHIBAN_CHECK(::mprotect(p, len, PROT_READ | PROT_WRITE) == 0,
                 sys_error("mapping " + std::to_string(len) + " staging bytes"));
   ::madvise(p, len, MADV_DONTFORK);
-#ifdef MADV_HUGEPAGE
-  ::madvise(p, len, MADV_HUGEPAGE);  // advisory
-#endif
+  // Huge pages are the caller's choice (ichiban_comm/checkpoint/_stager.py advises them): they
+  // fill several times faster than base pages where the host has free huge pages and several
+  // times slower where each needs a direct compaction (benchmarks/results/checkpoint_cpu2.md).
   size_ = end;
 }
 

@@ -19,8 +19,8 @@ at::Tensor alloc_staging(int64_t nbytes);
 // the pool grows, so a state that grows by 10 % maps, faults and pins 10 % more
 // while every byte already staged keeps its address (and its pinning). Pages
 // are MADV_DONTFORK (a forked child never shares them; once pinned by the CUDA
-// driver they must stay in one process) and MADV_HUGEPAGE (fewer faults and TLB
-// misses where transparent huge pages are on). grow() does not touch the new
+// driver they must stay in one process); huge pages are the caller's choice
+// (see grow() in staging.cpp). grow() does not touch the new
 // pages: the first copy into them faults them in on the copier threads, which
 // is the cheapest way to fill fresh memory; prefault() touches them ahead of time.
 class StagingArena {
