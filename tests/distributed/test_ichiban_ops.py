@@ -26,11 +26,9 @@ ALGOS = ["oneshot", "twoshot", "ring"]
 
 
 def _group(algo: str):
-    os.environ["ICHIBAN_ALGO"] = algo
-    try:
-        return dist.new_group(backend="ichiban")
-    finally:
-        os.environ.pop("ICHIBAN_ALGO", None)
+    from ichiban_comm.distributed import IchibanOptions
+
+    return dist.new_group(backend="ichiban", pg_options=IchibanOptions(algo=algo))
 
 
 def _allreduce_cases(rank, ws, fails, seed):

@@ -238,10 +238,17 @@ def test_other_collectives_on_shared_tensors(ws, monkeypatch):
 
 
 def _debug_group():
-    """A new "ichiban" group created with ICHIBAN_DEBUG=1 (left set), and what it logged."""
-    os.environ["ICHIBAN_DEBUG"] = "1"
+    """A new "ichiban" group with debug=True, and what it logged while setting up (its first op)."""
+    from ichiban_comm.distributed import IchibanOptions
+
     made = []
-    log = native_stderr(lambda: made.append(dist.new_group(backend="ichiban")))
+
+    def make():
+        g = dist.new_group(backend="ichiban", pg_options=IchibanOptions(debug=True))
+        dist.barrier(group=g)  # the first CPU op sets up the host's segment
+        made.append(g)
+
+    log = native_stderr(make)
     return made[0], log
 
 
@@ -253,7 +260,6 @@ def _declined_body(rank, ws):
         enable_shared_tensors()
     assert shared_tensors_enabled() == (rank == 0)
     group, log = _debug_group()
-    os.environ.pop("ICHIBAN_DEBUG")
     be = group._get_backend(torch.device("cpu"))
     t = torch.randn(1 << 18, generator=torch.Generator().manual_seed(rank))
     want = sum(torch.randn(1 << 18, generator=torch.Generator().manual_seed(p)) for p in range(ws))
@@ -275,7 +281,6 @@ def _debug_body(rank, ws):
     group, _ = _debug_group()
     t = torch.randn(1 << 18)
     log = native_stderr(lambda: dist.all_reduce(t, group=group))
-    os.environ.pop("ICHIBAN_DEBUG")
     return log
 
 
