@@ -30,6 +30,7 @@ import traceback
 # no torch op runs there (a fork after OpenMP's or a native thread pool's first
 # use would give the worker a pool without threads).
 _PRELOAD = ["torch", "torch.distributed", "ichiban_comm", "spawn"]
+_IMPORT_SETTINGS = ("ICHIBAN_SHARED_TENSORS",)
 _ctx = None
 
 
@@ -42,7 +43,17 @@ def _context():
             raise ValueError(f"ICHIBAN_TEST_SPAWN={method!r}: expected 'forkserver' or 'spawn'")
         _ctx = mp.get_context(method)
         if method == "forkserver":
+            from multiprocessing import forkserver
+
             _ctx.set_forkserver_preload(_PRELOAD)
+            # Start it now, without the settings that change what importing the package
+            # does (the shared-tensor allocator cannot be enabled in a process forked
+            # after it was); each worker applies its own environment after the fork.
+            saved = {k: os.environ.pop(k) for k in _IMPORT_SETTINGS if k in os.environ}
+            try:
+                forkserver.ensure_running()
+            finally:
+                os.environ.update(saved)
     return _ctx
 
 
@@ -109,13 +120,15 @@ def _worker(fn_bytes, rank, world_size, port, backend, pg_timeout, env, args, ou
 
 def run_workers(fn, world_size: int, *, backend: str | None = "gloo", timeout: float = 60.0,
                 pg_timeout: float | None = None, env: dict | None = None, args: tuple = (),
-                expect_failure_ranks: tuple = ()):
+                expect_failure_ranks: tuple = (), fresh: bool = False):
     """Run fn in world_size processes; return the per-rank results in rank order.
 
     Ranks in ``expect_failure_ranks`` may exit without reporting (a test that
-    kills a peer on purpose); their result is None.
+    kills a peer on purpose); their result is None. ``fresh=True`` starts the
+    workers as new interpreters that have imported nothing (a test of what an
+    import does), instead of forking them from the preloaded forkserver.
     """
-    ctx = _context()
+    ctx = mp.get_context("spawn") if fresh else _context()
     out = ctx.Queue()
     port = free_port()
     pg_timeout = pg_timeout if pg_timeout is not None else max(5.0, timeout * 0.75)

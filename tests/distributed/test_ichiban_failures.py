@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -308,6 +309,7 @@ def test_sync_ops_do_not_wake_the_progress_thread():
         assert queued >= 1
 
 
+@pytest.mark.slow
 def test_failing_op_diagnosis_script():
     # scripts/diag_failing_op.py is the GPU suite's check that failing ops raise rather than
     # crash; here every case must raise, including two not covered above (a size mismatch on

@@ -291,6 +291,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.slow
 def test_ranks_in_different_pid_namespaces():
     if os.geteuid() != 0 or subprocess.run(["unshare", "--pid", "--fork", "true"],
                                            capture_output=True).returncode != 0:

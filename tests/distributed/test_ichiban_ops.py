@@ -279,7 +279,7 @@ def _large_body(rank, ws):
     return fails
 
 
-@pytest.mark.parametrize("ws", [2, 4])
+@pytest.mark.parametrize("ws", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_large_messages(ws):
     results = run_workers(_large_body, ws, backend="ichiban", timeout=240)
     fails = [f"rank {r}: {m}" for r, fs in enumerate(results) for m in fs]

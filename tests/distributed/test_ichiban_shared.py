@@ -125,7 +125,7 @@ def _allreduce_body(rank, ws, private_rank):
     return be.shared, be.shared_declined, be.shared_bytes, bad
 
 
-@pytest.mark.parametrize("ws", [2, 3, 4])
+@pytest.mark.parametrize("ws", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_allreduce_in_place_on_shared_tensors(ws, monkeypatch):
     monkeypatch.setenv("ICHIBAN_SHARED_TENSORS", "1")
     res = run_workers(_allreduce_body, ws, backend="ichiban", timeout=300, args=(-1,))
@@ -343,6 +343,7 @@ def test_allocator_places_large_tensors_in_the_arena_and_reuses_freed_blocks():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_env_setting_enables_it_and_bad_values_are_clear_errors():
     r = _python("import ichiban_comm.distributed as d; print(d.shared_tensors_enabled())",
                 {"ICHIBAN_SHARED_TENSORS": "1"})
@@ -455,6 +456,7 @@ def _fsdp_body(rank, ws):
     return same, be.shared_bytes > before
 
 
+@pytest.mark.slow
 def test_fsdp2_on_shared_tensors_matches_one_process(monkeypatch):
     # FSDP2's all-gathers and reduce-scatters work on views into its own flat buffers.
     monkeypatch.setenv("ICHIBAN_SHARED_TENSORS", "1")
