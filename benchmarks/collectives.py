@@ -200,15 +200,15 @@ def _worker(rank, n, port, cfg, out):
         if b == "gloo":
             groups["gloo"] = dist.group.WORLD
         elif b.startswith("ichiban"):
+            from ichiban_comm.distributed import IchibanOptions
+
             algo = b.split(":", 1)[1] if ":" in b else "auto"
-            os.environ["ICHIBAN_ALGO"] = algo
-            groups[b] = dist.new_group(backend="ichiban")
+            groups[b] = dist.new_group(backend="ichiban", pg_options=IchibanOptions(algo=algo))
         elif b == DIRECT:
             groups[b] = groups["ichiban"]  # the same group, called directly ("ichiban" comes first)
-    # Every column is warmed before the first timed row. In fresh processes
-    # the first op timed ran up to 1.8x slower than the same op timed later
-    # (4 ranks on 2 cores, 8 B: 72-88 us first, 39-57 us after), which charged
-    # the start-up to whichever size came first.
+    # Every column is warmed before the first timed row: in fresh processes
+    # the first op timed runs markedly slower than the same op timed later,
+    # which would charge the start-up to whichever size came first.
     for b, g in groups.items():
         if b == DIRECT and cfg["ops"][0] != "all_reduce":
             continue

@@ -17,6 +17,13 @@ Declared JSON::
      "ranks": [{"rank": 0, "host": "h0", "local_rank": 0, "gpu": null, "numa": 0}, ...]}
 
 Only ``hosts[].name`` and ``ranks[].{rank, host, local_rank}`` are required.
+
+One job, one topology: :func:`job_topology` is what the ``"ichiban"`` backend
+(which ranks share memory) and the parallel layouts read. The backend
+establishes it when the default process group is created, through that
+group's store: one exchange, which also carries each rank's machine identity,
+so ranks that a declared file puts on one host but that run on different
+machines are kept apart.
 """
 
 from __future__ import annotations
@@ -51,7 +58,17 @@ class Topology:
         self._host_order = [h["name"] for h in hosts]
         self._ranks = sorted(ranks, key=lambda r: r.rank)
         self.source = source
+        # rank -> the machine it really runs on ("<hostname>:<boot id>"), when
+        # an exchange told; not part of the declared format.
+        self.machines: list[str] | None = None
         self._validate()
+
+    def shares_memory(self, a: int, b: int) -> bool:
+        """Whether ranks a and b may talk through shared memory: the same host and,
+        when the machines are known, the same machine."""
+        if not self.same_host(a, b):
+            return False
+        return self.machines is None or self.machines[a] == self.machines[b]
 
     # ---- queries -----------------------------------------------------------
     @property
@@ -359,11 +376,19 @@ def detect(store=None, rank: int | None = None, world_size: int | None = None, *
     return Topology(hosts, ranks, source="detected (environment)")
 
 
-def _exchange(store, rank, world_size, local_rank, me, timeout) -> Topology:
+def machine_id() -> str:
+    """This machine: hostname and boot id (two containers of one machine share the boot id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "noboot"
+    return f"{socket.gethostname()}:{boot}"
+
+
+def _publish_and_gather(store, rank, world_size, mine: dict, timeout) -> list[dict]:
     import datetime
 
-    gpu, numa = _rank_placement(me, local_rank)
-    mine = {"rank": rank, "local_rank": local_rank, "gpu": gpu, "numa": numa, "host": me}
     store.set(f"{_STORE_PREFIX}{rank}", json.dumps(mine))
     keys = [f"{_STORE_PREFIX}{r}" for r in range(world_size)]
     try:
@@ -372,7 +397,14 @@ def _exchange(store, rank, world_size, local_rank, me, timeout) -> Topology:
         missing = [r for r in range(world_size) if not store.check([keys[r]])]
         raise TopologyError(f"topology exchange: rank(s) {missing} did not publish their host "
                             f"facts within {timeout:.0f} s ({e})") from e
-    entries = [json.loads(store.get(k)) for k in keys]
+    return [json.loads(store.get(k)) for k in keys]
+
+
+def _exchange(store, rank, world_size, local_rank, me, timeout) -> Topology:
+    gpu, numa = _rank_placement(me, local_rank)
+    mine = {"rank": rank, "local_rank": local_rank, "gpu": gpu, "numa": numa, "host": me,
+            "machine": machine_id()}
+    entries = _publish_and_gather(store, rank, world_size, mine, timeout)
     hosts: dict[str, dict] = {}
     ranks = []
     for e in entries:
@@ -383,7 +415,47 @@ def _exchange(store, rank, world_size, local_rank, me, timeout) -> Topology:
         name = e["host"]["name"]
         lr = sum(1 for x in entries[: e["rank"]] if x["host"]["name"] == name)
         ranks.append(RankInfo(e["rank"], name, lr, e["gpu"], e["numa"]))
-    return Topology(list(hosts.values()), ranks, source="detected (store exchange)")
+    topo = Topology(list(hosts.values()), ranks, source="detected (store exchange)")
+    topo.machines = [e.get("machine", "") for e in entries]
+    return topo
+
+
+_JOB: Topology | None = None
+
+
+def job_topology(store=None, rank: int | None = None, world_size: int | None = None, *,
+                 timeout: float = 300.0, refresh: bool = False) -> Topology:
+    """The topology of this job, established once per process and then shared.
+
+    The first call with a ``store`` (the ``"ichiban"`` backend makes it when
+    the default process group is created; every rank calls it) runs the one
+    exchange: detected facts, or the declared file plus each rank's machine
+    identity. Later calls return that object. Without a store and before any
+    exchange, the topology is detected from torchrun's environment and this
+    host alone. ``refresh=True`` (a new default group) runs the exchange again.
+    """
+    global _JOB
+    if _JOB is not None and not refresh and (world_size is None or _JOB.world_size == world_size):
+        return _JOB
+    if store is None:
+        return detect(rank=rank, world_size=world_size)
+    rank = _env_int("RANK", 0) if rank is None else rank
+    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    if os.environ.get(ENV_TOPOLOGY):
+        topo = detect(rank=rank, world_size=world_size)  # the declared file, checked
+        if world_size > 1:
+            entries = _publish_and_gather(store, rank, world_size, {"machine": machine_id()}, timeout)
+            topo.machines = [e["machine"] for e in entries]
+    else:
+        topo = detect(store, rank, world_size, timeout=timeout)
+    _JOB = topo
+    return topo
+
+
+def forget_job_topology() -> None:
+    """Drop the cached job topology (tests that build several jobs in one process)."""
+    global _JOB
+    _JOB = None
 
 
 def main(argv=None) -> int:

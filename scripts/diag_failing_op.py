@@ -105,6 +105,9 @@ def run_case(case: str) -> None:
         else:
             dist.all_reduce(x)  # the group works while the peer lives
             msg = _expect_error(lambda: [dist.all_reduce(x) for _ in range(20)])
+        # A collective that fails is torch's DistBackendError, as with NCCL and Gloo.
+        if not msg.startswith("DistBackendError: "):
+            raise SystemExit(f"FAIL {case}: raised {msg}, expected DistBackendError")
     print(f"PASS {case} ({time.monotonic() - t0:.1f} s): raised {msg}", flush=True)
     if peer is not None:
         peer.kill()

@@ -30,7 +30,7 @@ echo "[sanitized] building in $WORK (log: $WORK/build.log)"
     >build.log 2>&1) || { tail -30 "$WORK/build.log"; exit 1; }
 
 if [ $# -eq 0 ]; then
-    set -- -q tests/distributed/test_ichiban_failures.py tests/distributed/test_ichiban_ops.py \
+    set -- -q tests/distributed/test_ichiban_failures.py tests/distributed/test_ichiban_faults.py tests/distributed/test_ichiban_ops.py \
         tests/distributed/test_ichiban_shared.py tests/distributed/test_ichiban_direct.py
 fi
 echo "[sanitized] pytest $*"

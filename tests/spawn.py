@@ -19,10 +19,42 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
+
+# Imported once in the forkserver, before it forks any worker. Only imports:
+# no torch op runs there (a fork after OpenMP's or a native thread pool's first
+# use would give the worker a pool without threads).
+_PRELOAD = ["torch", "torch.distributed", "ichiban_comm", "spawn"]
+_IMPORT_SETTINGS = ("ICHIBAN_SHARED_TENSORS",)
+_ctx = None
+
+
+def _context():
+    """The multiprocessing context of the workers (created once per test process)."""
+    global _ctx
+    if _ctx is None:
+        method = os.environ.get("ICHIBAN_TEST_SPAWN", "forkserver")
+        if method not in ("forkserver", "spawn"):
+            raise ValueError(f"ICHIBAN_TEST_SPAWN={method!r}: expected 'forkserver' or 'spawn'")
+        _ctx = mp.get_context(method)
+        if method == "forkserver":
+            from multiprocessing import forkserver
+
+            _ctx.set_forkserver_preload(_PRELOAD)
+            # Start it now, without the settings that change what importing the package
+            # does (the shared-tensor allocator cannot be enabled in a process forked
+            # after it was); each worker applies its own environment after the fork.
+            saved = {k: os.environ.pop(k) for k in _IMPORT_SETTINGS if k in os.environ}
+            try:
+                forkserver.ensure_running()
+            finally:
+                os.environ.update(saved)
+    return _ctx
 
 
 def free_port() -> int:
@@ -52,7 +84,12 @@ def native_stderr(fn) -> str:
         return f.read()
 
 
-def _worker(fn, rank, world_size, port, backend, pg_timeout, env, args, out):
+def _worker(fn_bytes, rank, world_size, port, backend, pg_timeout, env, args, out, parent):
+    environ, cwd, path = parent
+    os.environ.clear()
+    os.environ.update(environ)
+    sys.path[:] = path
+    os.chdir(cwd)
     os.environ.update({
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
         "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
@@ -61,6 +98,10 @@ def _worker(fn, rank, world_size, port, backend, pg_timeout, env, args, out):
     os.environ.update(env or {})
     try:
         import torch.distributed as dist
+
+        fn = pickle.loads(fn_bytes)  # by reference: needs the test's directory on sys.path
+        if "ichiban_comm" in sys.modules:  # preloaded: apply this worker's environment
+            sys.modules["ichiban_comm"].distributed.enable_from_env()
 
         if backend is not None:
             if backend not in ("gloo", "nccl", "mpi"):
@@ -79,18 +120,22 @@ def _worker(fn, rank, world_size, port, backend, pg_timeout, env, args, out):
 
 def run_workers(fn, world_size: int, *, backend: str | None = "gloo", timeout: float = 60.0,
                 pg_timeout: float | None = None, env: dict | None = None, args: tuple = (),
-                expect_failure_ranks: tuple = ()):
+                expect_failure_ranks: tuple = (), fresh: bool = False):
     """Run fn in world_size processes; return the per-rank results in rank order.
 
     Ranks in ``expect_failure_ranks`` may exit without reporting (a test that
-    kills a peer on purpose); their result is None.
+    kills a peer on purpose); their result is None. ``fresh=True`` starts the
+    workers as new interpreters that have imported nothing (a test of what an
+    import does), instead of forking them from the preloaded forkserver.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("spawn") if fresh else _context()
     out = ctx.Queue()
     port = free_port()
     pg_timeout = pg_timeout if pg_timeout is not None else max(5.0, timeout * 0.75)
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, backend, pg_timeout,
-                                                env, args, out), daemon=True)
+    parent = (dict(os.environ), os.getcwd(), list(sys.path))
+    fn_bytes = pickle.dumps(fn)
+    procs = [ctx.Process(target=_worker, args=(fn_bytes, r, world_size, port, backend, pg_timeout,
+                                                env, args, out, parent), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -30,32 +30,59 @@
 
 namespace ichiban {
 
+// The settings of one group: IchibanOptions in Python is this struct, bound.
+// The defaults below are the only ones; fill_from_env() overrides them from
+// ICHIBAN_* variables (a settings object made in Python starts from that),
+// and what the caller sets on the object wins over both. The first block is
+// filled per group by the creator (ichiban_comm/distributed/backend.py).
 struct BackendConfig {
   std::string group_name;        // in every error message
   std::string shm_name;          // unique per job and group; "_h<host>" is appended
   std::chrono::milliseconds timeout{std::chrono::minutes(30)};
   std::vector<int> host_of;      // group rank -> host index (hosts numbered from 0)
   std::vector<int> labels;       // group rank -> rank shown in errors
-  int64_t slot_bytes = 1 << 20;
-  int64_t oneshot_max_bytes = 64 << 10;  // auto: one-shot at or below, two-shot above
-  std::string algo;              // ICHIBAN_ALGO ("" = cost model)
-  bool debug = false;            // ICHIBAN_DEBUG: one line per op (algo, bytes, microseconds)
-  int spin_iters = 2000;
+
+  // 256 KiB per rank and buffer: a unit of work (the caller's chunk plus n
+  // slots, two buffers alternating) stays inside one core's L2, so the
+  // reduction reads back from cache what the copy-in just wrote, while each
+  // barrier is still amortised over a slot's worth of copying. Larger slots
+  // pay off only where L2 is larger (benchmarks/results/collectives_*.md).
+  int64_t slot_bytes = 256 << 10;         // ICHIBAN_SHM_SLOT_BYTES
+  int64_t oneshot_max_bytes = -1;         // ICHIBAN_ONESHOT_MAX_BYTES; -1: the cost model (cost.py) decides
+  std::string algo = "auto";              // ICHIBAN_ALGO: auto, oneshot, twoshot, ring, hier, flat
+  bool debug = false;                     // ICHIBAN_DEBUG: one line per op (algo, bytes, microseconds)
+  // Busy polls and sched_yield rounds before a waiter sleeps on the futex
+  // (shm/wait.h). A short spin: a long one holds the core a peer needs. -1:
+  // 200 polls, or 20 when the host's ranks outnumber its cores (a yield hands
+  // the core straight to a runnable peer, a sleep leaves it idle until a
+  // wake-up).
+  int spin_iters = -1;                    // ICHIBAN_SPIN="polls[,yields]"
   int yield_iters = 50;
-  bool direct = true;                   // single-copy reads between ranks if every member can (ICHIBAN_CMA)
-  int64_t direct_min_bytes = 256 << 10;  // ... for per-peer blocks of at least this size
-  bool shared = false;                  // read peers' host-shared tensors in place (shm/arena.h)
+  bool direct = true;                     // ICHIBAN_CMA: single-copy reads between ranks if every member can
+  // Below this per-peer block size the system call per block costs more than
+  // the second copy saves.
+  int64_t direct_min_bytes = 256 << 10;   // ICHIBAN_CMA_MIN_BYTES
+  bool shared = false;                    // read peers' host-shared tensors in place (shm/arena.h); on
+                                          // when the shared-tensor allocator is installed
+  bool nccl = true;                       // ICHIBAN_NO_NCCL=1 turns off: CUDA tensors are refused, no CUDA call
+  std::string liveness = "auto";          // ICHIBAN_LIVENESS: auto, pid, heartbeat (shm/comm.h)
+  int64_t heartbeat_ms = 5000;            // ICHIBAN_HEARTBEAT_MS: a peer silent this long is gone
+
+  void fill_from_env();
+  int spin_for(int local_size) const;     // spin_iters, with -1 resolved for this host
 };
 
 class IchibanBackend : public c10d::Backend {
  public:
   using WorkPtr = c10::intrusive_ptr<c10d::Work>;
 
-  // cuda: a NCCL backend over the same ranks (may be null); ops on CUDA
-  // tensors go straight to it.
+  using Factory = std::function<c10::intrusive_ptr<c10d::Backend>()>;
+  // make_cuda: builds a NCCL backend over the same ranks (may be empty); it
+  // is called when the first CUDA tensor arrives, and ops on CUDA tensors go
+  // straight to what it built. A group that never sees one never creates it.
   IchibanBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, BackendConfig cfg,
                  c10::intrusive_ptr<c10d::Backend> fallback, c10::intrusive_ptr<c10d::Backend> inter,
-                 c10::intrusive_ptr<c10d::Backend> cuda);
+                 Factory make_cuda);
   ~IchibanBackend() override;
 
   const std::string getBackendName() const override { return "ichiban"; }
@@ -103,7 +130,13 @@ class IchibanBackend : public c10d::Backend {
   // this rank has read that way.
   bool direct() const { return comm_ && comm_->direct(); }
   int64_t direct_bytes() const { return comm_ ? comm_->direct_bytes() : 0; }
-  int local_size() const { return comm_ ? comm_->size() : 1; }
+  int local_size() const { return local_size_; }
+  // Whether the host's shared segment exists yet (made by the first CPU op)
+  // and whether the NCCL group does (made by the first CUDA op).
+  bool has_segment() const { return comm_ != nullptr; }
+  bool has_cuda_group() const { return cuda_made_.load(); }
+  bool heartbeat() const { return comm_ && comm_->heartbeat(); }
+  const BackendConfig& config() const { return cfg_; }
   // Whether this host's members read each other's host-shared tensors, why
   // not (on this rank), and the bytes all-reduced that way.
   bool shared() const { return comm_ && comm_->shared(); }
@@ -128,10 +161,19 @@ class IchibanBackend : public c10d::Backend {
                  std::function<void()> body);
   void loop();
   void stop(bool abort);  // shutdown() and abort(): drain the worker, close the NCCL group
+  // The host's segment, created by the first CPU op that needs it
+  // (collective among the host's members, on the thread running ops).
+  void ensure_comm();
+  // The NCCL backend, built on the first CUDA tensor.
+  c10d::Backend* cuda();
+  // Runs queued jobs, then `job`, on this thread: an op issued from a Future
+  // callback (which runs on the thread that completed an op) cannot wait for
+  // that thread to come back.
+  void run_nested(std::function<void()> job);
   Deadline deadline() const { return std::chrono::steady_clock::now() + cfg_.timeout; }
   bool multi_host() const { return nhosts_ > 1; }
   // True when t is a CUDA tensor and a NCCL backend is there to take it.
-  bool to_cuda(const at::Tensor& t) const { return cuda_ && t.defined() && t.is_cuda(); }
+  bool to_cuda(const at::Tensor& t) const { return make_cuda_ && t.defined() && t.is_cuda(); }
   void require_fallback(const char* op) const;
   void allreduce_now(at::Tensor& t, RedOp op, const char* name);
   void log(const char* op, const char* algo, int64_t bytes, std::chrono::steady_clock::time_point t0) const;
@@ -139,9 +181,15 @@ class IchibanBackend : public c10d::Backend {
   BackendConfig cfg_;
   c10::intrusive_ptr<c10d::Backend> fallback_;
   c10::intrusive_ptr<c10d::Backend> inter_;
+  Factory make_cuda_;
+  std::mutex cuda_mu_;
+  std::atomic<bool> cuda_made_{false};
   c10::intrusive_ptr<c10d::Backend> cuda_;
   std::once_flag cuda_closed_;  // the wrapped NCCL group is shut down (or aborted) once
+  c10::intrusive_ptr<c10d::Store> store_;
+  int local_size_ = 1;
   std::unique_ptr<ShmComm> comm_;
+  std::atomic<bool> aborted_{false};
   int nhosts_ = 1;
   bool uniform_hosts_ = true;
   Algo forced_ = Algo::kAuto;
@@ -153,6 +201,7 @@ class IchibanBackend : public c10d::Backend {
   std::deque<std::function<void()>> queue_;
   bool stop_ = false;
   bool busy_ = false;  // a job is running (on the worker or inline)
+  std::thread::id runner_;  // the thread running it
   std::atomic<int> queued_{0};  // queue_.size(), read without the lock by the idle worker
   std::atomic<int64_t> wakeups_{0};
   std::thread worker_;

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "backend/backend.h"
+#include "common/env.h"
 #include "collectives/reduce.h"
 #include "shm/arena.h"
 #include "shm/segment.h"
@@ -40,46 +41,78 @@ void bind_backend(pybind11::module_& m) {
                              "why this rank does not use host-shared tensors ('' when it does or a peer declined)")
       .def_property_readonly("shared_bytes", &IchibanBackend::shared_bytes,
                              "bytes of the ops this rank ran on host-shared tensors (read and written in the peers' memory)")
+      .def_property_readonly("has_segment", &IchibanBackend::has_segment,
+                             "whether this group's /dev/shm segment exists (made by its first CPU op)")
+      .def_property_readonly("has_cuda_group", &IchibanBackend::has_cuda_group,
+                             "whether this group's NCCL group exists (made by its first CUDA op)")
+      .def_property_readonly("heartbeat", &IchibanBackend::heartbeat,
+                             "whether peers are watched by heartbeat (members in different PID namespaces)")
+      .def_property_readonly("options", [](const IchibanBackend& b) { return b.config(); },
+                             "a copy of the settings this group runs with")
       .def_property_readonly("worker_wakeups", &IchibanBackend::worker_wakeups,
                              "how often the progress thread woke up (a synchronous op run inline does not wake it)")
       .def("choose_allreduce",
            [](const IchibanBackend& b, int64_t bytes) { return std::string(algo_name(b.choose_allreduce(bytes))); },
            py::arg("bytes"), "the all-reduce algorithm used for a message of `bytes`");
 
+  // The settings object (IchibanOptions in Python subclasses it). A fresh one
+  // holds the defaults of backend.h; fill_from_env() applies ICHIBAN_*.
+  py::class_<BackendConfig>(m, "BackendConfig")
+      .def(py::init<>())
+      .def("fill_from_env", &BackendConfig::fill_from_env,
+           "override the defaults with the ICHIBAN_* environment variables that are set")
+      .def("_copy", [](const BackendConfig& c) { return BackendConfig(c); })
+      .def_readwrite("slot_bytes", &BackendConfig::slot_bytes)
+      .def_readwrite("oneshot_max_bytes", &BackendConfig::oneshot_max_bytes)
+      .def_readwrite("algo", &BackendConfig::algo)
+      .def_readwrite("debug", &BackendConfig::debug)
+      .def_readwrite("spin_iters", &BackendConfig::spin_iters)
+      .def_readwrite("yield_iters", &BackendConfig::yield_iters)
+      .def_readwrite("direct", &BackendConfig::direct)
+      .def_readwrite("direct_min_bytes", &BackendConfig::direct_min_bytes)
+      .def_readwrite("shared", &BackendConfig::shared)
+      .def_readwrite("nccl", &BackendConfig::nccl)
+      .def_readwrite("liveness", &BackendConfig::liveness)
+      .def_readwrite("heartbeat_ms", &BackendConfig::heartbeat_ms)
+      .def_readwrite("group_name", &BackendConfig::group_name)
+      .def_readwrite("shm_name", &BackendConfig::shm_name)
+      .def_readwrite("host_of", &BackendConfig::host_of)
+      .def_readwrite("labels", &BackendConfig::labels)
+      .def_property(
+          "timeout_s", [](const BackendConfig& c) { return c.timeout.count() / 1000.0; },
+          [](BackendConfig& c, double s) { c.timeout = std::chrono::milliseconds(static_cast<int64_t>(s * 1000.0)); })
+      .def("spin_for", &BackendConfig::spin_for, py::arg("local_size"),
+           "busy polls a waiter makes on a host with local_size ranks (spin_iters, with -1 resolved)");
+
   m.def(
       "create",
-      [](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, const std::string& group_name,
-         const std::string& shm_name, double timeout_s, std::vector<int> host_of, std::vector<int> labels,
-         int64_t slot_bytes, int64_t oneshot_max_bytes, const std::string& algo, bool debug, int spin_iters,
-         int yield_iters, const py::object& fallback, const py::object& inter, const py::object& cuda, bool direct,
-         int64_t direct_min_bytes, bool shared) {
-        BackendConfig cfg;
-        cfg.group_name = group_name;
-        cfg.shm_name = shm_name;
-        cfg.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0));
-        cfg.host_of = std::move(host_of);
-        cfg.labels = std::move(labels);
-        cfg.slot_bytes = slot_bytes;
-        cfg.oneshot_max_bytes = oneshot_max_bytes;
-        cfg.algo = algo;
-        cfg.debug = debug;
-        cfg.spin_iters = spin_iters;
-        cfg.yield_iters = yield_iters;
-        cfg.direct = direct;
-        cfg.direct_min_bytes = direct_min_bytes;
-        cfg.shared = shared;
+      [](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, const BackendConfig& cfg,
+         const py::object& fallback, const py::object& inter, const py::object& make_cuda) {
         auto fb = as_backend(fallback);
         auto in = as_backend(inter);
-        auto cu = as_backend(cuda);
+        IchibanBackend::Factory factory;
+        if (!make_cuda.is_none()) {
+          // The callable is Python's: hold it and call it under the GIL, and drop it there too.
+          auto fn = std::shared_ptr<py::object>(new py::object(make_cuda), [](py::object* o) {
+            py::gil_scoped_acquire gil;
+            delete o;
+          });
+          factory = [fn]() {
+            py::gil_scoped_acquire gil;
+            return as_backend((*fn)());
+          };
+        }
         py::gil_scoped_release release;  // the rendezvous waits on peers
-        return c10::make_intrusive<IchibanBackend>(store, rank, size, std::move(cfg), std::move(fb), std::move(in), std::move(cu));
+        return c10::make_intrusive<IchibanBackend>(store, rank, size, cfg, std::move(fb), std::move(in),
+                                                   std::move(factory));
       },
-      py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("group_name"), py::arg("shm_name"),
-      py::arg("timeout_s"), py::arg("host_of"), py::arg("labels"), py::arg("slot_bytes"),
-      py::arg("oneshot_max_bytes"), py::arg("algo"), py::arg("debug"), py::arg("spin_iters"),
-      py::arg("yield_iters"), py::arg("fallback"), py::arg("inter"), py::arg("cuda"), py::arg("direct"),
-      py::arg("direct_min_bytes"), py::arg("shared"),
-      "Create the backend of one process group (collective: every member calls it).");
+      py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("config"), py::arg("fallback"), py::arg("inter"),
+      py::arg("make_cuda"),
+      "Create the backend of one process group (every member calls it). make_cuda: None, or a callable "
+      "returning the NCCL backend, called on the first CUDA tensor.");
+  m.def("env_flag", [](const std::string& name, bool fallback) { return env_flag(name.c_str(), fallback); },
+        py::arg("name"), py::arg("default") = false,
+        "the one parser of ICHIBAN_* on/off variables (1/0, true/false, yes/no, on/off)");
 
   m.def("global_inter_host_bytes", &global_inter_host_bytes,
         "bytes sent through the inter-host engine by every ichiban group of this process");

@@ -36,7 +36,7 @@ void flat_split_into(const at::Tensor& flat, std::vector<at::Tensor>& outs) {
 }  // namespace
 
 WorkPtr IchibanBackend::allreduce(std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions& opts) {
-  if (!tensors.empty() && to_cuda(tensors[0])) return cuda_->allreduce(tensors, opts);
+  if (!tensors.empty() && to_cuda(tensors[0])) return cuda()->allreduce(tensors, opts);
   check_one(tensors, "allreduce", "tensors");
   ICHIBAN_CHECK_ARG(!opts.sparseIndices.has_value(), "ichiban: allreduce does not support sparse tensors");
   const RedOp op = to_redop(opts.reduceOp, "allreduce");
@@ -51,7 +51,7 @@ WorkPtr IchibanBackend::allreduce(std::vector<at::Tensor>& tensors, const c10d::
 
 WorkPtr IchibanBackend::allreduce_coalesced(std::vector<at::Tensor>& tensors,
                                             const c10d::AllreduceCoalescedOptions& opts) {
-  if (!tensors.empty() && to_cuda(tensors[0])) return cuda_->allreduce_coalesced(tensors, opts);
+  if (!tensors.empty() && to_cuda(tensors[0])) return cuda()->allreduce_coalesced(tensors, opts);
   const RedOp op = to_redop(opts.reduceOp, "allreduce_coalesced");
   for (const auto& t : tensors) {
     check_cpu(t, "allreduce_coalesced", "tensors");
@@ -67,7 +67,7 @@ WorkPtr IchibanBackend::allreduce_coalesced(std::vector<at::Tensor>& tensors,
 }
 
 WorkPtr IchibanBackend::reduce(std::vector<at::Tensor>& tensors, const c10d::ReduceOptions& opts) {
-  if (!tensors.empty() && to_cuda(tensors[0])) return cuda_->reduce(tensors, opts);
+  if (!tensors.empty() && to_cuda(tensors[0])) return cuda()->reduce(tensors, opts);
   check_one(tensors, "reduce", "tensors");
   const int root = static_cast<int>(opts.rootRank);
   ICHIBAN_CHECK_ARG(root >= 0 && root < size_, "ichiban: reduce: root ", root, " is not a rank of the group");
@@ -83,7 +83,7 @@ WorkPtr IchibanBackend::reduce(std::vector<at::Tensor>& tensors, const c10d::Red
 }
 
 WorkPtr IchibanBackend::broadcast(std::vector<at::Tensor>& tensors, const c10d::BroadcastOptions& opts) {
-  if (!tensors.empty() && to_cuda(tensors[0])) return cuda_->broadcast(tensors, opts);
+  if (!tensors.empty() && to_cuda(tensors[0])) return cuda()->broadcast(tensors, opts);
   check_one(tensors, "broadcast", "tensors");
   const int root = static_cast<int>(opts.rootRank);
   ICHIBAN_CHECK_ARG(root >= 0 && root < size_, "ichiban: broadcast: root ", root, " is not a rank of the group");
@@ -104,7 +104,7 @@ WorkPtr IchibanBackend::broadcast(std::vector<at::Tensor>& tensors, const c10d::
 }
 
 WorkPtr IchibanBackend::_allgather_base(at::Tensor& output, at::Tensor& input, const c10d::AllgatherOptions& opts) {
-  if (to_cuda(input)) return cuda_->_allgather_base(output, input, opts);
+  if (to_cuda(input)) return cuda()->_allgather_base(output, input, opts);
   check_cpu(output, "all_gather_into_tensor", "output");
   check_cpu(input, "all_gather_into_tensor", "input");
   check_same(input, output, "all_gather_into_tensor", "output");
@@ -126,7 +126,7 @@ WorkPtr IchibanBackend::_allgather_base(at::Tensor& output, at::Tensor& input, c
 
 WorkPtr IchibanBackend::allgather(std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
                                   const c10d::AllgatherOptions& opts) {
-  if (!inputs.empty() && to_cuda(inputs[0])) return cuda_->allgather(outputs, inputs, opts);
+  if (!inputs.empty() && to_cuda(inputs[0])) return cuda()->allgather(outputs, inputs, opts);
   check_one(inputs, "allgather", "input");
   ICHIBAN_CHECK_ARG(outputs.size() == 1, "ichiban: allgather expects one output list, got ", outputs.size());
   check_list(outputs[0], inputs[0], size_, "allgather", "output list");
@@ -147,7 +147,7 @@ WorkPtr IchibanBackend::allgather(std::vector<std::vector<at::Tensor>>& outputs,
 
 WorkPtr IchibanBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputs,
                                             std::vector<at::Tensor>& inputs, const c10d::AllgatherOptions& opts) {
-  if (!inputs.empty() && to_cuda(inputs[0])) return cuda_->allgather_coalesced(outputs, inputs, opts);
+  if (!inputs.empty() && to_cuda(inputs[0])) return cuda()->allgather_coalesced(outputs, inputs, opts);
   ICHIBAN_CHECK_ARG(outputs.size() == inputs.size(), "ichiban: allgather_coalesced: ", outputs.size(),
                     " output lists for ", inputs.size(), " inputs");
   std::vector<at::Tensor> all;
@@ -174,7 +174,7 @@ WorkPtr IchibanBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>>
 WorkPtr IchibanBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
                                                         std::vector<at::Tensor>& inputs,
                                                         const c10d::AllgatherOptions& opts) {
-  if (!inputs.empty() && to_cuda(inputs[0])) return cuda_->allgather_into_tensor_coalesced(outputs, inputs, opts);
+  if (!inputs.empty() && to_cuda(inputs[0])) return cuda()->allgather_into_tensor_coalesced(outputs, inputs, opts);
   ICHIBAN_CHECK_ARG(outputs.size() == inputs.size(), "ichiban: allgather_into_tensor_coalesced: ",
                     outputs.size(), " outputs for ", inputs.size(), " inputs");
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -202,7 +202,7 @@ WorkPtr IchibanBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor>&
 
 WorkPtr IchibanBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
                                              const c10d::ReduceScatterOptions& opts) {
-  if (to_cuda(input)) return cuda_->_reduce_scatter_base(output, input, opts);
+  if (to_cuda(input)) return cuda()->_reduce_scatter_base(output, input, opts);
   check_cpu(output, "reduce_scatter_tensor", "output");
   check_cpu(input, "reduce_scatter_tensor", "input");
   check_same(input, output, "reduce_scatter_tensor", "output");
@@ -234,7 +234,7 @@ WorkPtr IchibanBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& inp
 
 WorkPtr IchibanBackend::reduce_scatter(std::vector<at::Tensor>& outputs, std::vector<std::vector<at::Tensor>>& inputs,
                                        const c10d::ReduceScatterOptions& opts) {
-  if (!outputs.empty() && to_cuda(outputs[0])) return cuda_->reduce_scatter(outputs, inputs, opts);
+  if (!outputs.empty() && to_cuda(outputs[0])) return cuda()->reduce_scatter(outputs, inputs, opts);
   check_one(outputs, "reduce_scatter", "output");
   ICHIBAN_CHECK_ARG(inputs.size() == 1, "ichiban: reduce_scatter expects one input list, got ", inputs.size());
   check_list(inputs[0], outputs[0], size_, "reduce_scatter", "input list");
@@ -261,7 +261,7 @@ WorkPtr IchibanBackend::reduce_scatter(std::vector<at::Tensor>& outputs, std::ve
 WorkPtr IchibanBackend::reduce_scatter_tensor_coalesced(std::vector<at::Tensor>& outputs,
                                                         std::vector<at::Tensor>& inputs,
                                                         const c10d::ReduceScatterOptions& opts) {
-  if (!inputs.empty() && to_cuda(inputs[0])) return cuda_->reduce_scatter_tensor_coalesced(outputs, inputs, opts);
+  if (!inputs.empty() && to_cuda(inputs[0])) return cuda()->reduce_scatter_tensor_coalesced(outputs, inputs, opts);
   ICHIBAN_CHECK_ARG(outputs.size() == inputs.size(), "ichiban: reduce_scatter_tensor_coalesced: ",
                     outputs.size(), " outputs for ", inputs.size(), " inputs");
   const RedOp op = to_redop(opts.reduceOp, "reduce_scatter_tensor_coalesced");

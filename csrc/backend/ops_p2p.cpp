@@ -54,7 +54,7 @@ at::Tensor flat_in(const std::vector<at::Tensor>& ts) {
 
 WorkPtr IchibanBackend::alltoall_base(at::Tensor& output, at::Tensor& input, std::vector<int64_t>& output_splits,
                                       std::vector<int64_t>& input_splits, const c10d::AllToAllOptions& opts) {
-  if (to_cuda(input)) return cuda_->alltoall_base(output, input, output_splits, input_splits, opts);
+  if (to_cuda(input)) return cuda()->alltoall_base(output, input, output_splits, input_splits, opts);
   check_cpu(output, "all_to_all_single", "output");
   check_cpu(input, "all_to_all_single", "input");
   check_same(input, output, "all_to_all_single", "output");
@@ -82,7 +82,7 @@ WorkPtr IchibanBackend::alltoall_base(at::Tensor& output, at::Tensor& input, std
 
 WorkPtr IchibanBackend::alltoall(std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
                                  const c10d::AllToAllOptions& opts) {
-  if (!inputs.empty() && to_cuda(inputs[0])) return cuda_->alltoall(outputs, inputs, opts);
+  if (!inputs.empty() && to_cuda(inputs[0])) return cuda()->alltoall(outputs, inputs, opts);
   ICHIBAN_CHECK_ARG(static_cast<int>(outputs.size()) == size_ && static_cast<int>(inputs.size()) == size_,
                     "ichiban: all_to_all expects ", size_, " input and output tensors, got ", inputs.size(),
                     " and ", outputs.size());
@@ -124,7 +124,7 @@ WorkPtr IchibanBackend::alltoall(std::vector<at::Tensor>& outputs, std::vector<a
 
 WorkPtr IchibanBackend::gather(std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
                                const c10d::GatherOptions& opts) {
-  if (!inputs.empty() && to_cuda(inputs[0])) return cuda_->gather(outputs, inputs, opts);
+  if (!inputs.empty() && to_cuda(inputs[0])) return cuda()->gather(outputs, inputs, opts);
   check_one(inputs, "gather", "input");
   const int root = static_cast<int>(opts.rootRank);
   ICHIBAN_CHECK_ARG(root >= 0 && root < size_, "ichiban: gather: root ", root, " is not a rank of the group");
@@ -160,7 +160,7 @@ WorkPtr IchibanBackend::gather(std::vector<std::vector<at::Tensor>>& outputs, st
 
 WorkPtr IchibanBackend::scatter(std::vector<at::Tensor>& outputs, std::vector<std::vector<at::Tensor>>& inputs,
                                 const c10d::ScatterOptions& opts) {
-  if (!outputs.empty() && to_cuda(outputs[0])) return cuda_->scatter(outputs, inputs, opts);
+  if (!outputs.empty() && to_cuda(outputs[0])) return cuda()->scatter(outputs, inputs, opts);
   check_one(outputs, "scatter", "output");
   const int root = static_cast<int>(opts.rootRank);
   ICHIBAN_CHECK_ARG(root >= 0 && root < size_, "ichiban: scatter: root ", root, " is not a rank of the group");
@@ -189,7 +189,7 @@ WorkPtr IchibanBackend::scatter(std::vector<at::Tensor>& outputs, std::vector<st
 
 WorkPtr IchibanBackend::barrier(const c10d::BarrierOptions& opts) {
   // A group bound to a GPU synchronises through NCCL, as c10d users expect.
-  if (cuda_ && opts.device.has_value() && opts.device->is_cuda()) return cuda_->barrier(opts);
+  if (make_cuda_ && opts.device.has_value() && opts.device->is_cuda()) return cuda()->barrier(opts);
   return submit(!opts.asyncOp, OpType::BARRIER, "barrier", {}, [this, opts]() {
     if (multi_host()) {
       require_fallback("barrier");
@@ -201,21 +201,21 @@ WorkPtr IchibanBackend::barrier(const c10d::BarrierOptions& opts) {
 }
 
 WorkPtr IchibanBackend::send(std::vector<at::Tensor>& tensors, int dst, int tag) {
-  if (!tensors.empty() && to_cuda(tensors[0])) return cuda_->send(tensors, dst, tag);
+  if (!tensors.empty() && to_cuda(tensors[0])) return cuda()->send(tensors, dst, tag);
   check_one(tensors, "send", "tensors");
   require_fallback("send");
   return fallback_->send(tensors, dst, tag);
 }
 
 WorkPtr IchibanBackend::recv(std::vector<at::Tensor>& tensors, int src, int tag) {
-  if (!tensors.empty() && to_cuda(tensors[0])) return cuda_->recv(tensors, src, tag);
+  if (!tensors.empty() && to_cuda(tensors[0])) return cuda()->recv(tensors, src, tag);
   check_one(tensors, "recv", "tensors");
   require_fallback("recv");
   return fallback_->recv(tensors, src, tag);
 }
 
 WorkPtr IchibanBackend::recvAnysource(std::vector<at::Tensor>& tensors, int tag) {
-  if (!tensors.empty() && to_cuda(tensors[0])) return cuda_->recvAnysource(tensors, tag);
+  if (!tensors.empty() && to_cuda(tensors[0])) return cuda()->recvAnysource(tensors, tag);
   check_one(tensors, "recv", "tensors");
   require_fallback("recv");
   return fallback_->recvAnysource(tensors, tag);

@@ -433,9 +433,9 @@ bool shm_broadcast(ShmComm& c, void* data, int64_t bytes, int root, Deadline dl)
     }
   }
   // No single-copy path here: the root's copy in and the others' copies out
-  // run at once on different cores, and measured faster than every rank
-  // reading the root's buffer through the kernel (128 MiB, 2 ranks: 18.6
-  // against 31.9 ms).
+  // run at once on different cores, which beats every rank reading the
+  // root's buffer through the kernel (each read pins the root's pages) at
+  // every size measured on 2 ranks (benchmarks/results/collectives_cpu2.md).
   char* p = static_cast<char*>(data);
   const int64_t chunk = static_cast<int64_t>(c.slot_bytes());
   int64_t off = 0;
@@ -494,8 +494,8 @@ const char* shm_allgather(ShmComm& c, const void* in, void* out, int64_t bytes, 
   }
   // Single copy at 2 ranks only. Through the slots each input is copied once
   // and then read by every rank from cache; read directly, it is fetched from
-  // memory once per peer. With 3 or more ranks that costs more than the copy
-  // it saves (4 ranks, 128 MiB: 57-61 against 47-52 ms).
+  // memory once per peer. With 3 or more ranks those repeated fetches cost
+  // more memory traffic than the copy saves.
   if (c.size() == 2 && c.use_direct(bytes)) {
     // Every rank reads each peer's input straight into its output. Peers read
     // my input while I write my output, so the two must not overlap, except
@@ -569,7 +569,7 @@ void check_alltoall_splits(ShmComm& c, c10::ScalarType dt) {
     const int64_t* sends = reinterpret_cast<const int64_t*>(c.slot(p));
     for (int q = 0; q < n; ++q) {
       const int64_t* recvs = reinterpret_cast<const int64_t*>(c.slot(q)) + n;
-      ICHIBAN_CHECK_ARG(sends[q] == recvs[p], "ichiban: mismatched all_to_all splits: rank ", c.label(p),
+      ICHIBAN_DIST_CHECK(sends[q] == recvs[p], "ichiban: mismatched all_to_all splits: rank ", c.label(p),
                         " sends ", sends[q] / es, " elements to rank ", c.label(q), ", which expects ",
                         recvs[p] / es, " from it (input_split_sizes on each rank must match output_split_sizes "
                         "on the receiving rank)");

@@ -41,8 +41,8 @@ struct AccOf<c10::BFloat16> { using type = float; };
 // Sources are read up to four at a time in one pass: one source per pass
 // reads each 4 KiB page on its own, where the hardware prefetcher (which
 // stops at page boundaries) starts cold every time; four concurrent streams
-// overlap those stalls (4-rank all-reduce of 128 MiB: the reduction went
-// from 1.5x to about memcpy's cost per byte). The order of operations is the
+// overlap those stalls, which brings a large reduction close to memcpy's cost
+// per byte where memory bandwidth is the limit. The order of operations is the
 // same left to right on every rank: ((s0 op s1) op s2) op s3 ...
 template <typename T, typename Op>
 void reduce_blocks(T* out, const void* const* srcs, int n, int64_t count, Op op, int avg_divisor) {
@@ -95,6 +95,27 @@ void reduce_blocks(T* out, const void* const* srcs, int n, int64_t count, Op op,
   }
 }
 
+// MIN/MAX as torch.minimum/torch.maximum: a NaN on any rank is the result on
+// every rank (x != x only for NaN; integers never take that branch at run
+// time). A plain `b < a ? b : a` keeps or drops a NaN depending on which rank
+// it came from, and NaN checks through all_reduce(MAX) rely on it surviving.
+struct MinOp {
+  template <typename A>
+  A operator()(A a, A b) const {
+    if (a != a) return a;
+    if (b != b) return b;
+    return b < a ? b : a;
+  }
+};
+struct MaxOp {
+  template <typename A>
+  A operator()(A a, A b) const {
+    if (a != a) return a;
+    if (b != b) return b;
+    return a < b ? b : a;
+  }
+};
+
 template <typename T>
 void reduce_arith(RedOp op, void* out, const void* const* srcs, int n, int64_t count, int avg) {
   T* o = static_cast<T*>(out);
@@ -107,11 +128,11 @@ void reduce_arith(RedOp op, void* out, const void* const* srcs, int n, int64_t c
       return reduce_blocks<T>(o, srcs, n, count, [](auto a, auto b) { return a * b; }, 1);
     case RedOp::kMin:
       if constexpr (!c10::is_complex<T>::value)
-        return reduce_blocks<T>(o, srcs, n, count, [](auto a, auto b) { return b < a ? b : a; }, 1);
+        return reduce_blocks<T>(o, srcs, n, count, MinOp{}, 1);
       break;
     case RedOp::kMax:
       if constexpr (!c10::is_complex<T>::value)
-        return reduce_blocks<T>(o, srcs, n, count, [](auto a, auto b) { return a < b ? b : a; }, 1);
+        return reduce_blocks<T>(o, srcs, n, count, MaxOp{}, 1);
       break;
     case RedOp::kBand:
       if constexpr (std::is_integral_v<T>)

@@ -4,6 +4,7 @@
 // float16/bfloat16 accumulate in float32 and round once; complex supports SUM
 // and AVG (as Gloo does); bool maps SUM/MAX/BOR to "or" and PRODUCT/MIN/BAND
 // to "and"; AVG divides the float sum by n and is refused for integers.
+// MIN/MAX propagate NaN, and SUM/AVG of +Inf and -Inf give NaN, as torch does.
 #pragma once
 
 #include <c10/core/ScalarType.h>

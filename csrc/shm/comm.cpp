@@ -1,11 +1,13 @@
 #include "shm/comm.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <sstream>
 
 #include <c10/core/ScalarType.h>
@@ -33,6 +35,15 @@ bool pid_alive(int32_t pid) {
   const char* close = std::strrchr(buf, ')');  // "pid (comm) S ..."
   return !(close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X'));
 }
+// The inode of this process's PID namespace (0 when /proc does not say).
+uint64_t pid_namespace() {
+  struct stat st;
+  return stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
+}
+
+// How often a member in heartbeat mode bumps its counter: a fraction of the
+// staleness limit, so a peer is declared gone only after many missed beats.
+constexpr int kBeatsPerLimit = 20;
 }  // namespace
 
 struct ShmComm::Header {
@@ -50,6 +61,8 @@ struct ShmComm::RankCtl {
   uint32_t shared_ok;  // setup_shared: this rank has an arena and mapped every peer's
   alignas(64) OpDesc desc[2];  // indexed by barrier parity
   alignas(64) std::atomic<uint32_t> stage[kStages];
+  uint64_t pidns;                    // inode of the member's PID namespace
+  std::atomic<uint32_t> heartbeat;   // bumped by the member's beat thread (heartbeat mode)
 };
 
 const char* opcode_name(uint32_t op) {
@@ -97,6 +110,60 @@ ShmComm::ShmComm(std::unique_ptr<ShmSegment> seg, bool creator, int rank, int n,
                   " ranks, ", slot_bytes, "-byte slots): another job may be using the same name");
   }
   ctl(rank_)->pid = static_cast<int32_t>(getpid());
+  ctl(rank_)->pidns = pid_namespace();
+}
+
+ShmComm::~ShmComm() {
+  if (beater_) {
+    beater_stop_.store(true);
+    beater_->join();
+  }
+}
+
+void ShmComm::setup_liveness(const std::string& mode, int64_t heartbeat_ms) {
+  ICHIBAN_CHECK_ARG(mode == "auto" || mode == "pid" || mode == "heartbeat",
+                    "ichiban: liveness must be 'auto', 'pid' or 'heartbeat', got '", mode, "'");
+  ICHIBAN_CHECK_ARG(heartbeat_ms > 0, "ichiban: heartbeat_ms must be positive, got ", heartbeat_ms);
+  bool mixed = false;
+  for (int p = 0; p < n_; ++p) mixed = mixed || ctl(p)->pidns != ctl(rank_)->pidns || ctl(p)->pidns == 0;
+  // Every member sees the same namespaces, so all of them choose the same mode.
+  heartbeat_ = n_ > 1 && (mode == "heartbeat" || (mode == "auto" && mixed));
+  if (mode == "pid" && mixed)
+    std::fprintf(stderr, "[ichiban] group %s: members live in different PID namespaces but liveness=pid: "
+                 "a peer's exit is detected by the timeout only\n", group_.c_str());
+  if (!heartbeat_) return;
+  heartbeat_ms_ = heartbeat_ms;
+  beat_seen_.assign(n_, 0);
+  beat_at_.assign(n_, std::chrono::steady_clock::now());
+  for (int p = 0; p < n_; ++p) beat_seen_[p] = ctl(p)->heartbeat.load(std::memory_order_acquire);
+  std::atomic<uint32_t>* mine = &ctl(rank_)->heartbeat;
+  const auto period = std::chrono::milliseconds(std::max<int64_t>(1, heartbeat_ms / kBeatsPerLimit));
+  beater_ = std::make_unique<std::thread>([this, mine, period] {
+    while (!beater_stop_.load(std::memory_order_relaxed)) {
+      mine->fetch_add(1, std::memory_order_release);
+      std::this_thread::sleep_for(period);
+    }
+  });
+}
+
+std::string ShmComm::peer_gone(int p) {
+  const int32_t pid = ctl(p)->pid;
+  if (!heartbeat_) return (pid > 0 && !pid_alive(pid)) ? rank_and_pid(p, pid) + " exited" : "";
+  const auto now = std::chrono::steady_clock::now();
+  const uint32_t beat = ctl(p)->heartbeat.load(std::memory_order_acquire);
+  if (beat != beat_seen_[p]) {
+    beat_seen_[p] = beat;
+    beat_at_[p] = now;
+    return "";
+  }
+  const auto quiet = std::chrono::duration_cast<std::chrono::milliseconds>(now - beat_at_[p]).count();
+  if (quiet < heartbeat_ms_) return "";
+  return "rank " + std::to_string(labels_[p]) + " (in another PID namespace) exited or stopped responding: no "
+         "heartbeat for " + std::to_string(quiet) + " ms";
+}
+
+void ShmComm::check_abort(uint32_t target, int only) {
+  if (abort_ && abort_->load(std::memory_order_acquire)) fail_wait(target, "was aborted", only);
 }
 
 ShmComm::Header* ShmComm::header() const { return static_cast<Header*>(seg_->data()); }
@@ -143,22 +210,23 @@ void ShmComm::on_pipeline_slice() {
   std::string dead;
   for (int q = 0; q < n_; ++q) {
     if (q == rank_) continue;
-    const int32_t pid = ctl(q)->pid;
-    if (pid > 0 && !pid_alive(pid)) {
-      dead += (dead.empty() ? "" : ", ") + rank_and_pid(q, pid);
+    const std::string gone = peer_gone(q);
+    if (!gone.empty()) {
+      dead += (dead.empty() ? "" : ", ") + gone;
       if (first_dead < 0) first_dead = q;
     }
     if (behind < 0 || static_cast<int32_t>(progress(q) - progress(behind)) < 0) behind = q;
   }
   // Name every dead peer: one that failed because another died may be gone too.
-  if (!dead.empty()) fail_wait(0, "failed: " + dead + " exited", first_dead);
+  if (!dead.empty()) fail_wait(0, "failed: " + dead, first_dead);
+  check_abort(0, behind);
   if (std::chrono::steady_clock::now() >= deadline_) fail_wait(0, "timed out", behind);
 }
 
 void ShmComm::begin(const char* opname, const OpDesc& desc, std::chrono::steady_clock::time_point deadline) {
-  ICHIBAN_CHECK(!broken(), "ichiban: ", opname, " on group '", group_,
-                "' cannot run: the group failed earlier (", broken_reason_,
-                "); destroy it and create a new one");
+  ICHIBAN_DIST_CHECK(!broken(), "ichiban: ", opname, " (sequence number ", seq_, ") on group '", group_,
+                     "' cannot run: the group failed earlier (", broken_reason_,
+                     "); destroy it and create a new one");
   opname_ = opname;
   desc_ = desc;
   pending_desc_ = true;
@@ -177,17 +245,16 @@ void ShmComm::fail_wait(uint32_t target, const std::string& why, int only) {
     first = false;
   }
   std::ostringstream msg;
-  msg << "ichiban: " << opname_ << " on group '" << group_ << "' " << why << "; ranks still missing: ["
-      << missing.str() << "] (this is rank " << labels_[rank_] << ")";
+  msg << "ichiban: " << opname_ << " (sequence number " << seq_ << ") on group '" << group_ << "' " << why
+      << "; ranks still missing: [" << missing.str() << "] (this is rank " << labels_[rank_] << ")";
   broken_reason_ = msg.str();
-  ICHIBAN_CHECK(false, broken_reason_);
+  throw_dist_error(broken_reason_);
 }
 
 void ShmComm::on_slice(int p, uint32_t target, int only) {
-  int32_t pid = ctl(p)->pid;
-  if (pid > 0 && !pid_alive(pid)) {
-    fail_wait(target, "failed: " + rank_and_pid(p, pid) + " exited", only);
-  }
+  check_abort(target, only);
+  const std::string gone = peer_gone(p);
+  if (!gone.empty()) fail_wait(target, "failed: " + gone, only);
   if (std::chrono::steady_clock::now() >= deadline_) fail_wait(target, "timed out", only);
 }
 
@@ -224,16 +291,24 @@ void ShmComm::check_descs() {
     if (d.root >= 0) s << " (root " << d.root << ")";
     return s.str();
   };
+  // Every rank sees every descriptor, so all of them raise together and the
+  // group stays usable.
+  std::ostringstream others;
+  int first = -1;
   for (int p = 0; p < n_; ++p) {
     const OpDesc& d = ctl(p)->desc[step_ & 1];
     bool same = d.op == desc_.op && d.dtype == desc_.dtype && d.redop == desc_.redop && d.root == desc_.root &&
                 (!desc_.check_count || d.count == desc_.count);
-    // Every rank sees every descriptor, so all of them raise together and the
-    // group stays usable.
-    ICHIBAN_CHECK(same, "ichiban: mismatched collectives on group '", group_, "': rank ", labels_[rank_],
-                  " called ", describe(desc_), " while rank ", labels_[p], " called ", describe(d),
-                  " (every rank must call the same op with the same sizes and dtype)");
+    if (same) continue;
+    others << (first < 0 ? "" : ", ") << labels_[p];
+    if (first < 0) first = p;
   }
+  if (first < 0) return;
+  throw_dist_error(c10::str("ichiban: mismatched collectives on group '", group_, "' at sequence number ", seq_,
+                            ": rank ", labels_[rank_], " called ", describe(desc_), " while rank ",
+                            labels_[first], " called ", describe(ctl(first)->desc[step_ & 1]),
+                            "; ranks that disagree with rank ", labels_[rank_], ": [", others.str(),
+                            "] (every rank must call the same op with the same sizes and dtype)"));
 }
 
 void ShmComm::setup_direct(bool want, int64_t min_bytes, std::chrono::steady_clock::time_point deadline) {
@@ -309,9 +384,10 @@ int ShmComm::read_peer(int p, void* dst, uint64_t src, int64_t bytes) {
 void ShmComm::direct_failed(int p, int err) {
   const int32_t pid = ctl(p)->pid;
   if (err == ESRCH || !pid_alive(pid)) fail_wait(0, "failed: " + rank_and_pid(p, pid) + " exited", p);
-  ICHIBAN_CHECK(false, "ichiban: ", opname_, " on group '", group_, "': reading ", rank_and_pid(p, pid),
-                "'s buffer directly failed: ", std::strerror(err),
-                " (set ICHIBAN_CMA=0 to copy through shared memory instead)");
+  throw_dist_error(c10::str("ichiban: ", opname_, " (sequence number ", seq_, ") on group '", group_,
+                            "': reading ", rank_and_pid(p, pid), "'s buffer directly failed: ", std::strerror(err),
+                            " (set ICHIBAN_CMA=0 or IchibanOptions(direct=False) to copy through shared memory "
+                            "instead)"));
 }
 
 }  // namespace ichiban

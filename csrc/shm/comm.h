@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "shm/segment.h"
@@ -99,6 +100,24 @@ class ShmComm {
   // A wait that failed (timeout, dead peer) leaves peers mid-op: every later op fails fast.
   bool broken() const { return !broken_reason_.empty(); }
 
+  // The group's sequence number of the op about to run (named in errors).
+  void set_seq(uint64_t seq) { seq_ = seq; }
+  // Every wait checks *flag after each sleep slice and fails once it is set
+  // (the backend's abort()): a stopped peer cannot hold an abort.
+  void set_abort_flag(const std::atomic<bool>* flag) { abort_ = flag; }
+
+  // Liveness. Peers are checked by pid (kill(pid, 0)) while every member sees
+  // the others' pids, i.e. shares this PID namespace; a member in another one
+  // (a container sharing /dev/shm and the hostname) would be reported as
+  // exited, or another process mistaken for it. setup_liveness is collective,
+  // once, after every member mapped the segment: if the members' namespaces
+  // differ (or mode is "heartbeat"), each member bumps a heartbeat counter in
+  // its RankCtl from a background thread, and a peer whose counter stays
+  // still for heartbeat_ms is reported as not responding. mode: "auto",
+  // "pid" or "heartbeat".
+  void setup_liveness(const std::string& mode, int64_t heartbeat_ms);
+  bool heartbeat() const { return heartbeat_; }
+
   // Single-copy reads (shm/cma.h). setup_direct is collective, once, right
   // after every member mapped the segment: each member that `want`s it reads
   // a probe word from every peer; direct() is true on all members only if
@@ -138,6 +157,9 @@ class ShmComm {
   void on_slice(int p, uint32_t target, int only = -1);
   void on_pipeline_slice();
   std::string rank_and_pid(int p, int32_t pid) const;  // "rank 2 (pid 1234)", as errors name them
+  // "" while peer p is alive, else why not ("rank 2 (pid 1234) exited").
+  std::string peer_gone(int p);
+  void check_abort(uint32_t target, int only);
 
   std::unique_ptr<ShmSegment> seg_;
   int rank_;
@@ -161,6 +183,17 @@ class ShmComm {
   std::string shared_why_;
   std::vector<char*> peer_arena_;
   std::atomic<int64_t> shared_bytes_{0};
+  uint64_t seq_ = 0;
+  const std::atomic<bool>* abort_ = nullptr;
+  bool heartbeat_ = false;
+  int64_t heartbeat_ms_ = 0;
+  std::vector<uint32_t> beat_seen_;  // per peer: last heartbeat value seen and when
+  std::vector<std::chrono::steady_clock::time_point> beat_at_;
+  std::unique_ptr<std::thread> beater_;
+  std::atomic<bool> beater_stop_{false};
+
+ public:
+  ~ShmComm();
 };
 
 }  // namespace ichiban

@@ -1,23 +1,25 @@
-"""Registration of the "ichiban" torch.distributed backend and its creator.
+"""Registration of the "ichiban" torch.distributed backend, its settings and its creator.
 
 ``init_process_group("ichiban")`` (or ``new_group(backend="ichiban")``) calls
 ``_create_backend`` once per group on every member. It
 
-1. finds which host every member lives on (hosts.py),
-2. agrees with the other members on the configuration (rank 0 decides: the
-   algorithm thresholds of the cost model, the shared-memory name),
-3. creates the Gloo groups the C++ backend delegates to: ``fallback`` over the
+1. reads which host every member lives on from the job's one topology
+   (``topology.job_topology``; the default group's creation runs its exchange),
+2. removes this user's segments left by crashed jobs, on every host,
+3. agrees with the other members on the group-wide settings (rank 0 decides:
+   the shared-memory name, slot size, algorithm, the one-shot threshold of the
+   cost model),
+4. creates the Gloo groups the C++ backend delegates to: ``fallback`` over the
    whole group (send/recv, and the ops of groups spanning hosts) and, when the
    group spans hosts with the same number of ranks on each, ``inter`` among the
-   ranks with the same local index (the middle step of hierarchical
-   all-reduce),
-4. on a CUDA machine, a NCCL group that takes every CUDA tensor,
-5. and builds ``ichiban_comm._C.backend.IchibanBackend``.
+   ranks with the same local index (the middle step of hierarchical all-reduce),
+5. hands the C++ backend a recipe for a NCCL group, which it follows only when
+   the first CUDA tensor arrives (a CPU-only group never makes one),
+6. and builds ``ichiban_comm._C.backend.IchibanBackend``.
 
-Environment variables (all optional): ICHIBAN_ALGO (auto, oneshot, twoshot,
-ring, hier, flat), ICHIBAN_DEBUG=1 (one line per op: algorithm, bytes,
-microseconds), ICHIBAN_SHM_SLOT_BYTES, ICHIBAN_ONESHOT_MAX_BYTES,
-ICHIBAN_TUNE_FILE, ICHIBAN_SPIN, ICHIBAN_TOPOLOGY.
+Settings come from an :class:`IchibanOptions` passed as ``pg_options`` /
+``backend_options``; the ``ICHIBAN_*`` environment variables only fill its
+defaults (README's settings table).
 """
 
 from __future__ import annotations
@@ -28,34 +30,61 @@ import os
 import secrets
 import sys
 
-import torch
 import torch.distributed as dist
 
+from .. import topology
+from .._native import _C
 from . import cost
 from .hosts import host_assignment
 
 ICHIBAN = "ichiban"
 
-# 256 KiB per rank and buffer: a unit of work (the caller's chunk plus n slots, two buffers
-# alternating) stays inside one core's L2, so the reduction reads back what the copy-in just
-# wrote from cache. Measured on a 2-core VM (4 MiB L2): 128 MiB all_reduce 60-64 ms with
-# 256 KiB slots vs 75-77 ms with 1 MiB at 2 ranks, 87 vs 99 ms at 4; each barrier is still
-# amortised over ~25 us of copying. With the pipelined two-shot, 128 KiB to 1 MiB slots gave
-# the same times at 4 ranks within run-to-run noise, so 256 KiB stays.
-_DEFAULT_SLOT_BYTES = 256 << 10
-# Single-copy reads for per-peer blocks from this size up (below it the
-# system call per block costs more than the second copy saves).
-_DEFAULT_DIRECT_MIN_BYTES = 256 << 10
+
+class IchibanOptions(_C.backend.BackendConfig):
+    """Settings of one "ichiban" group.
+
+        opts = IchibanOptions(algo="twoshot", slot_bytes=1 << 20)
+        g = dist.new_group(backend="ichiban", pg_options=opts)
+
+    A new object holds the C++ defaults with the ``ICHIBAN_*`` variables that
+    are set applied on top; keyword arguments override both. ``nccl_options``
+    (a ``ProcessGroupNCCL.Options``) configures the NCCL group made for CUDA
+    tensors. Settings (all optional): slot_bytes, oneshot_max_bytes (-1: the
+    cost model), algo (auto, oneshot, twoshot, ring, hier, flat), debug,
+    spin_iters (-1: by cores), yield_iters, direct, direct_min_bytes, shared,
+    nccl, liveness (auto, pid, heartbeat), heartbeat_ms. The group-wide ones
+    (slot_bytes, oneshot_max_bytes, algo, direct_min_bytes) are rank 0's.
+    """
+
+    SETTINGS = ("slot_bytes", "oneshot_max_bytes", "algo", "debug", "spin_iters", "yield_iters",
+                "direct", "direct_min_bytes", "shared", "nccl", "liveness", "heartbeat_ms")
+
+    def __init__(self, *, nccl_options=None, **settings):
+        super().__init__()
+        self.fill_from_env()
+        self.nccl_options = nccl_options
+        for name, value in settings.items():
+            if name not in self.SETTINGS:
+                raise TypeError(f"IchibanOptions: unknown setting {name!r}; the settings are "
+                                f"{', '.join(self.SETTINGS)} and nccl_options")
+            want = type(getattr(self, name))
+            if isinstance(value, bool) and want is not bool or not isinstance(value, want):
+                raise TypeError(f"IchibanOptions: {name} must be {want.__name__}, got {value!r}")
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return "IchibanOptions(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.SETTINGS) + ")"
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected an integer") from None
+def _options(backend_options) -> IchibanOptions:
+    if backend_options is None:
+        return IchibanOptions()
+    if isinstance(backend_options, IchibanOptions):
+        return backend_options
+    if dist.is_nccl_available() and isinstance(backend_options, dist.ProcessGroupNCCL.Options):
+        return IchibanOptions(nccl_options=backend_options)
+    raise TypeError(f"backend_options/pg_options for the ichiban backend must be IchibanOptions "
+                    f"(or ProcessGroupNCCL.Options for its CUDA tensors), got {type(backend_options).__name__}")
 
 
 def _shm_prefix() -> str:
@@ -91,51 +120,21 @@ def _sweep_stale_segments() -> None:
             pass
 
 
-def _spin_policy(local_size: int) -> tuple[int, int]:
-    """(busy polls, sched_yield polls) before a waiter sleeps on the futex.
-
-    The spin is short on purpose: measured on a loaded 2-core box, 200 polls
-    (a few microseconds) then 2 yields gave 17 us all-reduce latency at 2
-    ranks where 20000 polls and 100 yields gave 600 us: a long spin holds the
-    core the peer needs. Yields do not: with nothing else runnable one returns
-    at once (a longer, cheap wait), and otherwise it hands the core over. A
-    futex sleep costs a wake-up (in a VM, an interrupt to a halted vCPU)
-    whenever the peer is more than the spin late, which torch.distributed's
-    Python layer between two ops often makes it. 2 ranks on 2 cores,
-    alternating runs: 8 B - 4 KiB all_reduce 9.2-12.3 us with 50 yields
-    against 10.1-15.0 us with 2 (three rounds); 2-128 MiB unchanged within
-    noise; with a CPU-bound process beside them, 26.8-63.5 us against
-    37.1-63.3 us. ICHIBAN_SPIN="polls[,yields]" overrides.
-    """
-    spin = os.environ.get("ICHIBAN_SPIN")
-    if spin:
-        try:
-            parts = [int(x) for x in spin.split(",")]
-        except ValueError:
-            raise ValueError(f"ICHIBAN_SPIN={spin!r}: expected 'polls' or 'polls,yields'") from None
-        return parts[0], parts[1] if len(parts) > 1 else 2
-    if cost.oversubscribed(local_size):
-        # More ranks than cores: a yield hands the core straight to a runnable
-        # peer on it, where a sleep leaves the core idle until a wake-up. 8 B
-        # all_reduce, 4 ranks on 2 cores, alternating: median 42 us with 20
-        # polls and 50 yields (and with 0 and 50) against 46 us with 50 and 2
-        # (19 and 14 runs); 32 MiB unchanged within noise.
-        return 20, 50
-    return 200, 50
-
-
-def _group_config(store, rank: int, local_size: int) -> dict:
-    """Rank 0 decides; everyone reads the same answer."""
+def _group_config(store, rank: int, opts: IchibanOptions, local_size: int) -> dict:
+    """Rank 0 decides the group-wide settings; everyone reads the same answer."""
     key = "ichiban_config"
     if rank == 0:
-        threshold, source = cost.choose_oneshot_max_bytes(local_size)
+        if opts.oneshot_max_bytes >= 0:
+            threshold, source = opts.oneshot_max_bytes, "options"
+        else:
+            threshold, source = cost.choose_oneshot_max_bytes(local_size)
         cfg = {
             "shm_name": f"{_shm_prefix()}{os.getpid()}_{secrets.token_hex(4)}",
-            "oneshot_max_bytes": threshold,
+            "oneshot_max_bytes": int(threshold),
             "threshold_source": source,
-            "slot_bytes": _env_int("ICHIBAN_SHM_SLOT_BYTES", _DEFAULT_SLOT_BYTES),
-            "algo": os.environ.get("ICHIBAN_ALGO", "auto").strip().lower(),
-            "direct_min_bytes": _env_int("ICHIBAN_CMA_MIN_BYTES", _DEFAULT_DIRECT_MIN_BYTES),
+            "slot_bytes": int(opts.slot_bytes),
+            "algo": opts.algo.strip().lower(),
+            "direct_min_bytes": int(opts.direct_min_bytes),
         }
         store.set(key, json.dumps(cfg))
         return cfg
@@ -147,36 +146,39 @@ def _gloo(store, prefix: str, rank: int, size: int, timeout: datetime.timedelta)
     return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, size, timeout)
 
 
-def _nccl(store, rank: int, size: int, timeout: datetime.timedelta, group_id: str, global_ranks):
-    opts = dist.ProcessGroupNCCL.Options()
-    opts._timeout = timeout
-    opts.global_ranks_in_group = list(global_ranks)
-    opts.group_name = group_id
-    return dist.ProcessGroupNCCL(dist.PrefixStore("ichiban_nccl/", store), rank, size, opts)
+class _NcclRecipe:
+    """What the C++ backend calls on the first CUDA tensor: the NCCL group over
+    the same ranks, with the caller's NCCL options (timeout and ranks are the group's)."""
+
+    def __init__(self, store, rank, size, timeout, group_id, global_ranks, nccl_options):
+        self.args = (store, rank, size, timeout, group_id, list(global_ranks), nccl_options)
+
+    def __call__(self):
+        store, rank, size, timeout, group_id, global_ranks, base = self.args
+        opts = dist.ProcessGroupNCCL.Options()
+        if base is not None:
+            for name in ("is_high_priority_stream", "config"):
+                if hasattr(base, name):
+                    try:
+                        setattr(opts, name, getattr(base, name))
+                    except (AttributeError, TypeError):
+                        pass
+        opts._timeout = timeout
+        opts.global_ranks_in_group = global_ranks
+        opts.group_name = group_id
+        return dist.ProcessGroupNCCL(dist.PrefixStore("ichiban_nccl/", store), rank, size, opts)
 
 
-def _wants_direct() -> bool:
-    """Single-copy reads between this host's ranks (cross-memory attach).
-
-    Each rank answers for itself (ICHIBAN_CMA=0 turns it off); the backend
-    uses it only when every member of the host wants it and could read from
-    every other member when the group was created.
-    """
-    v = os.environ.get("ICHIBAN_CMA", "1").strip().lower()
-    if v not in ("0", "1", "false", "true", "off", "on", ""):
-        raise ValueError(f"ICHIBAN_CMA={v!r}: expected 0 or 1")
-    return v not in ("0", "false", "off")
-
-
-def _wants_cuda() -> bool:
-    return (torch.cuda.is_available() and dist.is_nccl_available()
-            and os.environ.get("ICHIBAN_NO_NCCL", "0") != "1")
+def _job_topology(store, rank: int, size: int, timeout_s: float):
+    if not dist.is_initialized():
+        # The default group being created: the job's one exchange, through its store.
+        return topology.job_topology(store, rank, size, timeout=timeout_s, refresh=True)
+    return topology.job_topology(None, world_size=dist.get_world_size())
 
 
 def _create_backend(dist_opts, backend_options=None):
     """The creator torch calls (extended API) for every group on every member."""
-    from .._native import _C
-
+    opts = _options(backend_options)
     store = dist_opts.store
     rank, size = int(dist_opts.group_rank), int(dist_opts.group_size)
     timeout = dist_opts.timeout
@@ -186,12 +188,12 @@ def _create_backend(dist_opts, backend_options=None):
     global_ranks = list(dist_opts.global_ranks_in_group) or list(range(size))
     timeout_s = timeout.total_seconds()
 
-    if rank == 0:
-        _sweep_stale_segments()
-    host_of, hosts = host_assignment(store, rank, size, global_ranks[rank], timeout_s)
+    topo = _job_topology(store, rank, size, timeout_s)
+    host_of, hosts = host_assignment(topo, global_ranks)
     local_size = host_of.count(host_of[rank])
-    cfg = _group_config(store, rank, local_size)
-    spin, yields = _spin_policy(local_size)
+    if host_of.index(host_of[rank]) == rank:  # the first member on each host
+        _sweep_stale_segments()
+    agreed = _group_config(store, rank, opts, local_size)
 
     fallback = _gloo(store, "ichiban_fallback/", rank, size, timeout) if size > 1 else None
     inter = None
@@ -201,21 +203,28 @@ def _create_backend(dist_opts, backend_options=None):
         # its rank is the host index (hosts are numbered 0..H-1).
         local_index = [r for r in range(size) if host_of[r] == host_of[rank]].index(rank)
         inter = _gloo(store, f"ichiban_inter_{local_index}/", host_of[rank], len(hosts), timeout)
-    cuda = _nccl(store, rank, size, timeout, group_id, global_ranks) if _wants_cuda() else None
+    # No CUDA call here: ICHIBAN_NO_NCCL=1 (nccl=False) or no NCCL build means CUDA tensors are refused.
+    make_cuda = (_NcclRecipe(store, rank, size, timeout, group_id, global_ranks, opts.nccl_options)
+                 if opts.nccl and dist.is_nccl_available() else None)
 
-    debug = os.environ.get("ICHIBAN_DEBUG", "0").strip() not in ("", "0", "false")
-    if debug and rank == 0:
+    cfg = opts._copy()
+    cfg.group_name = group_id
+    cfg.shm_name = f"{agreed['shm_name']}_{group_id}"
+    cfg.timeout_s = timeout_s
+    cfg.host_of = host_of
+    cfg.labels = global_ranks
+    cfg.slot_bytes = agreed["slot_bytes"]
+    cfg.oneshot_max_bytes = agreed["oneshot_max_bytes"]
+    cfg.algo = agreed["algo"]
+    cfg.direct_min_bytes = agreed["direct_min_bytes"]
+    cfg.shared = bool(opts.shared or _C.backend.shared_tensors_enabled())
+    if cfg.debug and rank == 0:
         print(f"[ichiban] group={group_id} size={size} hosts={len(hosts)} local={local_size} "
-              f"oneshot_max_bytes={cfg['oneshot_max_bytes']} ({cfg['threshold_source']}) "
-              f"algo={cfg['algo']} slot={cfg['slot_bytes']} inter={'gloo' if inter else 'none'} "
-              f"cuda={'nccl' if cuda else 'none'}", file=sys.stderr, flush=True)
-    return _C.backend.create(
-        store, rank, size, group_name=group_id, shm_name=f"{cfg['shm_name']}_{group_id}",
-        timeout_s=timeout_s, host_of=host_of, labels=global_ranks, slot_bytes=int(cfg["slot_bytes"]),
-        oneshot_max_bytes=int(cfg["oneshot_max_bytes"]), algo=cfg["algo"], debug=debug,
-        spin_iters=spin, yield_iters=yields, fallback=fallback, inter=inter, cuda=cuda,
-        direct=_wants_direct(), direct_min_bytes=int(cfg["direct_min_bytes"]),
-        shared=bool(_C.backend.shared_tensors_enabled()))
+              f"oneshot_max_bytes={cfg.oneshot_max_bytes} ({agreed['threshold_source']}) "
+              f"algo={cfg.algo} slot={cfg.slot_bytes} inter={'gloo' if inter else 'none'} "
+              f"cuda={'nccl on first use' if make_cuda else 'none'} topology={topo.source}",
+              file=sys.stderr, flush=True)
+    return _C.backend.create(store, rank, size, cfg, fallback, inter, make_cuda)
 
 
 def is_registered() -> bool:

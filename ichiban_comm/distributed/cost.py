@@ -17,9 +17,9 @@ of all ranks together, while each rank reduces on its own core:
     ring      n barriers, ~5*S per rank
 
 A stage wait only waits for a peer that is behind. With a core per rank the
-peers run the same stages at once and the waits cost about nothing (2-core
-VM, 2 ranks: two-shot measured 14.7 against one-shot's 21.6 us at 4 KiB, where
-counting them as barriers predicted two-shot 10 us slower); when ranks
+peers run the same stages at once and the waits cost about nothing (on the
+2-core VM two-shot beat one-shot at 4 KiB, where counting the waits as
+barriers predicted the opposite); when ranks
 outnumber cores each wait hands the core over and costs alpha like a barrier.
 So with a core per rank two-shot wins at every size the page floor below
 leaves it (one-shot does more reduction work and moves as much or more), and
@@ -150,10 +150,10 @@ def model_oneshot_max_bytes(local_size: int) -> int:
 
 
 def choose_oneshot_max_bytes(local_size: int) -> tuple[int, str]:
-    """(threshold, source): the measured table when present, else the model."""
-    env = os.environ.get("ICHIBAN_ONESHOT_MAX_BYTES")
-    if env:
-        return int(env), "ICHIBAN_ONESHOT_MAX_BYTES"
+    """(threshold, source): the measured table when present, else the model.
+
+    A threshold set in IchibanOptions (or ICHIBAN_ONESHOT_MAX_BYTES, which fills
+    its default) wins over both; the backend checks that before asking here."""
     tuned = load_tuned(local_size)
     if tuned and "oneshot_max_bytes" in tuned:
         return int(tuned["oneshot_max_bytes"]), tune_file()

@@ -81,8 +81,7 @@ def trim_shared_tensors() -> int:
 
 def enable_from_env() -> None:
     """ICHIBAN_SHARED_TENSORS=1 enables it when the package is imported."""
-    v = os.environ.get("ICHIBAN_SHARED_TENSORS", "0").strip().lower()
-    if v not in ("0", "1", "false", "true", "off", "on", ""):
-        raise ValueError(f"ICHIBAN_SHARED_TENSORS={v!r}: expected 0 or 1")
-    if v in ("1", "true", "on"):
+    from .._native import _C
+
+    if _C.backend.env_flag("ICHIBAN_SHARED_TENSORS", False):
         enable_shared_tensors()

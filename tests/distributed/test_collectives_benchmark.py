@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_benchmark_writes_every_column(tmp_path):
     out = tmp_path / "rows.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "collectives.py"), "--world-sizes", "2",

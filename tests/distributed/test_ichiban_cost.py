@@ -47,8 +47,12 @@ def test_tuned_table_overrides_the_model(tmp_path, monkeypatch):
     cost.save_tuned(4, {"oneshot_max_bytes": 12345})
     assert cost.choose_oneshot_max_bytes(4) == (12345, str(tmp_path / "tune.json"))
     assert cost.choose_oneshot_max_bytes(3)[1] == "model"  # keyed by size
+    # The environment fills the options' default, which the backend checks first.
+    from ichiban_comm.distributed import IchibanOptions
+
     monkeypatch.setenv("ICHIBAN_ONESHOT_MAX_BYTES", "777")
-    assert cost.choose_oneshot_max_bytes(4) == (777, "ICHIBAN_ONESHOT_MAX_BYTES")
+    assert IchibanOptions().oneshot_max_bytes == 777
+    assert IchibanOptions(oneshot_max_bytes=5).oneshot_max_bytes == 5
 
 
 def test_unknown_algorithm_is_rejected():

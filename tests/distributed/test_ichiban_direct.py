@@ -111,8 +111,9 @@ def test_direct_copies_match_reference(ws):
 
 def _agree_body(rank, ws):
     # Only rank 1 declines: the group must fall back on every rank.
-    os.environ["ICHIBAN_CMA"] = "0" if rank == 1 else "1"
-    group = dist.new_group(backend="ichiban")
+    from ichiban_comm.distributed import IchibanOptions
+
+    group = dist.new_group(backend="ichiban", pg_options=IchibanOptions(direct=rank != 1))
     be = group._get_backend(torch.device("cpu"))
     bad = _ops(rank, ws, group)
     return be.direct, be.direct_bytes, bad
@@ -125,21 +126,18 @@ def test_one_rank_declining_turns_direct_copies_off_everywhere():
         assert not direct and nbytes == 0
 
 
-def test_bad_cma_setting_is_a_clear_error():
-    from ichiban_comm.distributed import backend
+def test_bad_cma_setting_is_a_clear_error(monkeypatch):
+    from ichiban_comm.distributed import IchibanOptions
 
-    os.environ["ICHIBAN_CMA"] = "maybe"
-    try:
-        with pytest.raises(ValueError, match="ICHIBAN_CMA='maybe'"):
-            backend._wants_direct()
-    finally:
-        del os.environ["ICHIBAN_CMA"]
+    monkeypatch.setenv("ICHIBAN_CMA", "maybe")
+    with pytest.raises(ValueError, match="ICHIBAN_CMA='maybe'"):
+        IchibanOptions()
 
 
 def _debug_body(rank, ws):
-    os.environ["ICHIBAN_DEBUG"] = "1"
-    group = dist.new_group(backend="ichiban")
-    os.environ.pop("ICHIBAN_DEBUG")
+    from ichiban_comm.distributed import IchibanOptions
+
+    group = dist.new_group(backend="ichiban", pg_options=IchibanOptions(debug=True))
     inp = torch.randn(1 << 18)  # 1 MiB per rank: above the default 256 KiB threshold
     out = torch.empty(ws << 18)
     log = native_stderr(lambda: dist.all_gather_into_tensor(out, inp, group=group))

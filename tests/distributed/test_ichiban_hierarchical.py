@@ -26,9 +26,9 @@ def _hier_body(rank, ws):
     backend = dist.group.WORLD._get_backend(torch.device("cpu"))
     if getattr(backend, "num_hosts", None) != 2 or backend.local_size != 2:
         fails.append(f"expected 2 hosts x 2 local ranks, got {backend!r}")
-    os.environ["ICHIBAN_ALGO"] = "flat"
-    flat = dist.new_group(backend="ichiban")
-    os.environ.pop("ICHIBAN_ALGO")
+    from ichiban_comm.distributed import IchibanOptions
+
+    flat = dist.new_group(backend="ichiban", pg_options=IchibanOptions(algo="flat"))
     before = _C.backend.global_inter_host_bytes()
     sent = 0
     seed = 0

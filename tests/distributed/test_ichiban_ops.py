@@ -26,11 +26,9 @@ ALGOS = ["oneshot", "twoshot", "ring"]
 
 
 def _group(algo: str):
-    os.environ["ICHIBAN_ALGO"] = algo
-    try:
-        return dist.new_group(backend="ichiban")
-    finally:
-        os.environ.pop("ICHIBAN_ALGO", None)
+    from ichiban_comm.distributed import IchibanOptions
+
+    return dist.new_group(backend="ichiban", pg_options=IchibanOptions(algo=algo))
 
 
 def _allreduce_cases(rank, ws, fails, seed):
@@ -281,7 +279,7 @@ def _large_body(rank, ws):
     return fails
 
 
-@pytest.mark.parametrize("ws", [2, 4])
+@pytest.mark.parametrize("ws", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_large_messages(ws):
     results = run_workers(_large_body, ws, backend="ichiban", timeout=240)
     fails = [f"rank {r}: {m}" for r, fs in enumerate(results) for m in fs]

@@ -125,7 +125,7 @@ def _allreduce_body(rank, ws, private_rank):
     return be.shared, be.shared_declined, be.shared_bytes, bad
 
 
-@pytest.mark.parametrize("ws", [2, 3, 4])
+@pytest.mark.parametrize("ws", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_allreduce_in_place_on_shared_tensors(ws, monkeypatch):
     monkeypatch.setenv("ICHIBAN_SHARED_TENSORS", "1")
     res = run_workers(_allreduce_body, ws, backend="ichiban", timeout=300, args=(-1,))
@@ -238,10 +238,17 @@ def test_other_collectives_on_shared_tensors(ws, monkeypatch):
 
 
 def _debug_group():
-    """A new "ichiban" group created with ICHIBAN_DEBUG=1 (left set), and what it logged."""
-    os.environ["ICHIBAN_DEBUG"] = "1"
+    """A new "ichiban" group with debug=True, and what it logged while setting up (its first op)."""
+    from ichiban_comm.distributed import IchibanOptions
+
     made = []
-    log = native_stderr(lambda: made.append(dist.new_group(backend="ichiban")))
+
+    def make():
+        g = dist.new_group(backend="ichiban", pg_options=IchibanOptions(debug=True))
+        dist.barrier(group=g)  # the first CPU op sets up the host's segment
+        made.append(g)
+
+    log = native_stderr(make)
     return made[0], log
 
 
@@ -253,7 +260,6 @@ def _declined_body(rank, ws):
         enable_shared_tensors()
     assert shared_tensors_enabled() == (rank == 0)
     group, log = _debug_group()
-    os.environ.pop("ICHIBAN_DEBUG")
     be = group._get_backend(torch.device("cpu"))
     t = torch.randn(1 << 18, generator=torch.Generator().manual_seed(rank))
     want = sum(torch.randn(1 << 18, generator=torch.Generator().manual_seed(p)) for p in range(ws))
@@ -275,7 +281,6 @@ def _debug_body(rank, ws):
     group, _ = _debug_group()
     t = torch.randn(1 << 18)
     log = native_stderr(lambda: dist.all_reduce(t, group=group))
-    os.environ.pop("ICHIBAN_DEBUG")
     return log
 
 
@@ -338,6 +343,7 @@ def test_allocator_places_large_tensors_in_the_arena_and_reuses_freed_blocks():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_env_setting_enables_it_and_bad_values_are_clear_errors():
     r = _python("import ichiban_comm.distributed as d; print(d.shared_tensors_enabled())",
                 {"ICHIBAN_SHARED_TENSORS": "1"})
@@ -450,6 +456,7 @@ def _fsdp_body(rank, ws):
     return same, be.shared_bytes > before
 
 
+@pytest.mark.slow
 def test_fsdp2_on_shared_tensors_matches_one_process(monkeypatch):
     # FSDP2's all-gathers and reduce-scatters work on views into its own flat buffers.
     monkeypatch.setenv("ICHIBAN_SHARED_TENSORS", "1")

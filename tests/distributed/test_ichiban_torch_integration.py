@@ -157,6 +157,7 @@ def _functional_body(rank, ws):
     return torch.equal(s, want_s) and torch.equal(g, want_g) and torch.equal(r, want_r)
 
 
+@pytest.mark.slow
 def test_functional_collectives():
     assert run_workers(_functional_body, 3, backend="ichiban", timeout=120) == [True] * 3
 
@@ -180,7 +181,7 @@ def _entry_point_body(rank, ws):
                     reason=f"torch {torch.__version__} does not load torch.distributed.backends "
                     "entry points (torch 2.14 does)")
 def test_init_process_group_without_import_uses_the_entry_point():
-    res = run_workers(_entry_point_body, 2, backend=None, timeout=60)
+    res = run_workers(_entry_point_body, 2, backend=None, timeout=60, fresh=True)
     assert res == [(2.0, "ichiban")] * 2
 
 
