@@ -5,7 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -58,8 +58,12 @@ def mapped_reader(pool: ThreadPoolExecutor):
                                        f"0x{got:08x}): the snapshot is corrupted")
                 _C.checkpoint.copy_bytes(flat[di][doff:doff + raw], piece)
 
-            for _ in pool.map(one, mapped):
-                pass
+            # Every chunk's read must end before the mappings close below: with pool.map the first
+            # failure (a CRC mismatch) would leave other threads still reading unmapped pages.
+            futures = [pool.submit(one, spec) for spec in mapped]
+            wait(futures)
+            for f in futures:
+                f.result()
         finally:
             views.clear()
             for m in maps:

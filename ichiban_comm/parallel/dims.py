@@ -165,17 +165,16 @@ def _load_topology(topology, world_size):
 
 
 def _job_topology(world_size: int, rank: int):
-    """The job's topology: the declared file, else detection with the hosts exchanged through
-    the default group's store (so ranks launched without torchrun's variables still agree)."""
-    if os.environ.get(_topology.ENV_TOPOLOGY):
-        return _topology.detect(rank=rank, world_size=world_size)
+    """The job's one topology (``topology.job_topology``): the object the ``"ichiban"`` backend
+    built when the default group was created, or, under another backend, the same exchange run
+    once here through the default group's store (the declared file, else detection)."""
     store = None
-    if world_size > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
+    if world_size > 1 and dist.is_initialized():
         try:
             store = dist.distributed_c10d._get_default_store()
         except Exception:  # noqa: BLE001 - fall back to the environment's layout
             store = None
-    return _topology.detect(store=store, rank=rank, world_size=world_size)
+    return _topology.job_topology(store, rank, world_size)
 
 
 class ParallelDims:

@@ -91,8 +91,13 @@ def _groups_of(dims, rank):
 def _groups_body(rank, world):
     from ichiban_comm.parallel import init_parallel
 
-    out = {"tp2dp2": _groups_of(init_parallel(tp=2, pp=1, dp=-1), rank),
-           "tp2pp2": _groups_of(init_parallel(tp=2, pp=2, dp=1), rank)}
+    from ichiban_comm import topology
+
+    dims = init_parallel(tp=2, pp=1, dp=-1)
+    out = {"tp2dp2": _groups_of(dims, rank),
+           "tp2pp2": _groups_of(init_parallel(tp=2, pp=2, dp=1), rank),
+           # one topology per job: the object the backend's exchange built, not a second one
+           "same_topology": dims.topology is topology.job_topology()}
     try:
         init_parallel(tp=3)
     except ValueError as e:
@@ -109,6 +114,7 @@ def test_init_parallel_groups_follow_declared_topology(tmp_path):
     tp_of = {0: [0, 2], 2: [0, 2], 1: [1, 3], 3: [1, 3]}
     dp_of = {0: [0, 1], 1: [0, 1], 2: [2, 3], 3: [2, 3]}
     for r, o in enumerate(res):
+        assert o["same_topology"]
         a = o["tp2dp2"]
         assert a["tp_ranks"] == tp_of[r] and a["dp_ranks"] == dp_of[r] and a["pp_ranks"] == [r]
         assert a["tp_sum"] == sum(x + 1 for x in tp_of[r]) and a["tp_size"] == 2
