@@ -289,12 +289,10 @@ def bench_dcp(state, directory):
     return out
 
 
-def bench_training(state, directory, steps: int = 12):
-    """Step time of a small MLP with no save vs while an ichiban save persists."""
-    from ichiban_comm.checkpoint import AsyncCheckpointer
-
+def mlp_step():
+    """A small MLP's training step as a function returning its seconds: ~10-50 ms on a small
+    CPU, so several steps fit inside one background persist or replica stream."""
     torch.manual_seed(0)
-    # ~10-50 ms steps on a small CPU: several steps fit inside one persist.
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(128, 512)
@@ -307,6 +305,14 @@ def bench_training(state, directory, steps: int = 12):
         opt.step()
         return time.perf_counter() - t0
 
+    return step
+
+
+def bench_training(state, directory, steps: int = 12):
+    """Step time of a small MLP with no save vs while an ichiban save persists."""
+    from ichiban_comm.checkpoint import AsyncCheckpointer
+
+    step = mlp_step()
     for _ in range(3):
         step()
     ck = AsyncCheckpointer(directory, keep_last=1)

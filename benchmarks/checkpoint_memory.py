@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checkpoint import machine, memcpy_bandwidth, nbytes, transformer_state  # noqa: E402
+from checkpoint import machine, memcpy_bandwidth, mlp_step, nbytes, transformer_state  # noqa: E402
 
 
 MSTEP = 4   # the step the memory-tier rows restore
@@ -250,19 +250,7 @@ def bench_training(meta, size, root, host, pinfo, ptoken, rate, steps: int = 15)
     """A small MLP's step time alone and while a replica of the snapshot streams at `rate`."""
     from ichiban_comm.checkpoint.memory import KeeperClient, ensure_keeper
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(128, 512)
-
-    def step():
-        t0 = time.perf_counter()
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return time.perf_counter() - t0
-
+    step = mlp_step()
     local, _, _ = ensure_keeper(root, host, keep=1, budget_bytes=None, idle_timeout=60, tcp=None)
     _, fds = local.get(0, MSTEP)
     for _ in range(3):
