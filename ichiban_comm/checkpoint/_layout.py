@@ -74,14 +74,17 @@ def _step_dirs(root: str) -> list[int]:
     return steps
 
 
-def commit_seq(root: str, step: int) -> float:
+def commit_seq(root: str, step: int) -> float | None:
     """The commit sequence number of a committed step: -1 for a manifest without one (older
     format: ordered by step, before the others); +inf for an unreadable manifest, so that it
     counts as the newest and loading it fails loudly (or falls back with a warning) rather than
-    an older step being taken in silence."""
+    an older step being taken in silence; None when the step vanished since it was listed (a
+    prune or rollback renamed it away: it is no longer committed, not the newest)."""
     path = os.path.join(step_dir(root, step), MANIFEST)
     try:
         st = os.stat(path)
+    except FileNotFoundError:
+        return None
     except OSError:
         return math.inf
     key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
@@ -89,6 +92,8 @@ def commit_seq(root: str, step: int) -> float:
     if seq is None:
         try:
             seq = int(read_manifest(root, step).get("seq", -1))
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError, CheckpointCorruptError):
             return math.inf
         if len(_SEQ_CACHE) > 4096:
@@ -104,7 +109,8 @@ _SEQ_CACHE: dict = {}
 
 def commit_order(root: str) -> list[tuple[int, int]]:
     """(seq, step) of every committed step, in commit order (oldest first)."""
-    return sorted((commit_seq(root, s), s) for s in _step_dirs(root))
+    seqs = ((commit_seq(root, s), s) for s in _step_dirs(root))
+    return sorted((q, s) for q, s in seqs if q is not None)
 
 
 def committed_steps(root: str) -> list[int]:

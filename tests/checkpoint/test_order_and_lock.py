@@ -54,6 +54,22 @@ def test_rollback_then_save_follows_the_new_line(tmp_path):
     assert ck.latest_step() == 17 and ck.load()["step"] == 17
 
 
+def test_a_step_pruned_while_listed_is_not_the_head(tmp_path, monkeypatch):
+    # A prune renames a step away between the directory listing and the manifest read (the
+    # prune runs on the writer thread after the save's handle completes): that step is gone, not
+    # "unreadable, so the newest".
+    root = str(tmp_path)
+    with AsyncCheckpointer(root, keep_last=5) as ck:
+        for step in (10, 20):
+            ck.save(step, _st(step)).wait()
+    listed = layout._step_dirs(root)
+    monkeypatch.setattr(layout, "_step_dirs", lambda r: listed)
+    layout._remove_steps(root, [10])
+    assert layout.committed_steps(root) == [20]
+    layout._remove_steps(root, [20])
+    assert layout.committed_steps(root) == []
+
+
 _CRASH_AFTER_ROLLBACK = textwrap.dedent("""
     import os, sys, torch
     from ichiban_comm.checkpoint import AsyncCheckpointer
