@@ -6,6 +6,11 @@
     ichiban-train --ckpt-dir runs/ckpt --resume             # continue from the newest checkpoint
     ichiban-train --data data/shards                        # your shards (ichiban-data prepare)
     torchrun --nproc-per-node 2 -m ichiban_comm.train       # data parallel over the "ichiban" backend
+    torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        --max-restarts 3 -m ichiban_comm.train --tp 2 --dp 2 --ckpt-every 10 --memory-ckpt
+                                                            # restarts resume from the newest snapshot
+    ichiban-train report runs/train                         # step-time split, goodput, restarts
+    ichiban-train --demo-failure                            # a rank killed mid-run, resumed, reported
     ichiban-train --nproc 4 --tp 2 --dp 2                   # 4 local ranks: tensor x data parallel
     ichiban-train --nproc 4 --tp 2 --zero                   # ... the optimizer state sharded over dp
     ichiban-train --nproc 2 --pp 2                          # two pipeline stages
@@ -16,8 +21,11 @@ through ``ichiban_comm.triton_kernels`` (``--ops fused``, the default): Triton
 kernels on CUDA, their plain-torch references on the CPU.
 
 Prints a progress line every ``--log-every`` steps (step, loss, learning rate,
-tokens/s) and a summary at the end; writes ``metrics.jsonl`` and
-``summary.json`` to ``--out-dir``. Deterministic for a given ``--seed``.
+tokens/s) and a summary at the end; writes ``metrics.jsonl`` (one line per
+step with its time split into compute, communication wait, checkpoint stall
+and data wait: steptime.py; one line per start, injected failure and end) and
+``summary.json`` to ``--out-dir``. Deterministic for a given ``--seed``; a
+torchrun restart resumes bit-identically (docs/resilience.md).
 """
 
 from __future__ import annotations
@@ -73,6 +81,13 @@ def parse_args(argv=None):
     g.add_argument("--stop-at", type=int, default=None,
                    help="end this run after step N of the --steps schedule (a job split across "
                         "allocations; continue later with --resume)")
+    g.add_argument("--memory-ckpt", action="store_true",
+                   help="also keep each checkpoint in a keeper process per host (and a replica on "
+                        "the next host): a restart reads memory before disk")
+    g.add_argument("--ckpt-mode", choices=("async", "torch", "dcp"), default="async",
+                   help="async: AsyncCheckpointer (default); torch / dcp: synchronous torch.save "
+                        "on rank 0 / torch.distributed.checkpoint.save, the baselines of "
+                        "benchmarks/goodput.py (replicated layouts only)")
     g = p.add_argument_group("distributed (under torchrun, or --nproc)")
     g.add_argument("--backend", default="ichiban",
                    help="torch.distributed backend when WORLD_SIZE > 1 (ichiban, gloo, nccl)")
@@ -87,6 +102,17 @@ def parse_args(argv=None):
                    help="with --tp: norms and the residual stream hold 1/tp of the sequence")
     g.add_argument("--microbatches", type=int, default=0,
                    help="with --pp: micro-batches per step (0: --pp)")
+    g.add_argument("--comm-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a collective that waits longer fails, naming the ranks it waited for")
+    g = p.add_argument_group("fault injection (demos, tests, benchmarks/goodput.py)")
+    g.add_argument("--demo-failure", action="store_true",
+                   help="a 4-rank run on two declared hosts under torchrun, a rank killed and "
+                        "resumed, then the report (ichiban_comm/demo.py)")
+    g.add_argument("--fail-at", action="append", default=[], metavar="STEP:RANK",
+                   help="rank RANK ends itself at the start of step STEP (repeatable: the k-th "
+                        "failure, in step order, fires in attempt k of a torchrun restart)")
+    g.add_argument("--fail-signal", choices=("kill", "stop"), default="kill",
+                   help="kill: SIGKILL (a dead rank); stop: SIGSTOP (a hung rank)")
     args = p.parse_args(argv)
     for name in ("tp", "pp"):
         if getattr(args, name) < 1:
@@ -100,6 +126,18 @@ def parse_args(argv=None):
     if args.sequence_parallel and args.pp > 1:
         p.error("--sequence-parallel with --pp > 1 is not supported: only the first stage's "
                 "first block slices the sequence")
+    fails = []
+    for spec in args.fail_at:
+        try:
+            st, rk = (int(v) for v in spec.split(":"))
+        except ValueError:
+            p.error(f"--fail-at takes STEP:RANK (two integers), got {spec!r}")
+        if st < 0 or rk < 0:
+            p.error(f"--fail-at STEP:RANK needs STEP >= 0 and RANK >= 0, got {spec!r}")
+        fails.append((st, rk))
+    args.fail_at = sorted(fails)
+    if args.comm_timeout <= 0:
+        p.error(f"--comm-timeout must be > 0 seconds, got {args.comm_timeout}")
     if args.ckpt_every < 0:
         p.error(f"--ckpt-every must be >= 0, got {args.ckpt_every}")
     if args.keep_last < 1:
@@ -174,8 +212,11 @@ def evaluate(model, data: JobData, n: int) -> float:
 
 
 def _init_distributed(args):
-    """(rank, world_size, dims); under torchrun or --nproc, a process group on --backend and
-    the tp x pp x dp groups placed by the topology (dims is None in one process)."""
+    """(rank, world_size, dims, start info); under torchrun or --nproc, a process group on
+    --backend (one fresh store per torchrun attempt: elastic.py) and the tp x pp x dp groups
+    placed by the topology (dims is None in one process)."""
+    from . import elastic
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         if args.tp * args.pp > 1 or args.zero or args.dp > 1:
@@ -183,16 +224,18 @@ def _init_distributed(args):
                              f"{' --zero' if args.zero else ''} needs several ranks: add --nproc "
                              f"{args.tp * args.pp * max(args.dp, 1 if not args.zero else 2)} "
                              f"(or run under torchrun)")
-        return 0, 1, None
+        launch = elastic.process_start_time()
+        now = time.time()
+        return 0, 1, None, {"attempt": 1, "init_s": now - launch, "launch_time": launch, "time": now}
     import torch.distributed as dist
 
     if args.backend == "ichiban":
         from . import distributed  # noqa: F401  (registers the backend)
-    dist.init_process_group(args.backend)
+    info = elastic.init_process_group(args.backend, args.comm_timeout)
     from .parallel import init_parallel
 
     dims = init_parallel(tp=args.tp, pp=args.pp, dp=args.dp)
-    return dist.get_rank(), dist.get_world_size(), dims
+    return dist.get_rank(), dist.get_world_size(), dims, info
 
 
 def _strip_nproc(argv):
@@ -259,15 +302,117 @@ def _sharded(dims, args) -> bool:
     return dims is not None and (dims.tp > 1 or args.zero)
 
 
-def _open_checkpointer(args, dims=None):
-    if not (args.ckpt_every or args.resume):
+def _open_checkpointer(args, dims=None, resume: bool = False):
+    if not (args.ckpt_every or resume):
         return None
     if dims is not None and dims.pp > 1:
         raise SystemExit("error: --ckpt-every/--resume with --pp > 1 is not supported: "
                          "ichiban_comm.parallel.checkpoint saves and reshards tp x dp layouts")
+    if args.ckpt_mode != "async":
+        if _sharded(dims, args):
+            raise SystemExit(f"error: --ckpt-mode {args.ckpt_mode} saves replicated layouts only "
+                             f"(no --tp > 1 or --zero); use --ckpt-mode async")
+        return _SyncCheckpointer(args.ckpt_dir, args.ckpt_mode, args.keep_last)
     from .checkpoint import AsyncCheckpointer
 
-    return AsyncCheckpointer(args.ckpt_dir, keep_last=args.keep_last)
+    kwargs = {}
+    if args.memory_ckpt:
+        from .topology import job_topology
+
+        kwargs = {"memory": True, "topology": job_topology() if dims is not None else None}
+    # A commit waits for every rank; bounded by the job's collective timeout (at least a minute,
+    # so a slow but healthy save is not failed), a stuck peer cannot hold the exit of the others.
+    return AsyncCheckpointer(args.ckpt_dir, keep_last=args.keep_last,
+                             commit_timeout_s=max(60.0, args.comm_timeout), **kwargs)
+
+
+class _SyncCheckpointer:
+    """The baselines of benchmarks/goodput.py: the whole state written synchronously, as most
+    training scripts do — torch.save by rank 0, or torch.distributed.checkpoint.save — in the
+    AsyncCheckpointer calls the main job makes. A step directory is complete once its marker
+    file exists (written last, renamed into place)."""
+
+    def __init__(self, root, mode, keep_last):
+        self.root, self.mode, self.keep_last = root, mode, keep_last
+        self.last_load = None
+        os.makedirs(root, exist_ok=True)
+
+    def _rank(self):
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def steps(self):
+        out = []
+        for n in os.listdir(self.root):
+            if n.startswith("step_") and os.path.exists(os.path.join(self.root, n, "complete")):
+                out.append(int(n[5:]))
+        return sorted(out)
+
+    def reserve(self, *a, **k):
+        return 0
+
+    def save(self, step, state, rank_state=None):
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        d = os.path.join(self.root, f"step_{step:09d}")
+        os.makedirs(d, exist_ok=True)
+        if self.mode == "torch":
+            if self._rank() == 0:
+                torch.save(state, os.path.join(d, "state.pt"))
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(state, checkpoint_id=os.path.join(d, "dcp"))
+        torch.save(rank_state, os.path.join(d, f"rank{self._rank()}.pt"))
+        if dist.is_initialized():
+            dist.barrier()
+        if self._rank() == 0:
+            with open(os.path.join(d, "complete.tmp"), "w") as f:
+                f.write(str(step))
+            os.replace(os.path.join(d, "complete.tmp"), os.path.join(d, "complete"))
+            import shutil
+
+            for old in self.steps()[:-self.keep_last]:
+                shutil.rmtree(os.path.join(self.root, f"step_{old:09d}"), ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+        return _Done(step, time.perf_counter() - t0)
+
+    def load(self, into):
+        steps = self.steps()
+        if not steps:
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"no committed checkpoint in {self.root}")
+        step = steps[-1]
+        d = os.path.join(self.root, f"step_{step:09d}")
+        if self.mode == "torch":
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.load(into, checkpoint_id=os.path.join(d, "dcp"))
+            state = into
+        self.last_load = {"step": step, "tiers": ["disk"]}
+        self.loaded_step = step
+        return state
+
+    def load_rank_state(self):
+        d = os.path.join(self.root, f"step_{self.loaded_step:09d}")
+        return torch.load(os.path.join(d, f"rank{self._rank()}.pt"), weights_only=False)
+
+    def close(self):
+        pass
+
+
+class _Done:
+    def __init__(self, step, blocking_s):
+        self.step, self.blocking_s = step, blocking_s
+
+    def wait(self):
+        return None
 
 
 def _pipeline_step(pipe, dims, x, y, opt, zero):
@@ -296,17 +441,127 @@ def _clip(module, opt, dims, args):
     return torch.nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
 
 
+def _sync_state(ckpt, core, opt):
+    if ckpt.mode == "dcp":
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(core, opt)
+        return {"model": msd, "optim": osd}
+    return {"model": core.state_dict(), "optim": opt.state_dict()}
+
+
+def _restore(ckpt, args, dims, core, opt, data):
+    """Load the newest checkpoint every rank can read (memory tier first, then disk) into the
+    model, optimizer, RNG and data loader. Returns (step to start at, where it came from);
+    (0, None) when there is none."""
+    from .checkpoint import CheckpointError
+
+    try:
+        if isinstance(ckpt, _SyncCheckpointer):
+            if ckpt.mode == "dcp":
+                from torch.distributed.checkpoint.state_dict import set_state_dict
+
+                into = _sync_state(ckpt, core, opt)
+                state = ckpt.load(into)
+                set_state_dict(core, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            else:
+                state = ckpt.load(None)
+                core.load_state_dict(state["model"])
+                opt.load_state_dict(state["optim"])
+            extra = ckpt.load_rank_state()
+        elif _sharded(dims, args):
+            from .parallel import checkpoint as pckpt
+
+            extra = pckpt.load(ckpt, core, opt, dims, step=None)
+            extra["rng"] = ckpt.load_rank_state()["rng"]
+        else:
+            state = ckpt.load()
+            core.load_state_dict(state["model"])
+            opt.load_state_dict(state["optim"])
+            extra = {"step": state["step"], "data": state["data"], "rng": ckpt.load_rank_state()["rng"]}
+    except CheckpointError:
+        if ckpt.steps():
+            raise
+        return 0, None
+    torch.set_rng_state(extra["rng"])
+    data.loader.load_state_dict(extra["data"])
+    tiers = (ckpt.last_load or {}).get("tiers") or ["disk"]
+    source = "disk" if "disk" in tiers else ("peer" if "peer" in tiers else "memory")
+    return int(extra["step"]), source
+
+
+def _inject_failure(args, rank: int, step: int, attempt: int) -> None:
+    """--fail-at: record the failure in metrics.jsonl (one appended line), then SIGKILL or
+    SIGSTOP this process."""
+    import signal
+
+    line = json.dumps({"event": "fail", "attempt": attempt, "step": step, "rank": rank,
+                       "signal": args.fail_signal, "time": time.time()}) + "\n"
+    try:
+        fd = os.open(os.path.join(args.out_dir, "metrics.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, line.encode())
+        os.close(fd)
+    except OSError:
+        pass
+    print(f"ichiban-train: --fail-at {step}:{rank}: rank {rank} sends itself SIG"
+          f"{args.fail_signal.upper()} at step {step} (attempt {attempt})", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL if args.fail_signal == "kill" else signal.SIGSTOP)
+
+
+def _param_digest(module) -> str:
+    """sha256 of this rank's parameters (names, shapes and bytes), to compare runs bit for bit."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _comm_bytes(backend: str, world: int) -> dict:
+    """Bytes every rank moved through this host's shared memory and between hosts (summed over
+    the job's ranks): the "ichiban" backend's counters."""
+    if world <= 1 or backend != "ichiban":
+        return {}
+    import torch.distributed as dist
+
+    from ._native import _C
+
+    t = torch.tensor([_C.backend.global_intra_host_bytes(), _C.backend.global_inter_host_bytes()],
+                     dtype=torch.int64)
+    dist.all_reduce(t)
+    return {"intra_host_bytes": int(t[0]), "inter_host_bytes": int(t[1])}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from .report import main as report_main
+
+        return report_main(argv[1:])
+    if "--demo-failure" in argv:
+        from .demo import main as demo_main
+
+        return demo_main(argv)
     args = parse_args(argv)
     if args.nproc:
-        return launch_local(args.nproc, sys.argv[1:] if argv is None else list(argv))
+        return launch_local(args.nproc, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, dims = _init_distributed(args)
+    rank, world, dims, start_info = _init_distributed(args)
+    attempt = start_info["attempt"]
+    bad = [f"{s}:{r}" for s, r in args.fail_at if r >= world]
+    if bad:
+        raise SystemExit(f"error: --fail-at {', '.join(bad)}: there are {world} rank(s)")
+    resume = args.resume or attempt > 1   # a torchrun restart resumes the run it restarts
     dp, dp_rank = (dims.dp, dims.dp_rank) if dims is not None else (1, 0)
     lead = rank == 0
     say = print if lead else (lambda *a, **k: None)
     os.makedirs(args.out_dir, exist_ok=True)
+    if attempt > 1:
+        say(f"ichiban-train: attempt {attempt} (a torchrun restart): resuming", flush=True)
 
     # each data-parallel replica reads its own slice of the global batch; tp and pp ranks of one
     # replica read the same one
@@ -314,12 +569,16 @@ def main(argv=None) -> int:
                     dp_rank, dp)
     model, opt, pipe = build(args, dims, data.vocab_size)
     core = model
+    from .steptime import StepClock
+
+    clock = StepClock(args.backend if world > 1 else "none")
     if dims is not None:
         say(dims.layout.describe(), flush=True)
         if core.tp_report is not None:
             say(core.tp_report, flush=True)
     if dp > 1 and not args.zero and pipe is None:
         model = torch.nn.parallel.DistributedDataParallel(core, process_group=dims.dp_group)
+        model.register_comm_hook(None, clock.ddp_hook(dims.dp_group, dims.dp))
     say(f"ichiban-train: {core.full_params / 1e6:.2f}M parameters "
         f"({args.n_layer} layers, d_model {args.d_model}, {args.n_head} heads), "
         f"ops: {core.ops.name}; data: {data.describe()}; {args.steps} steps of "
@@ -327,47 +586,57 @@ def main(argv=None) -> int:
         f"{torch.get_num_threads()} threads" + (f", {world} ranks on {args.backend}" if world > 1 else ""),
         flush=True)
 
-    ckpt = _open_checkpointer(args, dims)
-    start = 0
-    if args.resume:
-        latest = ckpt.latest_step()
-        if latest is None:
-            say(f"--resume: no complete checkpoint in {args.ckpt_dir}; starting from step 0")
-        elif _sharded(dims, args):  # global shapes and offsets: any tp x dp saved it
-            from .parallel import checkpoint as pckpt
-
-            extra = pckpt.load(ckpt, core, opt, dims, step=latest)
-            start = int(extra["step"])
-            torch.set_rng_state(ckpt.load_rank_state()["rng"])
-            data.loader.load_state_dict(extra["data"])
-            say(f"resumed from {args.ckpt_dir} at step {start} (resharded to tp={dims.tp}, "
-                f"dp={dims.dp} as needed)")
+    ckpt = _open_checkpointer(args, dims, resume)
+    start, restore = 0, {"source": None, "step": None, "seconds": 0.0}
+    if resume:
+        t0 = time.perf_counter()
+        start, source = _restore(ckpt, args, dims, core, opt, data)
+        restore = {"source": source, "step": start if source else None,
+                   "seconds": time.perf_counter() - t0}
+        if source is None:
+            say(f"resume: no complete checkpoint in {args.ckpt_dir}; starting from step 0")
         else:
-            state = ckpt.load(step=latest)
-            core.load_state_dict(state["model"])
-            opt.load_state_dict(state["optim"])
-            torch.set_rng_state(ckpt.load_rank_state()["rng"])
-            data.loader.load_state_dict(state["data"])
-            start = int(state["step"])
-            say(f"resumed from {args.ckpt_dir} at step {start}")
+            say(f"resumed at step {start} from {source} ({args.ckpt_dir}) in "
+                f"{restore['seconds']:.2f} s" + (f", resharded to tp={dims.tp}, dp={dims.dp} as needed"
+                                                 if _sharded(dims, args) else ""), flush=True)
     if start >= args.steps:
         say(f"nothing to do: the checkpoint is at step {start} and --steps is {args.steps}")
         if ckpt is not None:
             ckpt.close()
         return 0
 
-    metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a" if start else "w") if lead else None
+    metrics = None
+    if lead:
+        path = os.path.join(args.out_dir, "metrics.jsonl")
+        if not resume:
+            open(path, "w").close()
+        # O_APPEND: lines other ranks append (an injected failure) are never overwritten
+        metrics = open(path, "a")
+        metrics.write(json.dumps({"event": "start", "attempt": attempt, "time": start_info["time"],
+                                  "launch_time": start_info["launch_time"], "init_s": start_info["init_s"],
+                                  "start_step": start, "restore": restore, "world_size": world,
+                                  "tp": args.tp, "pp": args.pp, "dp": dp, "backend": args.backend
+                                  if world > 1 else None}) + "\n")
+        metrics.flush()
+    fail_step = None
+    if len(args.fail_at) >= attempt and args.fail_at[attempt - 1][1] == rank:
+        fail_step = args.fail_at[attempt - 1][0]
     tokens_per_step = dp * args.batch_size * args.seq_len
     losses: list[float] = []
     saves: list = []
+    totals = dict.fromkeys(("step_s", "compute_s", "comm_s", "ckpt_s", "data_s"), 0.0)
     window_t, window_tokens = time.perf_counter(), 0
     train_t0 = time.perf_counter()
     end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    clock.begin()
     for step in range(start, end):
+        if step == fail_step:
+            _inject_failure(args, rank, step, attempt)
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = next(data.loader)  # this replica's slice of the global batch
+        with clock.data():
+            x, y = next(data.loader)  # this replica's slice of the global batch
         opt.zero_grad(set_to_none=True)
         if pipe is not None:
             loss = _pipeline_step(pipe, dims, x, y, opt, args.zero)
@@ -379,8 +648,9 @@ def main(argv=None) -> int:
         if ckpt is not None and args.ckpt_every and step == start:
             # The optimizer's moments exist now: pay for the checkpoint staging pool here, not
             # at the first save.
-            ckpt.reserve({"model": core.state_dict(), "optim": opt.state_dict(), "step": step + 1},
-                         rank_state={"rng": torch.get_rng_state()})
+            with clock.checkpoint():
+                ckpt.reserve({"model": core.state_dict(), "optim": opt.state_dict(), "step": step + 1},
+                             rank_state={"rng": torch.get_rng_state()})
         window_tokens += tokens_per_step
 
         loss_f = loss.item()  # one sync per step: the loss is logged every step
@@ -390,44 +660,69 @@ def main(argv=None) -> int:
             return 1
         losses.append(loss_f)
         if ckpt is not None and args.ckpt_every and (step + 1) % args.ckpt_every == 0:
-            if _sharded(dims, args):
-                from .parallel import checkpoint as pckpt
+            with clock.checkpoint():
+                rank_state = {"rng": torch.get_rng_state()}
+                if isinstance(ckpt, _SyncCheckpointer):
+                    state = _sync_state(ckpt, core, opt)
+                    rank_state.update(step=step + 1, data=data.loader.state_dict())
+                elif _sharded(dims, args):
+                    from .parallel import checkpoint as pckpt
 
-                state = pckpt.sharded_state(core, opt, dims)
-                state["extra"] = {"step": step + 1, "data": data.loader.state_dict()}
-            else:
-                state = {"model": core.state_dict(), "optim": opt.state_dict(), "step": step + 1,
-                         "data": data.loader.state_dict()}
-            saves.append(ckpt.save(step + 1, state, rank_state={"rng": torch.get_rng_state()}))
+                    state = pckpt.sharded_state(core, opt, dims)
+                    state["extra"] = {"step": step + 1, "data": data.loader.state_dict()}
+                else:
+                    state = {"model": core.state_dict(), "optim": opt.state_dict(), "step": step + 1,
+                             "data": data.loader.state_dict()}
+                saves.append(ckpt.save(step + 1, state, rank_state=rank_state))
+        split = clock.end()
+        for k in totals:
+            totals[k] += split[k]
         if metrics is not None:
-            metrics.write(json.dumps({"step": step, "loss": loss_f, "lr": lr,
-                                      "grad_norm": float(grad_norm)}) + "\n")
+            metrics.write(json.dumps({"step": step, "attempt": attempt, "time": time.time(),
+                                      "loss": loss_f, "lr": lr, "grad_norm": float(grad_norm),
+                                      **split, "tokens": tokens_per_step}) + "\n")
+            metrics.flush()   # a killed run keeps every finished step's line
         if (step + 1) % args.log_every == 0 or step == start or step + 1 == end:
             dt = time.perf_counter() - window_t
             say(f"step {step + 1:>6}/{args.steps}  loss {loss_f:.4f}  lr {lr:.2e}  "
                 f"grad {float(grad_norm):.2f}  {window_tokens / dt:,.0f} tok/s", flush=True)
             window_t, window_tokens = time.perf_counter(), 0
-            if metrics is not None:
-                metrics.flush()
+    t_close = time.perf_counter()
     if ckpt is not None:
         ckpt.close()  # waits for the last save to commit; raises if any failed
-    if metrics is not None:
-        metrics.close()
+    close_s = time.perf_counter() - t_close
 
     elapsed = time.perf_counter() - train_t0
     k = min(10, len(losses))
+    module = core if pipe is None else pipe.module
+    digests = [_param_digest(module)]
+    if world > 1:
+        import torch.distributed as dist
+
+        digests = [None] * world
+        dist.all_gather_object(digests, _param_digest(module))
+    steps_run = max(1, len(losses))
     summary = {
         "steps": args.steps,
         "start_step": start,
+        "attempt": attempt,
+        "restored_from": restore,
         "first_loss": losses[0],
         "last_loss": sum(losses[-k:]) / k,
         "val_loss": evaluate(core, data, args.eval_batches) if pipe is None else None,
         "tokens_per_s": len(losses) * tokens_per_step / elapsed,
         "train_seconds": elapsed,
+        "time_split_s": {k_.replace("_s", ""): v for k_, v in totals.items()},
+        "time_split_pct": {k_.replace("_s", ""): 100 * v / max(totals["step_s"], 1e-9)
+                           for k_, v in totals.items() if k_ != "step_s"},
+        "final_checkpoint_wait_s": close_s,
         "params": core.full_params,
+        "param_digests": digests,
         "ops": core.ops.name,
         "world_size": world,
+        "backend": args.backend if world > 1 else None,
         "tp": args.tp, "pp": args.pp, "dp": dp, "zero": args.zero,
+        **_comm_bytes(args.backend, world),
     }
     if saves:
         summary["checkpoints"] = len(saves)
@@ -435,6 +730,10 @@ def main(argv=None) -> int:
     if lead:
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        metrics.write(json.dumps({"event": "end", "attempt": attempt, "time": time.time(),
+                                  "steps": args.steps}) + "\n")
+        metrics.close()
+    split_pct = summary["time_split_pct"]
     ckpt_note = (f"; {len(saves)} checkpoint(s) in {args.ckpt_dir}, median pause "
                  f"{summary['ckpt_blocking_ms_median']:.1f} ms" if saves else "")
     say(f"done: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
@@ -442,12 +741,20 @@ def main(argv=None) -> int:
         f"{'n/a (pipeline)' if summary['val_loss'] is None else format(summary['val_loss'], '.3f')}; "
         f"{summary['tokens_per_s']:,.0f} tok/s over {elapsed:.1f} s{ckpt_note}; "
         f"metrics in {args.out_dir}/", flush=True)
-    if lead and summary["last_loss"] >= summary["first_loss"]:
+    say(f"step time ({steps_run} steps, {totals['step_s']:.1f} s): compute {split_pct['compute']:.1f} %, "
+        f"communication {split_pct['comm']:.1f} %, checkpoint {split_pct['ckpt']:.1f} %, data "
+        f"{split_pct['data']:.1f} %" + (f"; bytes through shared memory {summary['intra_host_bytes']:,}, "
+                                        f"between hosts {summary['inter_host_bytes']:,}"
+                                        if "intra_host_bytes" in summary else "")
+        + (f"; attempt {attempt}, resumed at step {start} from {restore['source']}"
+           if restore["source"] else ""), flush=True)
+    if lead and summary["last_loss"] >= summary["first_loss"] and len(losses) > 1:
         print("warning: the loss did not fall; try more --steps or a different --lr",
               file=sys.stderr)
     if world > 1:
         import torch.distributed as dist
 
+        dist.barrier()   # rank 0 holds this attempt's store: nobody leaves while others use it
         dist.destroy_process_group()
     return 0
 

@@ -325,7 +325,10 @@ IchibanBackend::WorkPtr IchibanBackend::submit(bool may_inline, c10d::OpType typ
     busy_ = true;
     runner_ = std::this_thread::get_id();
   }
+  const auto t_inline = std::chrono::steady_clock::now();
   job();
+  IchibanWork::add_thread_blocked_ns(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t_inline).count());
   bool queued;
   {
     std::lock_guard<std::mutex> lk(mu_);

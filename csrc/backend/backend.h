@@ -130,6 +130,8 @@ class IchibanBackend : public c10d::Backend {
   // this rank has read that way.
   bool direct() const { return comm_ && comm_->direct(); }
   int64_t direct_bytes() const { return comm_ ? comm_->direct_bytes() : 0; }
+  // Payload bytes of the ops this rank ran through the host's shared memory.
+  int64_t intra_host_bytes() const { return comm_ ? comm_->local_bytes() : 0; }
   int local_size() const { return local_size_; }
   // Whether the host's shared segment exists yet (made by the first CPU op)
   // and whether the NCCL group does (made by the first CUDA op).

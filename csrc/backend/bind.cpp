@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "backend/backend.h"
+#include "backend/work.h"
 #include "common/env.h"
 #include "collectives/reduce.h"
 #include "shm/arena.h"
@@ -29,6 +30,8 @@ void bind_backend(pybind11::module_& m) {
   py::class_<IchibanBackend, c10d::Backend, c10::intrusive_ptr<IchibanBackend>>(m, "IchibanBackend")
       .def_property_readonly("inter_host_bytes", &IchibanBackend::inter_host_bytes,
                              "bytes this group sent through the inter-host engine")
+      .def_property_readonly("intra_host_bytes", &IchibanBackend::intra_host_bytes,
+                             "payload bytes of the ops this rank ran through this host's shared memory")
       .def_property_readonly("num_hosts", &IchibanBackend::num_hosts)
       .def_property_readonly("local_size", &IchibanBackend::local_size, "ranks of this group on this host")
       .def_property_readonly("direct", &IchibanBackend::direct,
@@ -114,6 +117,10 @@ void bind_backend(pybind11::module_& m) {
         py::arg("name"), py::arg("default") = false,
         "the one parser of ICHIBAN_* on/off variables (1/0, true/false, yes/no, on/off)");
 
+  m.def("thread_blocked_ns", &IchibanWork::thread_blocked_ns,
+        "nanoseconds the calling thread has spent blocked in ichiban ops (waits and inline runs)");
+  m.def("global_intra_host_bytes", &ShmComm::global_local_bytes,
+        "payload bytes of the ops every ichiban group of this process ran through this host's shared memory");
   m.def("global_inter_host_bytes", &global_inter_host_bytes,
         "bytes sent through the inter-host engine by every ichiban group of this process");
   m.def(

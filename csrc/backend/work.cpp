@@ -16,7 +16,21 @@ void IchibanWork::settle(c10::ivalue::Future& f) const {
   }
 }
 
+namespace {
+thread_local int64_t t_blocked_ns = 0;
+}  // namespace
+
+int64_t IchibanWork::thread_blocked_ns() { return t_blocked_ns; }
+void IchibanWork::add_thread_blocked_ns(int64_t ns) { t_blocked_ns += ns; }
+
 bool IchibanWork::wait(std::chrono::milliseconds timeout) {
+  const auto t0 = std::chrono::steady_clock::now();
+  struct Count {
+    std::chrono::steady_clock::time_point t0;
+    ~Count() {
+      t_blocked_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+    }
+  } count{t0};
   // A few yields before c10d's condition-variable sleep: an op that
   // finishes meanwhile costs the progress thread no futex wake-up of us.
   yield_until(wait_yields_, [this] { return isCompleted(); });

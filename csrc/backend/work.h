@@ -29,6 +29,11 @@ class IchibanWork : public c10d::Work {
   void complete(std::exception_ptr error);
 
   // A Work that already finished (ops with nothing to do, or delegated ones).
+  // Nanoseconds the calling thread has spent blocked in this backend: waiting
+  // on a Work and running an op inline. Per thread, so a training loop reads
+  // its own waits, not those of checkpoint or replication threads.
+  static int64_t thread_blocked_ns();
+  static void add_thread_blocked_ns(int64_t ns);
   static c10::intrusive_ptr<c10d::Work> completed(int rank, c10d::OpType type, std::vector<at::Tensor> outputs);
 
  private:

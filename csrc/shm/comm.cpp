@@ -223,6 +223,10 @@ void ShmComm::on_pipeline_slice() {
   if (std::chrono::steady_clock::now() >= deadline_) fail_wait(0, "timed out", behind);
 }
 
+namespace {
+std::atomic<int64_t> g_local_bytes{0};
+}  // namespace
+
 void ShmComm::begin(const char* opname, const OpDesc& desc, std::chrono::steady_clock::time_point deadline) {
   ICHIBAN_DIST_CHECK(!broken(), "ichiban: ", opname, " (sequence number ", seq_, ") on group '", group_,
                      "' cannot run: the group failed earlier (", broken_reason_,
@@ -231,7 +235,14 @@ void ShmComm::begin(const char* opname, const OpDesc& desc, std::chrono::steady_
   desc_ = desc;
   pending_desc_ = true;
   deadline_ = deadline;
+  if (n_ > 1 && desc.op != kOpBarrier && desc.op != kOpSetup) {
+    const int64_t es = desc.dtype < 0 ? 1 : static_cast<int64_t>(c10::elementSize(static_cast<c10::ScalarType>(desc.dtype)));
+    local_bytes_.fetch_add(desc.count * es, std::memory_order_relaxed);
+    g_local_bytes.fetch_add(desc.count * es, std::memory_order_relaxed);
+  }
 }
+
+int64_t ShmComm::global_local_bytes() { return g_local_bytes.load(std::memory_order_relaxed); }
 
 const OpDesc& ShmComm::peer_desc(int p) const { return ctl(p)->desc[step_ & 1]; }
 

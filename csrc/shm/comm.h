@@ -132,6 +132,11 @@ class ShmComm {
   // Raises for a failed read_peer (after the op's last barrier).
   [[noreturn]] void direct_failed(int p, int err);
   int64_t direct_bytes() const { return direct_bytes_.load(std::memory_order_relaxed); }
+  // Payload bytes of the ops this rank ran through this host's segment (each op's descriptor
+  // count times its element size; barriers and set-up are not counted), and the same summed
+  // over every group of this process.
+  int64_t local_bytes() const { return local_bytes_.load(std::memory_order_relaxed); }
+  static int64_t global_local_bytes();
 
   // Host-shared tensors (shm/arena.h). setup_shared is collective, once,
   // after setup_direct: every member with an arena publishes it, maps every
@@ -179,6 +184,7 @@ class ShmComm {
   int64_t direct_min_ = INT64_MAX;
   uint64_t probe_ = 0;  // read by peers in setup_direct
   std::atomic<int64_t> direct_bytes_{0};
+  std::atomic<int64_t> local_bytes_{0};
   bool shared_ = false;
   std::string shared_why_;
   std::vector<char*> peer_arena_;
