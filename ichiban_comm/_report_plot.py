@@ -88,13 +88,14 @@ def _split_panel(ax, res, series, t0, by_time, timed):
     ymax = ax.get_ylim()[1] * 1.6
     label_box = {"facecolor": "white", "alpha": 0.8, "linewidth": 0, "pad": 1.0}
     if by_time:
-        for rs, prev, att in zip(res["restarts"], res["attempts"], res["attempts"][1:]):
+        for rs in res["restarts"]:
+            prev, att = res["attempts"][rs["attempt"] - 2], res["attempts"][rs["attempt"] - 1]
             rows = [r for r in series if r["attempt"] == att["attempt"]]
             fail = rs["failure_time"] - t0 if rs["failure_time"] is not None else None
             resume = rows[0]["time"] - t0 - rows[0]["parts"]["step"] if rows else None
             if fail is not None:
                 what = "failure"
-                if rs["failure_source"] != "fail record":
+                if rs["failure_source"] != "fail record" and prev["last_step"] is not None:
                     what += f" after step {prev['last_step']}"
                 elif rs["fail_step"] is not None:
                     what += f" at step {rs['fail_step']}"

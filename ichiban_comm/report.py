@@ -95,44 +95,66 @@ def _num(x) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _group_attempts(records: list[dict], notes: list[str]) -> list[dict]:
-    """Records by attempt, in file order. Records without an ``attempt`` key (old
-    runs) belong to the current attempt; a ``start`` record, or a step number that
-    does not increase, begins the next one."""
-    attempts: dict[int, dict] = {}
-    cur, prev_step, inferred = 0, None, False
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
-    def get(n):
-        if n not in attempts:
-            attempts[n] = {"attempt": n, "start": None, "steps": [], "fail": None, "end": None}
-        return attempts[n]
+
+def _group_attempts(records: list[dict], notes: list[str]) -> list[dict]:
+    """Records by attempt, in file order, numbered 1, 2, ... as they appear.
+
+    Every ``start`` record begins an attempt; other records join the attempt of
+    their ``attempt`` number (the one whose start came last, should a later launch
+    with ``--resume`` number its attempts from 1 again). Records without an
+    ``attempt`` key (old runs) join the current attempt, unless their step number
+    does not increase: then a restart began the next one.
+    """
+    attempts: list[dict] = []
+    by_label: dict[int, dict] = {}
+    cur = None
+    inferred = renumbered = False
+
+    def new(label):
+        att = {"label": label, "start": None, "steps": [], "fail": None, "end": None}
+        attempts.append(att)
+        if label is not None:
+            by_label[label] = att
+        return att
 
     for rec in records:
         event = rec.get("event")
-        a = rec.get("attempt")
-        a = a if isinstance(a, int) and not isinstance(a, bool) else None
+        label = rec.get("attempt") if _is_int(rec.get("attempt")) else None
+        is_step = event is None and _is_int(rec.get("step"))
         if event == "start":
-            cur = a if a is not None else cur + 1
-            get(cur)["start"] = rec
-            prev_step = None
-        elif event in ("fail", "end"):
-            n = a if a is not None else max(cur, 1)
-            get(n)[event] = rec
-        elif event is None and isinstance(rec.get("step"), int):
-            if a is None:
-                if cur == 0 or (prev_step is not None and rec["step"] <= prev_step):
-                    inferred = inferred or cur > 0
-                    cur += 1
-                a = cur
-            else:
-                cur = max(cur, a)
-            get(a)["steps"].append(rec)
-            prev_step = rec["step"]
-        # any other record (unknown event, no step) is ignored
+            renumbered = renumbered or (label is not None and label in by_label)
+            cur = new(label)
+            cur["start"] = rec
+            continue
+        if event not in ("fail", "end") and not is_step:
+            continue  # unknown events and records without a step: not ours to read
+        if label is not None:
+            att = by_label.get(label) or new(label)
+        elif cur is None:
+            att = new(None)
+        elif is_step and cur["steps"] and rec["step"] <= cur["steps"][-1]["step"] and cur["label"] is None:
+            inferred = True
+            att = new(None)
+        else:
+            att = cur
+        cur = att
+        if is_step:
+            att["steps"].append(rec)
+        else:
+            att[event] = rec
+    for n, att in enumerate(attempts, 1):
+        att["attempt"] = n
+        renumbered = renumbered or (att["label"] is not None and att["label"] != n)
     if inferred:
         notes.append("records carry no attempt number: attempts inferred from step numbers "
                      "that go back (a restart)")
-    return [attempts[n] for n in sorted(attempts)]
+    if renumbered:
+        notes.append("the attempt numbers in the file start over or skip (a new launch with "
+                     "--resume, or a lost start record): attempts numbered here in file order")
+    return attempts
 
 
 def _step_parts(rec: dict) -> dict | None:
@@ -156,13 +178,14 @@ def _step_parts(rec: dict) -> dict | None:
 def analyse(records: list[dict]) -> dict:
     """Every number of the report, from the records of one run's metrics.jsonl.
 
-    Per attempt: steps run, steps lost (steps at or beyond the next attempt's
-    start step: work done again) and their time. Per restart: failure time
-    (the ``fail`` record, else the failed attempt's last step), process start
-    (launch − failure), rendezvous/init, restore (seconds, tier, step), first
-    step, and the rest. The productive split counts each step number once, from
-    the last attempt that ran it. Goodput = productive step time / wall time from
-    the first attempt's launch to the ``end`` record (else the last record).
+    Per attempt: steps run, steps lost (steps at or beyond the step a later
+    attempt resumed at, the next one's as a rule: work done again) and their
+    time. Per restart: failure time (the ``fail`` record, else the failed
+    attempt's last step), process start (launch − failure), rendezvous/init,
+    restore (seconds, tier, step), first step, and the rest. The productive split
+    counts each step number once, from the last attempt that ran it and kept it.
+    Goodput = productive step time / wall time from the first attempt's launch to
+    the ``end`` record (else the last record). Pure: reads nothing, prints nothing.
     """
     notes: list[str] = []
     attempts = _group_attempts(records, notes)
@@ -179,19 +202,35 @@ def analyse(records: list[dict]) -> dict:
     for key in ("world_size", "tp", "pp", "dp", "backend"):
         out[key] = first_start.get(key)
 
-    # ---- which attempt counts for each step: the last that ran it
-    counted: dict[int, dict] = {}
+    # ---- where each attempt resumed; a step record is lost (work done again) when a
+    # later attempt resumed at or before its step; the others count, each step number
+    # once, from the last attempt that ran it
+    resume = []
     for att in attempts:
+        s0 = (att["start"] or {}).get("start_step")
+        resume.append(s0 if _is_int(s0) else (att["steps"][0]["step"] if att["steps"] else None))
+    lost_from = []
+    for k in range(len(attempts)):
+        later = [r for r in resume[k + 1:] if r is not None]
+        lost_from.append(min(later) if later else None)
+
+    def is_lost(k, rec):
+        return lost_from[k] is not None and rec["step"] >= lost_from[k]
+
+    counted: dict[int, dict] = {}
+    for k, att in enumerate(attempts):
         for rec in att["steps"]:
-            counted[rec["step"]] = rec
+            if not is_lost(k, rec):
+                counted[rec["step"]] = rec
     out["steps"] = len(counted)
     out["last_step"] = max(counted) if counted else None
 
-    timed = all(_step_parts(r) is not None for r in counted.values()) and bool(counted)
-    if counted and not timed:
+    all_steps = [rec for att in attempts for rec in att["steps"]]
+    timed = bool(all_steps) and all(_step_parts(r) is not None for r in all_steps)
+    if all_steps and not timed:
         notes.append("step records carry no step_s: no time split, goodput or tokens/s "
                      "(a run written before step timing was recorded)")
-    elif counted and any(not _step_parts(r)["split"] for r in counted.values()):
+    elif all_steps and any(not _step_parts(r)["split"] for r in all_steps):
         notes.append("step records without compute/comm/ckpt/data seconds (an older run): "
                      "their whole step time is counted as compute")
 
@@ -203,40 +242,36 @@ def analyse(records: list[dict]) -> dict:
     for k, att in enumerate(attempts):
         steps = att["steps"]
         start = att["start"] or {}
-        nxt = attempts[k + 1] if k + 1 < len(attempts) else None
-        start_step = start.get("start_step")
-        if not isinstance(start_step, int):
-            start_step = steps[0]["step"] if steps else None
-        row = {"attempt": att["attempt"], "start_step": start_step, "steps_run": len(steps),
+        lost = [r for r in steps if is_lost(k, r)]
+        row = {"attempt": att["attempt"], "start_step": resume[k], "steps_run": len(steps),
                "first_step": steps[0]["step"] if steps else None,
                "last_step": steps[-1]["step"] if steps else None,
                "launch_time": _num(start.get("launch_time")), "ready_time": _num(start.get("time")),
-               "lost_steps": 0, "lost_s": 0.0 if timed else None, "lost_from": None}
-        if nxt is not None:
-            resume = (nxt["start"] or {}).get("start_step")
-            if not isinstance(resume, int):
-                resume = nxt["steps"][0]["step"] if nxt["steps"] else None
-            lost = [r for r in steps if resume is not None and r["step"] >= resume]
-            row["lost_steps"] = len(lost)
-            row["lost_from"] = resume
-            if timed:
-                row["lost_s"] = sum(_step_parts(r)["step"] for r in lost if _step_parts(r))
+               "init_s": _num(start.get("init_s")),
+               "lost_steps": len(lost), "lost_from": lost_from[k],
+               "lost_s": sum(_step_parts(r)["step"] for r in lost) if timed else None}
+        if row["launch_time"] is None and row["ready_time"] is not None and row["init_s"] is not None:
+            row["launch_time"] = row["ready_time"] - row["init_s"]  # the same instant, by definition
+        if att["end"] is not None:
+            row["ended"], row["end_time"] = "end", _num(att["end"].get("time"))
+        elif k + 1 < len(attempts):
+            row["ended"] = "failure"
             fail = att["fail"]
             if fail is not None and _num(fail.get("time")) is not None:
-                row["ended"] = "failure"
                 row["fail_time"], row["fail_source"] = _num(fail["time"]), "fail record"
                 row["fail_step"], row["fail_rank"] = fail.get("step"), fail.get("rank")
             else:
-                row["ended"] = "failure"
                 last_t = _num(steps[-1].get("time")) if steps else None
-                if last_t is None:
-                    last_t = row["ready_time"]
-                row["fail_time"], row["fail_source"] = last_t, "last step record"
+                source = "last step record"
+                if last_t is None:  # died before its first step: its last sign of life
+                    last_t = row["ready_time"] if row["ready_time"] is not None else row["launch_time"]
+                    source = "start record"
+                row["fail_time"], row["fail_source"] = last_t, source
                 row["fail_step"], row["fail_rank"] = None, None
         else:
-            row["ended"] = "end" if att["end"] is not None else "unfinished"
+            row["ended"] = "unfinished"
         out["attempts"].append(row)
-    out["lost_steps_per_failure"] = [r["lost_steps"] for r in out["attempts"][:-1]]
+    out["lost_steps_per_failure"] = [r["lost_steps"] for r in out["attempts"] if r["ended"] == "failure"]
     out["lost_steps"] = sum(out["lost_steps_per_failure"])
     out["lost_s"] = sum(r["lost_s"] for r in out["attempts"]) if timed else None
     last = attempts[-1]
@@ -247,15 +282,17 @@ def analyse(records: list[dict]) -> dict:
     # ---- restarts
     for k in range(1, len(attempts)):
         prev_row, att = out["attempts"][k - 1], attempts[k]
+        if prev_row["ended"] != "failure":
+            continue  # a new launch (--resume) after a finished one: not a restart
         start = att["start"] or {}
         restore = start.get("restore") if isinstance(start.get("restore"), dict) else {}
-        fail_t, launch = prev_row["fail_time"], _num(start.get("launch_time"))
+        fail_t, launch = prev_row["fail_time"], out["attempts"][k]["launch_time"]
         first = att["steps"][0] if att["steps"] else None
         rs = {"attempt": att["attempt"], "failure_time": fail_t,
               "failure_source": prev_row["fail_source"], "fail_step": prev_row["fail_step"],
               "fail_rank": prev_row["fail_rank"],
               "process_start_s": launch - fail_t if launch is not None and fail_t is not None else None,
-              "init_s": _num(start.get("init_s")),
+              "init_s": out["attempts"][k]["init_s"],
               "restore_s": _num(restore.get("seconds")), "restore_source": restore.get("source"),
               "restore_step": restore.get("step"), "resume_step": out["attempts"][k]["start_step"],
               "first_step_s": _num(first.get("step_s")) if first else None}
@@ -265,6 +302,7 @@ def analyse(records: list[dict]) -> dict:
         rs["other_s"] = (rs["total_s"] - sum(known)
                          if rs["total_s"] is not None and None not in known else None)
         out["restarts"].append(rs)
+    out["restart_count"] = len(out["restarts"])
 
     # ---- productive split, over the steps that count
     if timed:
@@ -274,7 +312,7 @@ def analyse(records: list[dict]) -> dict:
             for p in PARTS + ("step",):
                 tot[p] += parts[p]
         out["split"] = {p: {"s": tot[p], "pct": 100.0 * tot[p] / tot["step"] if tot["step"] else 0.0,
-                            "per_step_s": tot[p] / len(counted)} for p in PARTS}
+                            "per_step_s": tot[p] / max(len(counted), 1)} for p in PARTS}
         out["productive_s"] = tot["step"]
     else:
         out["split"], out["productive_s"] = None, None
@@ -284,13 +322,11 @@ def analyse(records: list[dict]) -> dict:
     # ---- one row per step record, every attempt: what the figure draws
     series = []
     for k, att in enumerate(attempts):
-        lost_from = out["attempts"][k]["lost_from"]
         for rec in att["steps"]:
             parts = _step_parts(rec) if timed else None
             series.append({"attempt": att["attempt"], "step": rec["step"], "time": _num(rec.get("time")),
                            "loss": _num(rec.get("loss")), "parts": parts,
-                           "counted": counted[rec["step"]] is rec,
-                           "lost": lost_from is not None and rec["step"] >= lost_from})
+                           "counted": counted.get(rec["step"]) is rec, "lost": is_lost(k, rec)})
     out["series"] = series
 
     # ---- wall time and goodput
@@ -299,8 +335,8 @@ def analyse(records: list[dict]) -> dict:
     t0 = out["attempts"][0]["launch_time"]
     if t0 is None:
         t0 = out["attempts"][0]["ready_time"]
-        if t0 is None and attempts[0]["steps"]:
-            t0 = step_begin(attempts[0]["steps"][0])
+        if t0 is None and all_steps:
+            t0 = step_begin(all_steps[0])
         if t0 is not None:
             notes.append("no launch time for the first attempt: wall time starts later "
                          "(goodput is an upper bound)")
@@ -309,14 +345,32 @@ def analyse(records: list[dict]) -> dict:
         t_end = max(times)
     out["t0"], out["t_end"] = t0, t_end
     if t0 is not None and t_end is not None and t_end > t0 and timed:
-        wall = t_end - t0
-        restart_s = 0.0
-        for k in range(1, len(attempts)):
-            b = step_begin(attempts[k]["steps"][0]) if attempts[k]["steps"] else None
-            f = out["attempts"][k - 1]["fail_time"]
-            restart_s += (b - f) if b is not None and f is not None else 0.0
-        b0 = step_begin(attempts[0]["steps"][0]) if attempts[0]["steps"] else None
-        startup_s = b0 - t0 if b0 is not None else 0.0
+        # time between a finished launch and the next one (--resume) is no part of the run
+        idle_s = 0.0
+        for prev, row in zip(out["attempts"], out["attempts"][1:]):
+            if prev["ended"] == "end" and prev.get("end_time") is not None and row["launch_time"] is not None:
+                idle_s += max(0.0, row["launch_time"] - prev["end_time"])
+        if idle_s:
+            notes.append(f"{idle_s:.1f} s between a finished launch and the next one (--resume) "
+                         "left out of the wall time")
+        wall = t_end - t0 - idle_s
+        # startup: first launch -> the run's first step begins; a restart: the failure of an
+        # attempt that ran steps -> the next attempt's first step begins (attempts that died
+        # before their first step fall inside it)
+        startup_s, restart_s, up_since, down_since = 0.0, 0.0, t0, None
+        for k, att in enumerate(attempts):
+            row = out["attempts"][k]
+            if k and out["attempts"][k - 1]["ended"] == "end":  # a new launch
+                up_since, down_since = row["launch_time"], None
+            b = step_begin(att["steps"][0]) if att["steps"] else None
+            if b is not None and down_since is not None:
+                restart_s += b - down_since
+                down_since = None
+            elif b is not None and up_since is not None:
+                startup_s += b - up_since
+                up_since = None
+            if row["ended"] == "failure" and up_since is None and down_since is None:
+                down_since = row["fail_time"]  # a step had run since the last launch
         other = wall - out["productive_s"] - out["lost_s"] - restart_s - startup_s
         out["wall"] = {"wall_s": wall, "productive_s": out["productive_s"], "lost_s": out["lost_s"],
                        "restart_s": restart_s, "startup_s": startup_s, "other_s": other}
@@ -387,6 +441,8 @@ def format_table(res: dict, run_dir: str = "") -> str:
                 where = f"step {r['fail_step']}" if r["fail_step"] is not None else "?"
                 rank = f", rank {r['fail_rank']}" if r["fail_rank"] is not None else ""
                 ended = f"failure at {where}{rank}"
+            elif r["last_step"] is None:
+                ended = "failure before its first step"
             else:
                 ended = f"failure after step {r['last_step']} (no fail record)"
         else:

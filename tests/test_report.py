@@ -130,6 +130,61 @@ def test_two_restarts_numbers():
     assert lost == [(1, 4), (1, 5), (2, 6), (2, 7)]
 
 
+def test_attempt_dying_before_its_first_step_and_an_older_snapshot():
+    """attempt 1: steps 0..5 end at 1003..1008, fail record at 1008.5.
+    attempt 2: launch 1010, ready 1011, meant to resume at step 4 from memory, dies before
+               restoring (no restore, no step, no fail record): failure time = its start, 1011.
+    attempt 3: launch 1012, ready 1013, the memory tier gone: disk at step 2 in 1.0 s;
+               steps 2..5 end at 1015..1018; end at 1018.
+    Attempt 1's steps 2..5 are done again (attempt 3 resumed before attempt 2's step 4)."""
+    recs = [_start(1, 1000.0, 2.0, 0)] + [_step(i, 1, 1003.0 + i) for i in range(6)]
+    recs.append({"event": "fail", "attempt": 1, "step": 6, "rank": 3, "time": 1008.5})
+    a2 = _start(2, 1010.0, 1.0, 4)
+    del a2["restore"]
+    recs.append(a2)
+    recs.append(_start(3, 1012.0, 1.0, 2, "disk", 2, 1.0))
+    recs += [_step(i, 3, 1013.0 + i) for i in range(2, 6)]
+    recs.append({"event": "end", "attempt": 3, "time": 1018.0, "steps": 6})
+    res = report.analyse(recs)
+    a1, a2, a3 = res["attempts"]
+    assert (a1["steps_run"], a1["lost_steps"], a1["lost_s"], a1["lost_from"]) == (6, 4, 4.0, 2)
+    assert (a2["steps_run"], a2["lost_steps"], a2["ended"], a2["fail_source"], a2["fail_time"]) == \
+        (0, 0, "failure", "start record", 1011.0)
+    assert res["lost_steps_per_failure"] == [4, 0] and res["restart_count"] == 2
+    r2, r3 = res["restarts"]
+    assert (r2["failure_time"], r2["process_start_s"], r2["init_s"], r2["restore_s"], r2["first_step_s"],
+            r2["total_s"], r2["other_s"]) == (1008.5, 1.5, 1.0, None, None, None, None)
+    assert (r3["failure_time"], r3["process_start_s"], r3["init_s"], r3["restore_s"], r3["restore_source"],
+            r3["first_step_s"], r3["total_s"], r3["other_s"]) == (1011.0, 1.0, 1.0, 1.0, "disk", 1.0, 4.0, 0.0)
+    assert res["steps"] == 6 and res["productive_s"] == 6.0
+    assert res["wall"] == {"wall_s": 18.0, "productive_s": 6.0, "lost_s": 4.0, "restart_s": 5.5,
+                           "startup_s": 2.0, "other_s": 0.5}
+    assert res["goodput"] == 6.0 / 18.0
+    assert [(r["attempt"], r["step"]) for r in res["series"] if r["counted"]] == \
+        [(1, 0), (1, 1), (3, 2), (3, 3), (3, 4), (3, 5)]
+    table = report.format_table(res)
+    assert "failure before its first step" in table and "failure at step 6, rank 3" in table
+
+
+def test_new_launch_after_a_finished_run_is_not_a_restart():
+    """The clean run (ends at 1007.5), then `--resume` launched by hand at 1100 for two more
+    steps, numbering its attempts from 1 again: ready 1101, disk restore 0.5 s, steps 5, 6
+    end at 1102.5, 1103.5, end at 1104. The 92.5 s between the launches are no part of the run."""
+    recs = clean_run() + [_start(1, 1100.0, 1.0, 5, "disk", 5, 0.5),
+                          _step(5, 1, 1102.5), _step(6, 1, 1103.5),
+                          {"event": "end", "attempt": 1, "time": 1104.0, "steps": 7}]
+    res = report.analyse(recs)
+    assert [a["attempt"] for a in res["attempts"]] == [1, 2]
+    assert [a["ended"] for a in res["attempts"]] == ["end", "end"]
+    assert res["restart_count"] == 0 and res["restarts"] == [] and res["lost_steps_per_failure"] == []
+    assert res["steps"] == 7 and res["lost_steps"] == 0 and res["finished"]
+    assert res["wall"] == {"wall_s": 11.5, "productive_s": 7.0, "lost_s": 0.0, "restart_s": 0.0,
+                           "startup_s": 3.5, "other_s": 1.0}
+    assert res["goodput"] == 7.0 / 11.5
+    assert any("numbered here in file order" in n for n in res["notes"])
+    assert any("92.5 s between a finished launch" in n for n in res["notes"])
+
+
 def test_unfinished_run_ends_at_last_record():
     recs = restart_run()[:-1]  # no end record
     res = report.analyse(recs)
