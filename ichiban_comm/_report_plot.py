@@ -48,7 +48,7 @@ def _title(res: dict) -> str:
         bits.append(f"goodput {100 * res['goodput']:.1f} %")
     if res.get("lost_steps"):
         bits.append(f"{res['lost_steps']} steps done again")
-    if not res.get("finished"):
+    if res.get("finished") is False:
         bits.append("unfinished")
     return "ichiban-train: " + ", ".join(bits)
 
@@ -58,6 +58,7 @@ def _split_panel(ax, res, series, t0, by_time, timed):
     if not timed:
         ax.text(0.5, 0.5, "no step timing in metrics.jsonl", ha="center", va="center",
                 transform=ax.transAxes, color="gray")
+        ax.set_xticks([])
         ax.set_yticks([])
         return
     ax.set_xlabel("wall-clock time since first launch (s)" if by_time else "step")

@@ -276,7 +276,11 @@ def analyse(records: list[dict]) -> dict:
     out["lost_s"] = sum(r["lost_s"] for r in out["attempts"]) if timed else None
     last = attempts[-1]
     out["finished"] = last["end"] is not None
-    if not out["finished"]:
+    if not any(att["start"] or att["fail"] or att["end"] for att in attempts):
+        out["finished"] = None
+        notes.append("no start or end records (a run written before they were): "
+                     "whether it finished is not recorded")
+    elif not out["finished"]:
         notes.append("no end record: the run did not finish (still running, or killed)")
 
     # ---- restarts
@@ -415,7 +419,7 @@ def format_table(res: dict, run_dir: str = "") -> str:
     if res.get("backend"):
         job.append(f"backend {res['backend']}")
     n_att = len(res["attempts"])
-    state = "finished" if res["finished"] else "UNFINISHED"
+    state = {True: "finished", False: "UNFINISHED", None: "end not recorded"}[res["finished"]]
     job.append(f"{n_att} attempt{'s' * (n_att != 1)}, {res['restart_count']} restart"
                f"{'s' * (res['restart_count'] != 1)}")
     job.append(f"{res['steps']} steps counted, {state}")
@@ -447,6 +451,8 @@ def format_table(res: dict, run_dir: str = "") -> str:
                 ended = f"failure after step {r['last_step']} (no fail record)"
         else:
             ended = {"end": "finished", "unfinished": "no end record"}[r["ended"]]
+            if res["finished"] is None:
+                ended = "-"
         lines.append(f"{r['attempt']:>7} {_rel(r['launch_time'], t0):>10} {_f(r['start_step'], '{}'):>10} "
                      f"{r['steps_run']:>9} {_f(r['last_step'], '{}'):>9} {r['lost_steps']:>10} "
                      f"{_f(r['lost_s']):>8}  {ended}")
@@ -530,9 +536,9 @@ def main(argv=None) -> int:
     res["notes"][:0] = read_notes
     res["run_dir"], res["records"] = args.run_dir, len(records)
     if args.json:  # the per-step series is metrics.jsonl again: left out
-        print(json.dumps({k: v for k, v in res.items() if k != "series"}, indent=2))
+        _say(json.dumps({k: v for k, v in res.items() if k != "series"}, indent=2))
     else:
-        print(format_table(res, args.run_dir), flush=True)
+        _say(format_table(res, args.run_dir))
     if args.no_png:
         return 0
     png = args.png or os.path.join(args.run_dir, "report.png")
@@ -547,8 +553,18 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"ichiban-train report: figure not written to {png!r}: {e}", file=sys.stderr)
         return 1
-    print(f"figure: {png}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(f"figure: {png}", file=sys.stderr)
+    else:
+        _say(f"figure: {png}")
     return 0
+
+
+def _say(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `... | head`: the reader left, which is no error of the report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
