@@ -99,6 +99,14 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _int(x) -> int | None:
+    return x if _is_int(x) else None
+
+
+def _str(x) -> str | None:
+    return x if isinstance(x, str) else None
+
+
 def _group_attempts(records: list[dict], notes: list[str]) -> list[dict]:
     """Records by attempt, in file order, numbered 1, 2, ... as they appear.
 
@@ -172,6 +180,8 @@ def _step_parts(rec: dict) -> dict | None:
             out["compute"] = step_s - out["comm"] - out["ckpt"] - out["data"]
         out["split"] = True
     out["step"] = step_s
+    if not all(math.isfinite(out[p]) for p in PARTS):
+        return None  # values that overflow: as good as none
     return out
 
 
@@ -200,7 +210,7 @@ def analyse(records: list[dict]) -> dict:
 
     first_start = attempts[0]["start"] or {}
     for key in ("world_size", "tp", "pp", "dp", "backend"):
-        out[key] = first_start.get(key)
+        out[key] = _str(first_start.get(key)) if key == "backend" else _int(first_start.get(key))
 
     # ---- where each attempt resumed; a step record is lost (work done again) when a
     # later attempt resumed at or before its step; the others count, each step number
@@ -259,7 +269,7 @@ def analyse(records: list[dict]) -> dict:
             fail = att["fail"]
             if fail is not None and _num(fail.get("time")) is not None:
                 row["fail_time"], row["fail_source"] = _num(fail["time"]), "fail record"
-                row["fail_step"], row["fail_rank"] = fail.get("step"), fail.get("rank")
+                row["fail_step"], row["fail_rank"] = _int(fail.get("step")), _int(fail.get("rank"))
             else:
                 last_t = _num(steps[-1].get("time")) if steps else None
                 source = "last step record"
@@ -297,8 +307,8 @@ def analyse(records: list[dict]) -> dict:
               "fail_rank": prev_row["fail_rank"],
               "process_start_s": launch - fail_t if launch is not None and fail_t is not None else None,
               "init_s": out["attempts"][k]["init_s"],
-              "restore_s": _num(restore.get("seconds")), "restore_source": restore.get("source"),
-              "restore_step": restore.get("step"), "resume_step": out["attempts"][k]["start_step"],
+              "restore_s": _num(restore.get("seconds")), "restore_source": _str(restore.get("source")),
+              "restore_step": _int(restore.get("step")), "resume_step": out["attempts"][k]["start_step"],
               "first_step_s": _num(first.get("step_s")) if first else None}
         first_end = _num(first.get("time")) if first else None
         rs["total_s"] = first_end - fail_t if first_end is not None and fail_t is not None else None
@@ -348,6 +358,7 @@ def analyse(records: list[dict]) -> dict:
     if t_end is None and times:
         t_end = max(times)
     out["t0"], out["t_end"] = t0, t_end
+    wall = None
     if t0 is not None and t_end is not None and t_end > t0 and timed:
         # time between a finished launch and the next one (--resume) is no part of the run
         idle_s = 0.0
@@ -358,6 +369,7 @@ def analyse(records: list[dict]) -> dict:
             notes.append(f"{idle_s:.1f} s between a finished launch and the next one (--resume) "
                          "left out of the wall time")
         wall = t_end - t0 - idle_s
+    if wall is not None and wall > 0:
         # startup: first launch -> the run's first step begins; a restart: the failure of an
         # attempt that ran steps -> the next attempt's first step begins (attempts that died
         # before their first step fall inside it)
@@ -385,8 +397,19 @@ def analyse(records: list[dict]) -> dict:
     else:
         out["wall"], out["goodput"], out["tokens_per_s"], out["tokens_per_step_s"] = None, None, None, None
         if timed:
-            notes.append("records carry no wall-clock times: no goodput")
-    return out
+            notes.append("no span of wall-clock time in the records: no goodput")
+    return _finite(out)
+
+
+def _finite(x):
+    """Sums of absurd inputs can overflow: any non-finite number becomes None (null)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 # ---------------------------------------------------------------------------
@@ -396,6 +419,10 @@ def analyse(records: list[dict]) -> dict:
 
 def _f(x, fmt="{:.2f}", none="-") -> str:
     return none if x is None else fmt.format(x)
+
+
+def _mul(a, b):
+    return None if a is None or b is None else a * b
 
 
 def _rel(t, t0) -> str:
@@ -425,9 +452,19 @@ def format_table(res: dict, run_dir: str = "") -> str:
     job.append(f"{res['steps']} steps counted, {state}")
     lines.append("  ".join(job))
     if res.get("goodput") is not None:
-        tps = (f"   tokens/s {res['tokens_per_s']:,.0f} over wall time, "
-               f"{res['tokens_per_step_s']:,.0f} while stepping" if res.get("tokens_per_s") is not None else "")
+        tps = ""
+        if res.get("tokens_per_s") is not None:
+            tps = f"   tokens/s {res['tokens_per_s']:,.0f} over wall time"
+            if res.get("tokens_per_step_s") is not None:
+                tps += f", {res['tokens_per_step_s']:,.0f} while stepping"
         lines.append(f"goodput {100 * res['goodput']:.1f} %{tps}")
+    failed = [r for r in res["attempts"] if r["ended"] == "failure"]
+    if failed:
+        lost = ", ".join(f"{r['lost_steps']}" + (f" ({r['lost_s']:.2f} s)" if r["lost_s"] is not None else "")
+                         for r in failed)
+        down = ", ".join(_f(r["total_s"], "{:.2f} s") for r in res["restarts"])
+        lines.append(f"{len(failed)} failure{'s' * (len(failed) != 1)}: steps lost {lost}; "
+                     f"failure -> first step done {down}")
 
     if not res["attempts"]:
         lines += ["", "no records to report"]
@@ -478,9 +515,10 @@ def format_table(res: dict, run_dir: str = "") -> str:
                   f"{'part':<12} {'seconds':>10} {'%':>7} {'ms/step':>10}", _rule(W)]
         for p in PARTS:
             s = res["split"][p]
-            lines.append(f"{PART_LABELS[p]:<12} {s['s']:>10.2f} {s['pct']:>7.1f} {1e3 * s['per_step_s']:>10.1f}")
-        lines.append(f"{'step':<12} {res['productive_s']:>10.2f} {100.0:>7.1f} "
-                     f"{1e3 * res['productive_s'] / max(res['steps'], 1):>10.1f}")
+            lines.append(f"{PART_LABELS[p]:<12} {_f(s['s']):>10} {_f(s['pct'], '{:.1f}'):>7} "
+                         f"{_f(_mul(1e3, s['per_step_s']), '{:.1f}'):>10}")
+        per_step = _mul(1e3 / max(res["steps"], 1), res["productive_s"])
+        lines.append(f"{'step':<12} {_f(res['productive_s']):>10} {100.0:>7.1f} {_f(per_step, '{:.1f}'):>10}")
 
     # wall time
     w = res.get("wall")
@@ -492,7 +530,8 @@ def format_table(res: dict, run_dir: str = "") -> str:
                 ("other (between steps, partial steps, shutdown)", w["other_s"]),
                 ("wall", w["wall_s"])]
         for name, s in rows:
-            lines.append(f"{name:<48} {s:>10.2f} {100 * s / w['wall_s']:>7.1f}")
+            pct = _mul(100 / w["wall_s"], s) if w["wall_s"] else None
+            lines.append(f"{name:<48} {_f(s):>10} {_f(pct, '{:.1f}'):>7}")
     lines.append(_rule(W))
     return "\n".join(lines + _notes(res))
 

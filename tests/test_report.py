@@ -343,3 +343,36 @@ def test_unwritable_png_path(tmp_path, capsys):
     d = _write(tmp_path, clean_run())
     assert report.main([str(d), "--png", str(tmp_path / "no" / "dir" / "x.png")]) == 1
     assert "figure not written" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # matplotlib, absurd axes
+def test_damaged_records_never_crash(tmp_path):
+    """Keys dropped or given wrong types, records reordered: analyse(), the table and strict
+    JSON still come out (numbers that cannot be computed are None), never an exception."""
+    import random
+
+    rng = random.Random(0)
+    junk = [None, "x", -1, 0, 1e308, float("nan"), float("inf"), [], {}, True, 2**70]
+    base = restart_run()
+    plot = None
+    try:
+        from ichiban_comm._report_plot import write_png as plot
+    except ImportError:
+        pass
+    for case in range(300):
+        recs = [dict(r) for r in base]
+        for r in recs:
+            for key in list(r):
+                roll = rng.random()
+                if roll < 0.08:
+                    del r[key]
+                elif roll < 0.16:
+                    r[key] = rng.choice(junk)
+        if rng.random() < 0.3:
+            rng.shuffle(recs)
+        res = report.analyse(recs)
+        assert isinstance(report.format_table(res, "run"), str)
+        json.dumps({k: v for k, v in res.items() if k != "series"}, allow_nan=False)
+        if plot is not None and case % 30 == 0:
+            plot(res, str(tmp_path / f"{case}.png"))
+            assert (tmp_path / f"{case}.png").read_bytes()[:8] == PNG_SIGNATURE
