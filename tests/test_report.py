@@ -315,7 +315,7 @@ def test_png_elsewhere_and_for_an_old_run(tmp_path):
 
 def test_without_matplotlib_the_table_still_prints(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    monkeypatch.delitem(sys.modules, "ichiban_comm._report_plot", raising=False)
+    monkeypatch.delitem(sys.modules, "ichiban_comm.report.plot", raising=False)
     d = _write(tmp_path, clean_run())
     assert report.main([str(d)]) == 0
     cap = capsys.readouterr()
@@ -356,7 +356,7 @@ def test_damaged_records_never_crash(tmp_path):
     base = restart_run()
     plot = None
     try:
-        from ichiban_comm._report_plot import write_png as plot
+        from ichiban_comm.report.plot import write_png as plot
     except ImportError:
         pass
     for case in range(300):

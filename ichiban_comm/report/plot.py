@@ -1,4 +1,4 @@
-"""The figure of ``ichiban-train report``, drawn from :func:`ichiban_comm.report.analyse`.
+"""The figure of ``ichiban-train report``, drawn from an :func:`~ichiban_comm.report.analyse` result.
 
 Top: each step's time stacked as compute / comm wait / ckpt stall / data wait
 over wall-clock time, steps that were done again after a restart shaded, each
@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import PART_LABELS, PARTS  # noqa: E402
+from .records import PART_LABELS, PARTS  # noqa: E402
 
 COLORS = {"compute": "#4c72b0", "comm": "#dd8452", "ckpt": "#c44e52", "data": "#8172b3"}
 SIZE_IN, DPI = (12.0, 7.0), 100  # 1200 x 700 pixels
