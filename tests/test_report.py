@@ -77,7 +77,8 @@ def test_clean_run_numbers():
     res = report.analyse(clean_run())
     assert res["finished"] and res["restart_count"] == 0 and res["restarts"] == []
     assert res["steps"] == 5 and res["lost_steps"] == 0 and res["lost_s"] == 0.0
-    assert res["split"]["compute"] == {"s": 2.5, "pct": 50.0, "per_step_s": 0.5}
+    assert res["split"]["compute"] == {"s": 2.5, "pct": 50.0, "per_step_s": 0.5, "p50_s": 0.5,
+                                       "p90_s": 0.5, "max_s": 0.5}
     assert res["split"]["comm"]["s"] == 1.25 and res["split"]["comm"]["pct"] == 25.0
     assert res["split"]["ckpt"]["s"] == 0.625 and res["split"]["data"]["pct"] == 12.5
     assert res["productive_s"] == 5.0
@@ -120,6 +121,7 @@ def test_two_restarts_numbers():
     assert {p: res["split"][p]["s"] for p in report.PARTS} == {"compute": 5.5, "comm": 2.5,
                                                                "ckpt": 1.25, "data": 1.25}
     assert res["split"]["compute"]["pct"] == pytest.approx(100 * 5.5 / 10.5, rel=1e-12)
+    assert [res["split"]["step"][k] for k in ("s", "p50_s", "p90_s", "max_s")] == [10.5, 1.0, 1.0, 1.5]
     assert res["wall"] == {"wall_s": 26.0, "productive_s": 10.5, "lost_s": 4.0,
                            "restart_s": 3.5 + 5.0, "startup_s": 2.0, "other_s": 1.0}
     assert res["goodput"] == 10.5 / 26.0
@@ -183,6 +185,22 @@ def test_new_launch_after_a_finished_run_is_not_a_restart():
     assert res["goodput"] == 7.0 / 11.5
     assert any("numbered here in file order" in n for n in res["notes"])
     assert any("92.5 s between a finished launch" in n for n in res["notes"])
+
+
+def test_step_time_quantiles():
+    # steps of 1/8 .. 10/8 s in shuffled order, all compute but 1/16 s of data wait each
+    order = [7, 2, 10, 1, 5, 9, 3, 8, 4, 6]
+    recs, t = [_start(1, 0.0, 1.0, 0)], 1.0
+    for i, n in enumerate(order):
+        t += n / 8
+        recs.append(_step(i, 1, t, step_s=n / 8, compute=n / 8 - 1 / 16, comm=0.0, ckpt=0.0, data=1 / 16))
+    res = report.analyse(recs)
+    step = res["split"]["step"]
+    assert (step["per_step_s"], step["p50_s"], step["p90_s"], step["max_s"]) == (55 / 80, 5 / 8, 9 / 8, 10 / 8)
+    data = res["split"]["data"]
+    assert (data["s"], data["p50_s"], data["max_s"]) == (10 / 16, 1 / 16, 1 / 16)
+    row = next(line for line in report.format_table(res).splitlines() if line.startswith("step "))
+    assert row.split() == ["step", "6.88", "100.0", "687.5", "625.0", "1125.0", "1250.0"]
 
 
 def test_unfinished_run_ends_at_last_record():
@@ -273,7 +291,7 @@ def test_table_shows_the_numbers(tmp_path, capsys):
     assert att1.split()[:8] == ["1", "+0.0", "s", "0", "6", "5", "2", "2.00"]
     assert any("failure after step 7 (no fail record)" in line for line in lines)
     compute = next(line for line in lines if line.startswith("compute "))
-    assert compute.split() == ["compute", "5.50", f"{100 * 5.5 / 10.5:.1f}", "550.0"]
+    assert compute.split() == ["compute", "5.50", f"{100 * 5.5 / 10.5:.1f}", "550.0", "500.0", "500.0", "1000.0"]
     assert next(line for line in lines if line.startswith("lost steps")).split()[-2:] == ["4.00", "15.4"]
     assert next(line for line in lines if line.startswith("wall ")).split()[-2:] == ["26.00", "100.0"]
 

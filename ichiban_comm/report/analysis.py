@@ -142,13 +142,13 @@ def analyse(records: list[dict]) -> dict:
 
     # ---- productive split, over the steps that count
     if timed:
-        tot = {p: 0.0 for p in PARTS + ("step",)}
-        for rec in counted.values():
-            parts = step_parts(rec)
-            for p in PARTS + ("step",):
-                tot[p] += parts[p]
+        values = {p: sorted(step_parts(rec)[p] for rec in counted.values()) for p in PARTS + ("step",)}
+        tot = {p: sum(v) for p, v in values.items()}
         out["split"] = {p: {"s": tot[p], "pct": 100.0 * tot[p] / tot["step"] if tot["step"] else 0.0,
-                            "per_step_s": tot[p] / max(len(counted), 1)} for p in PARTS}
+                            "per_step_s": tot[p] / max(len(counted), 1),
+                            "p50_s": _rank(values[p], 0.5), "p90_s": _rank(values[p], 0.9),
+                            "max_s": values[p][-1] if values[p] else None}
+                        for p in PARTS + ("step",)}
         out["productive_s"] = tot["step"]
     else:
         out["split"], out["productive_s"] = None, None
@@ -221,6 +221,13 @@ def analyse(records: list[dict]) -> dict:
         if timed:
             notes.append("no span of wall-clock time in the records: no goodput")
     return _finite(out)
+
+
+def _rank(sorted_values: list[float], q: float) -> float | None:
+    """The nearest-rank q-quantile: the smallest value with at least q of them at or below it."""
+    if not sorted_values:
+        return None
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
 def _finite(x):

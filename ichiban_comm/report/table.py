@@ -99,14 +99,14 @@ def format_table(res: dict, run_dir: str = "") -> str:
     # productive split
     if res["split"] is not None:
         lines += ["", f"Step time over the {res['steps']} steps that count "
-                      "(each step once, from the last attempt that ran it)", _rule(W),
-                  f"{'part':<12} {'seconds':>10} {'%':>7} {'ms/step':>10}", _rule(W)]
-        for p in PARTS:
+                      "(each step once, from the last attempt that ran it and kept it)", _rule(W),
+                  f"{'part':<12} {'seconds':>10} {'%':>7} {'mean ms':>10} {'p50 ms':>10} {'p90 ms':>10} "
+                  f"{'max ms':>10}", _rule(W)]
+        for p in PARTS + ("step",):
             s = res["split"][p]
-            lines.append(f"{PART_LABELS[p]:<12} {_f(s['s']):>10} {_f(s['pct'], '{:.1f}'):>7} "
-                         f"{_f(_mul(1e3, s['per_step_s']), '{:.1f}'):>10}")
-        per_step = _mul(1e3 / max(res["steps"], 1), res["productive_s"])
-        lines.append(f"{'step':<12} {_f(res['productive_s']):>10} {100.0:>7.1f} {_f(per_step, '{:.1f}'):>10}")
+            ms = [_f(_mul(1e3, s[k]), "{:.1f}") for k in ("per_step_s", "p50_s", "p90_s", "max_s")]
+            lines.append(f"{PART_LABELS.get(p, p):<12} {_f(s['s']):>10} {_f(s['pct'], '{:.1f}'):>7} "
+                         + " ".join(f"{m:>10}" for m in ms))
 
     # wall time
     w = res.get("wall")
