@@ -19,26 +19,28 @@ def read_metrics(path: str) -> tuple[list[dict], list[str]]:
     is skipped with a note. Never raises on content, only on I/O.
     """
     records, notes = [], []
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
-    for i, raw in enumerate(lines):
-        text = raw.decode("utf-8", errors="replace").strip()
-        if not text:
-            continue
-        rec = _parse(text)
+    bad = []  # (line number, record kept after the tear or None, bytes skipped)
+    last = 0
+    with open(path, "rb") as f:  # streamed: a long run's file need not fit in memory twice
+        for n, raw in enumerate(f, 1):
+            text = raw.decode("utf-8", errors="replace").strip()
+            if not text:
+                continue
+            last = n
+            rec = _parse(text)
+            if rec is None:
+                rec, torn = _recover_tail(text)
+                bad.append((n, rec, torn))
+            if rec is not None:
+                records.append(rec)
+    for n, rec, torn in bad:
+        where = "last line" if n == last else f"line {n}"
         if rec is not None:
-            records.append(rec)
-            continue
-        where = "last line" if i == last else f"line {i + 1}"
-        tail, torn = _recover_tail(text)
-        if tail is not None:
-            records.append(tail)
-            notes.append(f"{where}: a torn record ({torn} bytes, "
-                         "a writer killed mid-line) skipped; the record appended after it kept")
+            notes.append(f"{where}: a torn record ({torn} characters, a writer killed mid-line) skipped; "
+                         "the record appended after it kept")
         else:
-            notes.append(f"{where}: unreadable record ({len(raw)} bytes"
-                         + (", a writer killed mid-line" if i == last else "") + ") skipped")
+            notes.append(f"{where}: unreadable record ({torn} characters"
+                         + (", a writer killed mid-line" if n == last else "") + ") skipped")
     return records, notes
 
 
