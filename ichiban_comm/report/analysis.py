@@ -58,11 +58,12 @@ def analyse(records: list[dict]) -> dict:
     out["last_step"] = max(counted) if counted else None
 
     all_steps = [rec for att in attempts for rec in att["steps"]]
-    timed = bool(all_steps) and all(step_parts(r) is not None for r in all_steps)
+    parts_of = {id(rec): step_parts(rec) for rec in all_steps}  # one pass: long runs have 1e5+ steps
+    timed = bool(all_steps) and all(p is not None for p in parts_of.values())
     if all_steps and not timed:
         notes.append("step records carry no step_s: no time split, goodput or tokens/s "
                      "(a run written before step timing was recorded)")
-    elif all_steps and any(not step_parts(r)["split"] for r in all_steps):
+    elif all_steps and any(not p["split"] for p in parts_of.values()):
         notes.append("step records without compute/comm/ckpt/data seconds (an older run): "
                      "their whole step time is counted as compute")
 
@@ -81,7 +82,7 @@ def analyse(records: list[dict]) -> dict:
                "launch_time": as_float(start.get("launch_time")), "ready_time": as_float(start.get("time")),
                "init_s": as_float(start.get("init_s")),
                "lost_steps": len(lost), "lost_from": lost_from[k],
-               "lost_s": sum(step_parts(r)["step"] for r in lost) if timed else None}
+               "lost_s": sum(parts_of[id(r)]["step"] for r in lost) if timed else None}
         if row["launch_time"] is None and row["ready_time"] is not None and row["init_s"] is not None:
             row["launch_time"] = row["ready_time"] - row["init_s"]  # the same instant, by definition
         if att["end"] is not None:
@@ -142,7 +143,7 @@ def analyse(records: list[dict]) -> dict:
 
     # ---- productive split, over the steps that count
     if timed:
-        values = {p: sorted(step_parts(rec)[p] for rec in counted.values()) for p in PARTS + ("step",)}
+        values = {p: sorted(parts_of[id(rec)][p] for rec in counted.values()) for p in PARTS + ("step",)}
         tot = {p: sum(v) for p, v in values.items()}
         out["split"] = {p: {"s": tot[p], "pct": 100.0 * tot[p] / tot["step"] if tot["step"] else 0.0,
                             "per_step_s": tot[p] / max(len(counted), 1),
@@ -159,11 +160,11 @@ def analyse(records: list[dict]) -> dict:
     series = []
     for k, att in enumerate(attempts):
         for rec in att["steps"]:
-            parts = step_parts(rec) if timed else None
+            parts = parts_of[id(rec)] if timed else None
             series.append({"attempt": att["attempt"], "step": rec["step"], "time": as_float(rec.get("time")),
                            "loss": as_float(rec.get("loss")), "parts": parts,
                            "counted": counted.get(rec["step"]) is rec, "lost": is_lost(k, rec)})
-    out["series"] = series
+    # (every number in it is finite already: as_float and step_parts saw to that)
 
     # ---- wall time and goodput
     times = [as_float(r.get("time")) for r in records]
@@ -220,7 +221,9 @@ def analyse(records: list[dict]) -> dict:
         out["wall"], out["goodput"], out["tokens_per_s"], out["tokens_per_step_s"] = None, None, None, None
         if timed:
             notes.append("no span of wall-clock time in the records: no goodput")
-    return _finite(out)
+    out = _finite(out)
+    out["series"] = series
+    return out
 
 
 def _rank(sorted_values: list[float], q: float) -> float | None:
