@@ -394,3 +394,13 @@ def test_damaged_records_never_crash(tmp_path):
         if plot is not None and case % 30 == 0:
             plot(res, str(tmp_path / f"{case}.png"))
             assert (tmp_path / f"{case}.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_python_dash_m_entry_point(tmp_path, capsys, monkeypatch):
+    import runpy
+
+    d = _write(tmp_path, clean_run())
+    monkeypatch.setattr(sys, "argv", ["python -m ichiban_comm.report", str(d), "--no-png"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("ichiban_comm.report", run_name="__main__", alter_sys=False)
+    assert exit_.value.code == 0 and "goodput 66.7 %" in capsys.readouterr().out
