@@ -332,7 +332,8 @@ def test_png_elsewhere_and_for_an_old_run(tmp_path):
 
 
 def test_without_matplotlib_the_table_still_prints(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import matplotlib(.x) -> ImportError
     monkeypatch.delitem(sys.modules, "ichiban_comm.report.plot", raising=False)
     d = _write(tmp_path, clean_run())
     assert report.main([str(d)]) == 0

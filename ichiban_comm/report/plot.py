@@ -9,12 +9,13 @@ needs no matplotlib.
 
 from __future__ import annotations
 
-import matplotlib
+import os
 
-matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-import matplotlib.pyplot as plt  # noqa: E402
+# A Figure of its own, not pyplot: no global backend switched, no figure left
+# registered in a caller's session (a notebook keeps its backend).
+from matplotlib.figure import Figure
 
-from .records import PART_LABELS, PARTS  # noqa: E402
+from .records import PART_LABELS, PARTS
 
 COLORS = {"compute": "#4c72b0", "comm": "#dd8452", "ckpt": "#c44e52", "data": "#8172b3"}
 SIZE_IN, DPI = (12.0, 7.0), 100  # 1200 x 700 pixels
@@ -26,20 +27,19 @@ def write_png(res: dict, path: str) -> None:
     by_time = t0 is not None and bool(series) and all(r["time"] is not None for r in series)
     timed = bool(series) and all(r["parts"] is not None for r in series)
 
-    fig, (ax, ax_loss) = plt.subplots(2, 1, figsize=SIZE_IN, dpi=DPI,
-                                      gridspec_kw={"height_ratios": [3, 2]})
+    fig = Figure(figsize=SIZE_IN, dpi=DPI)
+    ax, ax_loss = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 2]})
+    _split_panel(ax, res, series, t0, by_time, timed)
+    _loss_panel(ax_loss, res, series)
+    fig.suptitle(_title(res), fontsize=11)
+    fig.tight_layout()
+    tmp = f"{path}.tmp"
     try:
-        _split_panel(ax, res, series, t0, by_time, timed)
-        _loss_panel(ax_loss, res, series)
-        fig.suptitle(_title(res), fontsize=11)
-        fig.tight_layout()
-        tmp = f"{path}.tmp"
         fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)  # a reader never sees a half-written figure
     finally:
-        plt.close(fig)
-    import os
-
-    os.replace(tmp, path)  # a reader never sees a half-written figure
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _title(res: dict) -> str:
