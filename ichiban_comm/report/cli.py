@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     try:
         from .plot import write_png
     except ImportError as e:  # matplotlib missing
-        print(f"ichiban-train report: figure not written: {e.name or 'matplotlib'} is not installed "
+        print(f"ichiban-train report: figure not written: {(e.name or 'matplotlib').split('.')[0]} is not installed "
               "(pip install matplotlib, or pip install 'ichiban_comm[report]')", file=sys.stderr)
         return 1 if args.png else 0
     try:
