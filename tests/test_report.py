@@ -357,6 +357,26 @@ def test_run_dir_without_metrics(tmp_path, capsys):
     assert str(tmp_path / "empty" / "metrics.jsonl") in err
 
 
+def test_metrics_that_is_no_file_or_unreadable(tmp_path, capsys, monkeypatch):
+    from ichiban_comm.report import cli
+
+    d = tmp_path / "run"
+    (d / "metrics.jsonl").mkdir(parents=True)
+    assert report.main([str(d), "--no-png"]) == 2
+    assert str(d / "metrics.jsonl") in capsys.readouterr().err
+
+    (tmp_path / "b").mkdir()
+    d = _write(tmp_path / "b", clean_run())
+
+    def eio(path):
+        raise OSError(5, "Input/output error", path)
+
+    monkeypatch.setattr(cli, "read_metrics", eio)  # root reads a mode-000 file: fake the error
+    assert report.main([str(d), "--no-png"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {d / 'metrics.jsonl'}: Input/output error" in err
+
+
 def test_unwritable_png_path(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the figure needs matplotlib (requirements-dev.txt)")
     d = _write(tmp_path, clean_run())

@@ -26,9 +26,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 table (and figure) written; 2 no RUN_DIR or no metrics.jsonl in it;
-    1 the figure was asked for with --png but could not be written (without --png,
-    a missing matplotlib is a warning: the table is the report)."""
+    """Exit codes: 0 the table (and the figure) written; 2 no RUN_DIR, or no readable
+    metrics.jsonl in it; 1 the figure could not be written (a missing matplotlib is
+    only a warning, exit 0, unless --png asked for the figure explicitly)."""
     args = parse_args(argv)
     path = os.path.join(args.run_dir, METRICS)
     if not os.path.isdir(args.run_dir):
@@ -39,7 +39,11 @@ def main(argv=None) -> int:
         print(f"ichiban-train report: no {METRICS} in {args.run_dir!r} (looked for {path}); "
               "is it the --out-dir of an ichiban-train run?", file=sys.stderr)
         return 2
-    records, read_notes = read_metrics(path)
+    try:
+        records, read_notes = read_metrics(path)
+    except OSError as e:
+        print(f"ichiban-train report: cannot read {path}: {e.strerror or e}", file=sys.stderr)
+        return 2
     res = analyse(records)
     res["notes"][:0] = read_notes
     res["run_dir"], res["records"] = args.run_dir, len(records)
@@ -53,13 +57,15 @@ def main(argv=None) -> int:
     try:
         from .plot import write_png
     except ImportError as e:  # matplotlib missing
-        print(f"ichiban-train report: figure not written: {(e.name or 'matplotlib').split('.')[0]} is not installed "
+        package = (e.name or "matplotlib").split(".")[0]
+        print(f"ichiban-train report: figure not written: {package} is not installed "
               "(pip install matplotlib, or pip install 'ichiban_comm[report]')", file=sys.stderr)
         return 1 if args.png else 0
     try:
         write_png(res, png)
-    except OSError as e:
-        print(f"ichiban-train report: figure not written to {png!r}: {e}", file=sys.stderr)
+    except Exception as e:  # the table is out already; a figure that fails says why, no traceback
+        print(f"ichiban-train report: figure not written to {png!r}: {type(e).__name__}: {e}",
+              file=sys.stderr)
         return 1
     if args.json:
         print(f"figure: {png}", file=sys.stderr)
