@@ -203,6 +203,16 @@ def test_step_time_quantiles():
     assert row.split() == ["step", "6.88", "100.0", "687.5", "625.0", "1125.0", "1250.0"]
 
 
+def test_failure_not_resumed():
+    recs = clean_run()[:-1] + [{"event": "fail", "attempt": 1, "step": 5, "rank": 2, "time": 1008.0}]
+    res = report.analyse(recs)
+    (att,) = res["attempts"]
+    assert (att["ended"], att["resumed"], att["fail_time"], att["fail_rank"]) == ("failure", False, 1008.0, 2)
+    assert res["restart_count"] == 0 and res["lost_steps_per_failure"] == [] and res["finished"] is False
+    assert res["wall"]["wall_s"] == 8.0 and res["wall"]["other_s"] == 1.0
+    assert "failure at step 5, rank 2 (not resumed)" in report.format_table(res)
+
+
 def test_unfinished_run_ends_at_last_record():
     recs = restart_run()[:-1]  # no end record
     res = report.analyse(recs)

@@ -85,9 +85,10 @@ def analyse(records: list[dict]) -> dict:
                "lost_s": sum(parts_of[id(r)]["step"] for r in lost) if timed else None}
         if row["launch_time"] is None and row["ready_time"] is not None and row["init_s"] is not None:
             row["launch_time"] = row["ready_time"] - row["init_s"]  # the same instant, by definition
+        row["resumed"] = k + 1 < len(attempts)
         if att["end"] is not None:
             row["ended"], row["end_time"] = "end", as_float(att["end"].get("time"))
-        elif k + 1 < len(attempts):
+        elif row["resumed"] or att["fail"] is not None:
             row["ended"] = "failure"
             fail = att["fail"]
             if fail is not None and as_float(fail.get("time")) is not None:
@@ -104,7 +105,8 @@ def analyse(records: list[dict]) -> dict:
         else:
             row["ended"] = "unfinished"
         out["attempts"].append(row)
-    out["lost_steps_per_failure"] = [r["lost_steps"] for r in out["attempts"] if r["ended"] == "failure"]
+    out["lost_steps_per_failure"] = [r["lost_steps"] for r in out["attempts"]
+                                     if r["ended"] == "failure" and r["resumed"]]
     out["lost_steps"] = sum(out["lost_steps_per_failure"])
     out["lost_s"] = sum(r["lost_s"] for r in out["attempts"]) if timed else None
     last = attempts[-1]

@@ -46,7 +46,7 @@ def format_table(res: dict, run_dir: str = "") -> str:
             if res.get("tokens_per_step_s") is not None:
                 tps += f", {res['tokens_per_step_s']:,.0f} while stepping"
         lines.append(f"goodput {100 * res['goodput']:.1f} %{tps}")
-    failed = [r for r in res["attempts"] if r["ended"] == "failure"]
+    failed = [r for r in res["attempts"] if r["ended"] == "failure" and r["resumed"]]
     if failed:
         lost = ", ".join(f"{r['lost_steps']}" + (f" ({r['lost_s']:.2f} s)" if r["lost_s"] is not None else "")
                          for r in failed)
@@ -69,7 +69,7 @@ def format_table(res: dict, run_dir: str = "") -> str:
             if r["fail_source"] == "fail record":
                 where = f"step {r['fail_step']}" if r["fail_step"] is not None else "?"
                 rank = f", rank {r['fail_rank']}" if r["fail_rank"] is not None else ""
-                ended = f"failure at {where}{rank}"
+                ended = f"failure at {where}{rank}" + ("" if r["resumed"] else " (not resumed)")
             elif r["last_step"] is None:
                 ended = "failure before its first step"
             else:
