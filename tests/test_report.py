@@ -293,13 +293,18 @@ def test_table_shows_the_numbers(tmp_path, capsys):
     assert f"goodput {100 * 10.5 / 26:.1f} %" in out
     assert "2 restarts" in out and "10 steps counted, finished" in out
     lines = out.splitlines()
-    row = next(line for line in lines if line.split()[:1] == ["2"] and "memory@4" in line)
+    restarts = lines.index(next(line for line in lines if line.startswith("Restarts")))
+    row = next(line for line in lines[restarts:] if "memory@4" in line)
     assert row.split() == ["2", "+8.5", "s", "1.50", "1.50", "0.25", "memory@4", "1.50", "0.25", "5.00"]
-    row = next(line for line in lines if "disk@6" in line)
-    assert row.split()[3:] == ["2.00", "1.00", "2.00", "disk@6", "1.00", "0.00", "6.00"]
-    att1 = next(line for line in lines if line.split()[:1] == ["1"] and "failure at step 6, rank 1" in line)
-    assert att1.split()[:8] == ["1", "+0.0", "s", "0", "6", "5", "2", "2.00"]
-    assert any("failure after step 7 (no fail record)" in line for line in lines)
+    row = next(line for line in lines[restarts:] if "disk@6" in line)
+    assert row.split() == ["3", "+16.5", "s", "2.00", "1.00", "2.00", "disk@6", "1.00", "0.00", "6.00"]
+    attempts = lines.index("Attempts")
+    att = [line.split() for line in lines[attempts:restarts] if line.split()[:1] in (["1"], ["2"], ["3"])]
+    assert att[0][:9] == ["1", "+0.0", "s", "0", "none", "6", "5", "2", "2.00"]
+    assert " ".join(att[0][9:]) == "failure at step 6, rank 1"
+    assert att[1][:9] == ["2", "+10.0", "s", "4", "memory@4", "4", "7", "2", "2.00"]
+    assert " ".join(att[1][9:]) == "failure after step 7 (no fail record)"
+    assert att[2] == ["3", "+18.5", "s", "6", "disk@6", "4", "9", "0", "0.00", "finished"]
     compute = next(line for line in lines if line.startswith("compute "))
     assert compute.split() == ["compute", "5.50", f"{100 * 5.5 / 10.5:.1f}", "550.0", "500.0", "500.0", "1000.0"]
     assert next(line for line in lines if line.startswith("lost steps")).split()[-2:] == ["4.00", "15.4"]

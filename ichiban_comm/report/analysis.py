@@ -83,6 +83,10 @@ def analyse(records: list[dict]) -> dict:
                "init_s": as_float(start.get("init_s")),
                "lost_steps": len(lost), "lost_from": lost_from[k],
                "lost_s": sum(parts_of[id(r)]["step"] for r in lost) if timed else None}
+        restore = start.get("restore") if isinstance(start.get("restore"), dict) else {}
+        row["restore_source"] = as_str(restore.get("source"))
+        row["restore_step"] = as_int(restore.get("step"))
+        row["restore_s"] = as_float(restore.get("seconds"))
         if row["launch_time"] is None and row["ready_time"] is not None and row["init_s"] is not None:
             row["launch_time"] = row["ready_time"] - row["init_s"]  # the same instant, by definition
         row["resumed"] = k + 1 < len(attempts)
@@ -123,17 +127,15 @@ def analyse(records: list[dict]) -> dict:
         prev_row, att = out["attempts"][k - 1], attempts[k]
         if prev_row["ended"] != "failure":
             continue  # a new launch (--resume) after a finished one: not a restart
-        start = att["start"] or {}
-        restore = start.get("restore") if isinstance(start.get("restore"), dict) else {}
-        fail_t, launch = prev_row["fail_time"], out["attempts"][k]["launch_time"]
+        row = out["attempts"][k]
+        fail_t, launch = prev_row["fail_time"], row["launch_time"]
         first = att["steps"][0] if att["steps"] else None
         rs = {"attempt": att["attempt"], "failure_time": fail_t,
               "failure_source": prev_row["fail_source"], "fail_step": prev_row["fail_step"],
               "fail_rank": prev_row["fail_rank"],
               "process_start_s": launch - fail_t if launch is not None and fail_t is not None else None,
-              "init_s": out["attempts"][k]["init_s"],
-              "restore_s": as_float(restore.get("seconds")), "restore_source": as_str(restore.get("source")),
-              "restore_step": as_int(restore.get("step")), "resume_step": out["attempts"][k]["start_step"],
+              "init_s": row["init_s"], "restore_s": row["restore_s"], "restore_source": row["restore_source"],
+              "restore_step": row["restore_step"], "resume_step": row["start_step"],
               "first_step_s": as_float(first.get("step_s")) if first else None}
         first_end = as_float(first.get("time")) if first else None
         rs["total_s"] = first_end - fail_t if first_end is not None and fail_t is not None else None

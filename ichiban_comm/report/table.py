@@ -17,6 +17,12 @@ def _rel(t, t0) -> str:
     return "-" if t is None or t0 is None else f"+{t - t0:.1f} s"
 
 
+def _source(r: dict) -> str:
+    """Where a restore came from: memory@S, peer@S, disk@S, or none."""
+    src = r["restore_source"] or "none"
+    return f"{src}@{r['restore_step']}" if r["restore_step"] is not None else src
+
+
 def _rule(width: int) -> str:
     return "-" * width
 
@@ -61,8 +67,8 @@ def format_table(res: dict, run_dir: str = "") -> str:
     # attempts
     t0 = res.get("t0")
     lines += ["", "Attempts", _rule(W),
-              f"{'attempt':>7} {'launched':>10} {'start step':>10} {'steps run':>9} {'last step':>9} "
-              f"{'lost steps':>10} {'lost s':>8}  ended",
+              f"{'attempt':>7} {'launched':>10} {'start step':>10} {'restored':<13} {'steps run':>9} "
+              f"{'last step':>9} {'lost steps':>10} {'lost s':>8}  ended",
               _rule(W)]
     for r in res["attempts"]:
         if r["ended"] == "failure":
@@ -79,7 +85,7 @@ def format_table(res: dict, run_dir: str = "") -> str:
             if res["finished"] is None:
                 ended = "-"
         lines.append(f"{r['attempt']:>7} {_rel(r['launch_time'], t0):>10} {_f(r['start_step'], '{}'):>10} "
-                     f"{r['steps_run']:>9} {_f(r['last_step'], '{}'):>9} {r['lost_steps']:>10} "
+                     f"{_source(r):<13} {r['steps_run']:>9} {_f(r['last_step'], '{}'):>9} {r['lost_steps']:>10} "
                      f"{_f(r['lost_s']):>8}  {ended}")
 
     # restarts
@@ -89,9 +95,7 @@ def format_table(res: dict, run_dir: str = "") -> str:
                   f"{'from':<13} {'first step':>10} {'other':>7} {'total':>8}",
                   _rule(W)]
         for r in res["restarts"]:
-            src = r["restore_source"] or "none"
-            if r["restore_step"] is not None:
-                src = f"{src}@{r['restore_step']}"
+            src = _source(r)
             lines.append(f"{r['attempt']:>7} {_rel(r['failure_time'], t0):>10} {_f(r['process_start_s']):>10} "
                          f"{_f(r['init_s']):>9} {_f(r['restore_s']):>8} {src:<13} "
                          f"{_f(r['first_step_s']):>10} {_f(r['other_s']):>7} {_f(r['total_s']):>8}")
