@@ -254,6 +254,7 @@ setup(
         "test": ["pytest", "pytest-timeout"],
         "bench": ["mpi4py", "mpich"],
         "parquet": ["pyarrow"],
+        "report": ["matplotlib"],  # the figure of `ichiban-train report`
     },
     entry_points={
         "console_scripts": ["ichiban-train=ichiban_comm.train:main",
