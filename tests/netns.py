@@ -10,13 +10,16 @@
         runs = hosts.run_pair([argv0, argv1], env=[env0, env1], timeout=60, log_dir=d)
 
 Each namespace holds only ``lo`` (up) and its end of the veth, with one address
-of a /24 that exists nowhere else; the veth is created directly inside the two
-namespaces, so the machine's own network is never touched. Names are unique per
-process and instance (``icb<pid><n>a``/``b``). Leaving the ``with`` block --
-normally, on an exception or on a timeout -- kills every process still inside the
-two namespaces (only processes started there by this object's user can be there),
-deletes both namespaces (which deletes the veth pair) and checks that nothing is
-left; a leftover is an error.
+of a 10.231.X.0/24 (X from the pid; the namespaces have no other device, so the
+subnet is reachable only between the two). The veth is created directly inside
+the namespaces: the machine's own network is never touched. Names are unique
+per process and instance (``icb<pid>_<n>a``/``b``); namespaces of that form left
+by a process that no longer exists (killed before it could clean up) are
+deleted when the next pair is made. Leaving the ``with`` block -- normally, on
+an exception or on a timeout -- kills every process still inside the two
+namespaces (only processes started there by this object's user can be there),
+deletes both namespaces (which deletes the veth pair) and checks that nothing
+is left; a leftover is an error.
 
 Shaping: ``rate`` uses ``netem rate`` when the kernel has ``sch_netem`` and a
 token bucket (``tbf``) otherwise; ``delay`` needs ``netem`` and raises
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +110,33 @@ def netem_available() -> tuple[bool, str]:
     return _probe("netem", check)
 
 
+_OURS = re.compile(r"^icb(\d+)(_\d+[ab]|[pq])$")
+
+
+def _sweep_dead() -> None:
+    """Delete namespaces this module made in processes that no longer exist (a test
+    process killed outright never reaches its ``finally``), with what still runs inside."""
+    listed = _ip("netns", "list", check=False).stdout
+    for line in listed.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        m = _OURS.match(name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its creator still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        for pid in _ip("netns", "pids", name, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _ip("netns", "del", name, check=False)
+
+
 def _tail(path: str, n: int = 4000) -> str:
     try:
         with open(path, "rb") as f:
@@ -140,10 +171,9 @@ class TwoHosts:
         ok, why = netns_available()
         if not ok:
             raise RuntimeError(f"cannot simulate two hosts: {why}")
-        pid, n = os.getpid(), next(_counter)
-        base = f"icb{pid}{n}"
-        if len(base) + 2 > 15:  # interface names are at most 15 characters
-            base = f"icb{pid % 10**7}{n % 100}"
+        _sweep_dead()
+        pid, n = os.getpid(), next(_counter) % 100
+        base = f"icb{pid}_{n}"  # + "va": at most 15 characters (pid_max is 7 digits)
         self.ns = [base + "a", base + "b"]
         self.ifname = [base + "va", base + "vb"]
         x = (pid * 31 + n) % 250 + 1
@@ -218,21 +248,28 @@ class TwoHosts:
         p = _ip("netns", "pids", self.ns[i], check=False)
         return [int(x) for x in p.stdout.split()] if p.returncode == 0 else []
 
-    def close(self):
-        """Kill what still runs inside, delete both namespaces, check nothing is left."""
-        problems = []
-        for ns in list(self._created):
-            i = self.ns.index(ns)
-            for pid in self.pids(i):
+    def kill_all(self, i: int, wait: float = 10.0) -> list[int]:
+        """SIGKILL every process in namespace i; wait until they are gone. Returns those
+        still there after `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            pids = self.pids(i)
+            if not pids or time.monotonic() > deadline:
+                return pids
+            for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            deadline = time.monotonic() + 10
-            while self.pids(i) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self.pids(i):
-                problems.append(f"processes {self.pids(i)} still in {ns}")
+            time.sleep(0.05)
+
+    def close(self):
+        """Kill what still runs inside, delete both namespaces, check nothing is left."""
+        problems = []
+        for ns in list(self._created):
+            left = self.kill_all(self.ns.index(ns))
+            if left:
+                problems.append(f"processes {left} still in {ns}")
             p = _ip("netns", "del", ns, check=False)
             if p.returncode != 0:
                 problems.append(f"`ip netns del {ns}`: {p.stderr.strip()}")
@@ -254,11 +291,12 @@ class TwoHosts:
         return ["ip", "netns", "exec", self.ns[i], *argv]
 
     def run_pair(self, argvs: list[list[str]], env: list[dict], timeout: float, log_dir: str,
-                 cwd: str | None = None) -> list[HostRun]:
+                 cwd: str | None = None, grace: float = 15.0) -> list[HostRun]:
         """Run argvs[i] inside namespace i (both at once, each in its own process group)
-        with env[i] added to this environment; wait for both, at most `timeout` seconds,
-        then kill whatever still runs in the two namespaces. Each host's output (stdout and
-        stderr) goes to log_dir/host<i>.log."""
+        with env[i] added to this environment; wait for both, at most `timeout` seconds
+        (and at most `grace` seconds after one of them failed: its peer would otherwise
+        wait for the collective timeout), then kill whatever still runs in the two
+        namespaces. Each host's output (stdout and stderr) goes to log_dir/host<i>.log."""
         procs, logs = [], []
         deadline = time.monotonic() + timeout
         try:
@@ -270,10 +308,12 @@ class TwoHosts:
                                                   stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
                                                   start_new_session=True))
             timed_out = False
-            while any(p.poll() is None for p in procs):
+            while None in [p.poll() for p in procs]:  # poll every one: it sets returncode
                 if time.monotonic() > deadline:
                     timed_out = True
                     break
+                if any(p.returncode not in (None, 0) for p in procs):
+                    deadline = min(deadline, time.monotonic() + grace)
                 time.sleep(0.1)
         finally:
             for p in procs:
@@ -282,12 +322,8 @@ class TwoHosts:
                         os.killpg(p.pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-            for i in (0, 1):  # torchrun's workers run in sessions of their own
-                for pid in self.pids(i):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
             for p in procs:
                 p.wait(timeout=10)
+            for i in (0, 1):  # torchrun's workers run in sessions of their own
+                self.kill_all(i)
         return [HostRun(i, argvs[i], p.returncode, logs[i], timed_out) for i, p in enumerate(procs)]

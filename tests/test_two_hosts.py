@@ -65,7 +65,7 @@ def _launch(hosts: TwoHosts, tmp_path, program: list[str], timeout: float, env: 
     elapsed = time.monotonic() - t
     if any(r.timed_out or r.returncode != 0 for r in runs):
         tails = "\n".join(f"---- namespace {hosts.ns[r.host]} (exit {r.returncode}"
-                          f"{', killed at the timeout' if r.timed_out else ''}) ----\n{r.tail(6000)}"
+                          f"{', killed: timeout, or its peer failed' if r.timed_out else ''}) ----\n{r.tail(6000)}"
                           for r in runs)
         pytest.fail(f"two-host run did not finish cleanly within {timeout} s:\n{tails}")
     return elapsed
@@ -75,7 +75,7 @@ def _collectives(tmp_path, rate=None, delay=None):
     out = tmp_path / "reports"
     out.mkdir()
     with TwoHosts(rate=rate, delay=delay) as hosts:
-        elapsed = _launch(hosts, tmp_path, [WORKER, str(out)], timeout=50)
+        elapsed = _launch(hosts, tmp_path, [WORKER, str(out)], timeout=90)
         shaping = hosts.shaping
     reports = []
     for r in range(4):
@@ -90,6 +90,11 @@ def _collectives(tmp_path, rate=None, delay=None):
         assert c["num_hosts"] == 2 and c["local_size"] == 2, (r, c)
         if rep["local_rank"] == "0":  # each host's leader sent through the inter-host engine
             assert c["inter_host_bytes"] > 0, (r, c)
+        # Inside a host: the group's shared-memory segment exists, and where peers copy
+        # directly from each other's buffers, the 1 MiB tensors went that way.
+        assert c["has_segment"], (r, c)
+        if c["direct"]:
+            assert c["direct_bytes"] > 0, (r, c)
     return reports, elapsed, shaping
 
 
@@ -103,7 +108,8 @@ def _timing_note(label, reports, elapsed, shaping):
 
 
 def test_namespaces_are_removed_with_everything_inside(tmp_path):
-    """The harness itself: a command outliving its timeout is killed (its children too), and
+    """The harness itself: a command outliving its timeout is killed (its children too), so is
+    one whose peer failed (after a grace period), and
     a process left running plus an exception inside the block still leave no namespace, no
     link and no process behind."""
     with TwoHosts() as hosts:
@@ -113,6 +119,13 @@ def test_namespaces_are_removed_with_everything_inside(tmp_path):
         assert time.monotonic() - t < 15
         assert all(r.timed_out and r.returncode is not None for r in runs), runs
         assert hosts.pids(0) == [] and hosts.pids(1) == []
+        # One side failing: its peer gets `grace` seconds, not the whole timeout.
+        t = time.monotonic()
+        runs = hosts.run_pair([["sleep", "600"], ["sh", "-c", "echo dying >&2; exit 3"]],
+                              env=[{}, {}], timeout=300, grace=1, log_dir=str(tmp_path))
+        assert time.monotonic() - t < 15
+        assert runs[1].returncode == 3 and "dying" in runs[1].tail() and runs[0].returncode == -9, runs
+        assert hosts.pids(0) == []
     with pytest.raises(RuntimeError, match="boom"):
         with TwoHosts(rate="100mbit") as hosts:
             names, links = list(hosts.ns), list(hosts.ifname)
@@ -165,7 +178,7 @@ def main_job_summary(tmp_path_factory):
     out = tmp / "run"
     with TwoHosts() as hosts:
         elapsed = _launch(hosts, tmp, ["-m", "ichiban_comm.train", *MAIN_JOB, "--out-dir", str(out)],
-                          timeout=120, env={"ICHIBAN_KERNELS": "reference"})
+                          timeout=180, env={"ICHIBAN_KERNELS": "reference"})
     path = out / "summary.json"
     assert path.exists(), f"the main job finished but wrote no {path}"
     summary = json.loads(path.read_text())
