@@ -146,6 +146,7 @@ def test_collectives_across_two_namespaces(tmp_path):
     _timing_note("unshaped veth", reports, elapsed, shaping)
 
 
+@pytest.mark.slow
 def test_collectives_over_a_rate_limited_link(tmp_path):
     """200 Mbit/s each way: netem where the kernel has it, a token bucket (tbf) otherwise."""
     reports, elapsed, shaping = _collectives(tmp_path, rate="200mbit")
@@ -153,6 +154,7 @@ def test_collectives_over_a_rate_limited_link(tmp_path):
     _timing_note("rate 200mbit", reports, elapsed, shaping)
 
 
+@pytest.mark.slow
 def test_collectives_over_netem_rate_and_delay(tmp_path):
     ok, why = netem_available()
     if not ok:
