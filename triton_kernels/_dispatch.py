@@ -154,7 +154,12 @@ def _decompose_on_cuda_only(op) -> None:
     (the path triton_op itself takes for torch.export)."""
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-    decompose = op._torch_dispatch_fns[FunctionalTensorMode]
+    decompose = getattr(op, "_torch_dispatch_fns", {}).get(FunctionalTensorMode)
+    if decompose is None:  # a torch whose triton_op works otherwise: its own rule stays
+        _warn_once("triton-op-rule", "ichiban_comm.triton_kernels: this torch's triton_op has "
+                   "no functional-tensor rule to restrict to CUDA; torch.compile of the ops on "
+                   "CPU tensors may fail under TRITON_INTERPRET=1")
+        return
 
     def dispatch(mode, func, types, args, kwargs):
         on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda
