@@ -99,9 +99,18 @@ def launch_key(args, kwargs):
     return tuple(key)
 
 
+def _hook_set(hook) -> bool:
+    # Triton 3.8 keeps launch hooks in a HookChain (always present, empty by default; profilers
+    # such as proton add to it); older Triton versions hold None or one function
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if isinstance(calls, list) else True
+
+
 def _hooks_on(kernel) -> bool:
     rt = _knobs.runtime
-    return bool(rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+    return bool(_hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook)
                 or rt.debug or rt.add_stages_inspection_hook is not None
                 or _knobs.compilation.instrumentation_mode not in (None, "", "none")
                 or kernel.pre_run_hooks or kernel.debug)

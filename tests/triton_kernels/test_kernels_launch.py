@@ -128,3 +128,94 @@ def test_cuda_ops_trace_into_their_kernels_cpu_ops_stay_opaque():
     assert out.returncode == 0 and "0 failures" in out.stdout, out.stdout[-4000:] + \
         out.stderr[-2000:]
     assert out.stdout.count(" ok") == 8, out.stdout
+
+
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: records the direct launches."""
+
+    def __init__(self):
+        self.calls = []
+        self.function, self.packed_metadata = "fn-handle", "packed"
+
+    def run(self, *a):
+        self.calls.append(a)
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction (the cached path needs a GPU): a kernel
+    ``k(X, Y, n, scale, FLAG: constexpr, BLOCK: constexpr = 64)``; its plain launches are
+    recorded and each new specialisation "compiles" a _FakeCompiled."""
+
+    def __init__(self):
+        import inspect
+
+        def k(X, Y, n, scale, FLAG, BLOCK=64):
+            pass
+
+        self.signature = inspect.signature(k)
+        self.pre_run_hooks, self.debug, self.used_global_vals = [], None, {}
+        self.plain, self.compiled = [], []
+
+    def __getitem__(self, grid):
+        def runner(*args, **kwargs):
+            self.plain.append((grid, args, kwargs))
+            self.compiled.append(_FakeCompiled())
+            return self.compiled[-1]
+        return runner
+
+
+def test_cached_path_mechanics(monkeypatch):
+    """The cached path's bookkeeping, with a stand-in kernel and driver: the first launch of a
+    key is the plain one; later launches of that key call the compiled kernel's launcher
+    directly with the grid padded to 3-D, the current stream, no hooks, and every parameter
+    in the kernel's order (defaults filled in); another key, a launch hook, a changed global,
+    a callable grid or the switch turned off take the plain path."""
+    import types
+
+    from triton import knobs
+
+    kern = _FakeKernel()
+    monkeypatch.setattr(_launch, "_JITFunction", _FakeKernel)
+    monkeypatch.setattr(_launch, "_driver", types.SimpleNamespace(active=types.SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda dev: 777)))
+    _launch.clear_launch_cache()
+    x, y = _buf(), _buf()
+
+    def go(*args, grid=(5,), **kw):
+        return _launch.launch(kern, grid, *args, **kw)
+
+    go(x, y, 33, 0.5, FLAG=True, num_warps=4)
+    assert len(kern.plain) == 1 and _launch.cached_kernels(kern) == 1
+    go(x, y, 35, 0.25, FLAG=True, num_warps=4)  # same specialisation: direct
+    assert len(kern.plain) == 1
+    (call,) = kern.compiled[0].calls
+    assert call == (5, 1, 1, 777, "fn-handle", "packed", None, None, None,
+                    x, y, 35, 0.25, True, 64)
+    go(x, y, 35, 0.25, grid=(2, 3), FLAG=True, BLOCK=128, num_warps=4)  # a new constexpr
+    assert len(kern.plain) == 2 and _launch.cached_kernels(kern) == 2
+    go(x, y, 35, 0.25, grid=(2, 3), FLAG=True, BLOCK=128, num_warps=4)
+    assert kern.compiled[1].calls[-1][:3] == (2, 3, 1) and kern.compiled[1].calls[-1][-1] == 128
+    go(_buf(offset=1), y, 35, 0.25, FLAG=True, num_warps=4)  # misaligned: its own entry
+    assert len(kern.plain) == 3 and _launch.cached_kernels(kern) == 3
+
+    plain = len(kern.plain)
+    hook = lambda *a: None  # noqa: E731 - a profiler's launch hook
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        go(x, y, 35, 0.25, FLAG=True, num_warps=4)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    go(x, y, 35, 0.25, grid=lambda meta: (1,), FLAG=True, num_warps=4)
+    _launch.set_cached_launch(False)
+    try:
+        go(x, y, 35, 0.25, FLAG=True, num_warps=4)
+    finally:
+        _launch.set_cached_launch(True)
+    env = {"G": 1}
+    kern.used_global_vals = {("G", id(env)): (1, env)}
+    go(x, y, 35, 0.25, FLAG=True, num_warps=4)  # unchanged global: direct
+    env["G"] = 2
+    go(x, y, 35, 0.25, FLAG=True, num_warps=4)  # changed: plain (Triton raises there)
+    assert len(kern.plain) == plain + 4
+    assert len(kern.compiled[0].calls) == 2
+    _launch.clear_launch_cache()
