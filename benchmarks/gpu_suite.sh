@@ -12,7 +12,8 @@
 #   ICHIBAN_SUITE_BUILD_S (240)
 #   ICHIBAN_SUITE_DIAG_S (120): failing ops must raise, not crash (and, if one crashes, the same
 #     cases against a build with the system g++, ICHIBAN_SUITE_ALT_S (240) with its build)
-#   ICHIBAN_SUITE_TEST_S (180: with a cold Triton cache every kernel variant compiles first)
+#   ICHIBAN_SUITE_TEST_S (180: with a cold Triton cache every kernel variant compiles first;
+#     includes the launch-cache, CUDA-graph capture and Inductor triton_op kernel tests)
 #   ICHIBAN_SUITE_SHARED_S (150): the host-shared tensor tests (CPU, on this machine's torch)
 #   ICHIBAN_SUITE_COLL_S (120): the collectives benchmark (all_reduce, 2/4/8 ranks, vs gloo,
 #     with and without host-shared tensors); ICHIBAN_SUITE_SPIN_S (90): its ichiban rows again
@@ -155,6 +156,8 @@ BENCH_S=$(( ${ICHIBAN_SUITE_TOTAL_S:-480} - ($(date +%s) - START) ))
 KERNEL_OPS=cross_entropy,fused_linear_cross_entropy,rms_norm,rms_norm_residual,swiglu,rope
 KERNEL_OPS=$KERNEL_OPS,layer_norm,layer_norm_residual,geglu,bias_gelu,bias_dropout_add
 KERNEL_OPS=$KERNEL_OPS,cross_entropy_tp2,fused_linear_cross_entropy_tp2
+# host time per launch, cached compiled kernels vs Triton's launch path (seconds, host only)
+KERNEL_OPS=$KERNEL_OPS,launch_overhead
 want kernels && step "kernel benchmark" "$BENCH_S" kernels.txt \
     $PY benchmarks/kernels.py --ops "${ICHIBAN_SUITE_KERNEL_OPS:-$KERNEL_OPS}" --reps 100 \
     --json "$OUT/kernels.json" --budget $((BENCH_S - 60))

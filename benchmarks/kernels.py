@@ -17,6 +17,9 @@ Method (per op, every implementation on the same inputs):
   * the "_tp2" rows run the vocabulary-parallel path on one GPU: the local half of the
     vocabulary is timed, the collectives go to torch's fake process group (world size 2, no
     communication) and are counted ("coll fwd/bwd").
+  * "launch_overhead" (GPU only): host time per call of a few launchers, with the compiled
+    kernels reused from the launch layer's cache ("cached") against Triton's own launch path
+    ("plain", the cache switched off), interleaved; "vs best" there is plain / cached.
 
     python benchmarks/kernels.py                      # table
     python benchmarks/kernels.py --json out.json      # table + machine-readable rows
@@ -35,7 +38,7 @@ import time
 
 OPS = ["rms_norm", "rms_norm_residual", "layer_norm", "layer_norm_residual", "swiglu", "geglu",
        "rope", "bias_gelu", "bias_dropout_add", "cross_entropy", "fused_linear_cross_entropy",
-       "cross_entropy_tp2", "fused_linear_cross_entropy_tp2"]
+       "cross_entropy_tp2", "fused_linear_cross_entropy_tp2", "launch_overhead"]
 
 
 def parse_args(argv=None):
@@ -471,6 +474,9 @@ def run(args):
         if args.budget and time.monotonic() - t0 > args.budget:
             rows.append({"op": op, "impl": "-", "error": "skipped: time budget spent"})
             continue
+        if op == "launch_overhead":
+            rows.extend(_launch_overhead(torch, dtype, args.reps, dry))
+            continue
         make, nbytes, table = cases[op]
         runners, op_rows = [], {}
         for name, impl in _impls(torch, table, args.no_compile, dry).items():
@@ -534,6 +540,69 @@ def run(args):
     return rows, bw
 
 
+def _launch_overhead(torch, dtype, reps, dry, inner=200):
+    """Host microseconds per launcher call, cached compiled kernel vs Triton's launch path.
+
+    Each round times ``inner`` back-to-back calls per way (the GPU work is tiny: a scale by 1
+    returns at once, small rows elsewhere) and synchronises outside the timing; the ways are
+    interleaved round by round and the median round is reported. GPU only: under the
+    interpreter there is no compiled kernel to cache."""
+    if dry:
+        return [{"op": "launch_overhead", "impl": "-",
+                 "skipped": "GPU only (the interpreter has no compiled kernels to cache)"}]
+    import ichiban_comm.triton_kernels as tk
+    from ichiban_comm.triton_kernels import _dispatch, _launch
+    from ichiban_comm.triton_kernels.cross_entropy import _scale_kernel
+    from ichiban_comm.triton_kernels.rms_norm import _rms_norm_fwd_kernel
+
+    launchers = _dispatch._LAUNCHERS
+    x = torch.randn(16, 1024, device="cuda", dtype=dtype)
+    w = torch.ones(1024, device="cuda", dtype=dtype)
+    g = torch.ones((), device="cuda")
+    buf = torch.randn(4096, device="cuda")
+    xr = x.detach().requires_grad_()
+
+    def step():  # one autograd forward + backward of the fused RMSNorm (3 kernels)
+        tk.rms_norm(xr, w).sum().backward()
+
+    calls = {"scale": lambda: launchers["scale_inplace"](buf, g),
+             "rms_norm fwd": lambda: launchers["rms_norm_fwd"](x, w, None, 1e-6, 0.0),
+             "rms_norm fwd+bwd": step}
+    rows = []
+    was = _launch.cached_launch_enabled()
+    try:
+        for what, fn in calls.items():
+            times = {"cached": [], "plain": []}
+            for way in times:  # warm-up: compile, fill the cache
+                _launch.set_cached_launch(way == "cached")
+                for _ in range(3):
+                    fn()
+            torch.cuda.synchronize()
+            for _ in range(reps):
+                for way, ts in times.items():
+                    _launch.set_cached_launch(way == "cached")
+                    t = time.perf_counter()
+                    for _ in range(inner):
+                        fn()
+                    ts.append((time.perf_counter() - t) / inner)
+                    torch.cuda.synchronize()
+            med = {k: statistics.median(v) for k, v in times.items()}
+            for way in times:
+                row = {"op": f"launch: {what}", "impl": f"ichiban {way}",
+                       "dtype": str(dtype).replace("torch.", ""), "host_ms": med[way] * 1e3,
+                       "host_us": med[way] * 1e6, "reps": reps, "calls_per_rep": inner}
+                if way == "cached":
+                    row["gpu_speedup_vs_best_rival"] = med["plain"] / med["cached"]
+                    row["host_plain_over_cached"] = med["plain"] / med["cached"]
+                rows.append(row)
+        rows.append({"op": "launch_overhead", "impl": "cache entries",
+                     "skipped": f"rms_norm_fwd {_launch.cached_kernels(_rms_norm_fwd_kernel)}, "
+                                f"scale {_launch.cached_kernels(_scale_kernel)}"})
+    finally:
+        _launch.set_cached_launch(was)
+    return rows
+
+
 def _check_outputs(torch, op, runners, op_rows):
     """max |impl - eager| of the forward output on the same inputs (dropout draws its own mask:
     skipped); a wrong kernel shows here, not only in the tests."""
@@ -582,8 +651,8 @@ def _table(rows):
             f"{'diff':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        if "error" in r:
-            lines.append(f"{r['op']:<31}{r['impl']:<28}  {r['error']}")
+        if "error" in r or "skipped" in r:
+            lines.append(f"{r['op']:<31}{r['impl']:<28}  {r.get('error', r.get('skipped'))}")
             continue
         f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
         coll = f"{r['coll_fwd']}/{r['coll_bwd']}" if "coll_fwd" in r else "-"

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from ._launch import launch
+
 try:
     import triton
     import triton.language as tl
@@ -117,20 +119,81 @@ def expect_launches(*names: str):
 def custom_op(name: str, fake, mutates=()):
     """Register the decorated launcher as ``torch.ops.ichiban_tk.<name>`` with a fake (meta) impl.
 
-    The op is opaque to torch.compile: it traces through it without a graph break using ``fake``
-    for shapes, and calls the launcher at run time. ``mutates``: the arguments the launcher
-    writes into (declared, so functionalization sees the write); every other argument is
-    read-only and no output may alias an input — ``tests/triton_kernels/test_kernels_opcheck.py``
-    checks each op against its declaration with ``torch.library.opcheck``.
+    With Triton, the op is a ``torch.library.triton_op``: traced by torch.compile on CUDA
+    tensors, it decomposes into its Triton kernels (``launch`` records each through
+    ``wrap_triton``), so Inductor schedules them in the graph and CUDA graphs capture them. On
+    any other device it stays opaque, exactly like a ``custom_op``: the interpreter cannot run
+    on fake tensors, so there torch.compile traces through the op with ``fake`` for shapes and
+    calls the launcher at run time. ``fake`` also replaces triton_op's own fake impl (which
+    would run the launcher on fake tensors) on every device.
+
+    ``mutates``: the arguments the launcher writes into (declared, so functionalization sees
+    the write); every other argument is read-only and no output may alias an input —
+    ``tests/triton_kernels/test_kernels_opcheck.py`` checks each op against its declaration
+    with ``torch.library.opcheck``.
     """
 
     def deco(fn):
-        op = torch.library.custom_op(f"{LIB}::{name}", mutates_args=tuple(mutates))(fn)
+        qualname = f"{LIB}::{name}"
+        if HAS_TRITON:
+            op = torch.library.triton_op(qualname, mutates_args=tuple(mutates))(fn)
+            _decompose_on_cuda_only(op)
+            _declare_kernels(qualname, fn)
+        else:
+            op = torch.library.custom_op(qualname, mutates_args=tuple(mutates))(fn)
         op.register_fake(fake)
         _LAUNCHERS[name] = fn
         return op
 
     return deco
+
+
+def _decompose_on_cuda_only(op) -> None:
+    """Keep triton_op's decomposition (into ``wrap_triton`` kernel calls, under the functional
+    tensor mode of AOT autograd) for CUDA tensors; anything else is dispatched as the opaque op
+    (the path triton_op itself takes for torch.export)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    decompose = getattr(op, "_torch_dispatch_fns", {}).get(FunctionalTensorMode)
+    if decompose is None:  # a torch whose triton_op works otherwise: its own rule stays
+        _warn_once("triton-op-rule", "ichiban_comm.triton_kernels: this torch's triton_op has "
+                   "no functional-tensor rule to restrict to CUDA; torch.compile of the ops on "
+                   "CPU tensors may fail under TRITON_INTERPRET=1")
+        return
+
+    def dispatch(mode, func, types, args, kwargs):
+        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda
+                      for a in (*args, *kwargs.values()))
+        if on_cuda:
+            return decompose(mode, func, types, args, kwargs)
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, dispatch)
+
+
+def _declare_kernels(qualname: str, fn) -> None:
+    """Name the kernels an op may launch: every compiled Triton kernel of its module and of
+    this one (``finish_partials``). triton_op finds kernels by reading the launcher's source,
+    which does not see through ``launch`` and helper functions; AOTAutograd's on-disk cache
+    keys a compiled graph on these kernels' sources, so a missing one could let a graph built
+    with an older kernel be reused. A superset only makes that key stricter. Interpreted
+    kernels (TRITON_INTERPRET=1) have no compiled source and are left out."""
+    from torch._library.triton import triton_ops_to_kernels
+    try:
+        from triton.runtime.jit import JITFunction
+    except Exception:  # noqa: BLE001
+        return
+    found = list(triton_ops_to_kernels.get(qualname, []))
+    for v in (*fn.__globals__.values(), *globals().values()):
+        if type(v) is JITFunction and all(v is not k for k in found):
+            found.append(v)
+    triton_ops_to_kernels[qualname] = found
+
+
+def is_triton_op(name: str) -> bool:
+    """True when ``torch.ops.ichiban_tk.<name>`` is registered as a ``triton_op``."""
+    from torch._library.triton import triton_ops_to_kernels
+    return f"{LIB}::{name}" in triton_ops_to_kernels
 
 
 def run_op(name: str, *args):
@@ -216,9 +279,9 @@ def finish_partials(p1: torch.Tensor, dtype1: torch.dtype, p2: Optional[torch.Te
     if n:
         count_launch("finish_partials")
         block = 256 if p1.is_cuda else max(16, triton.next_power_of_2(n))
-        _finish_partials_kernel[(triton.cdiv(n, block),)](
-            p1, p2 if p2 is not None else p1, o1, o2 if o2 is not None else o1, progs, n,
-            TWO=p2 is not None, BLOCK=block, num_warps=4)
+        launch(_finish_partials_kernel, (triton.cdiv(n, block),), p1, p2 if p2 is not None else p1,
+               o1, o2 if o2 is not None else o1, progs, n, TWO=p2 is not None, BLOCK=block,
+               num_warps=4)
     return (o1, o2) if p2 is not None else o1
 
 

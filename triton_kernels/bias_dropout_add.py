@@ -15,6 +15,7 @@ import torch
 
 from ._dispatch import (check_float, check_same, col_block, count_launch, custom_op,
                         finish_partials, num_programs, rows_2d, run_op, tl, triton, use_triton)
+from ._launch import launch
 
 __all__ = ["bias_dropout_add", "bias_dropout_add_reference"]
 
@@ -106,10 +107,10 @@ def _bda_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tens
     if y.numel():
         count_launch("bias_dropout_add_fwd")
         block = _block(x.device, cols)
-        _bda_fwd_kernel[(rows, triton.cdiv(cols, block))](
-            x, bias if bias is not None else x, residual, y, cols, triton.cdiv(cols, 4),
-            x.stride(0), residual.stride(0), p, seed, HAS_B=bias is not None, DROP=drop,
-            BLOCK=block)
+        launch(_bda_fwd_kernel, (rows, triton.cdiv(cols, block)), x,
+               bias if bias is not None else x, residual, y, cols, triton.cdiv(cols, 4),
+               x.stride(0), residual.stride(0), p, seed, HAS_B=bias is not None, DROP=drop,
+               BLOCK=block)
     return y
 
 
@@ -131,10 +132,9 @@ def _bda_bwd(dy: torch.Tensor, p: float, seed: int, drop: bool, need_db: bool,
     if dy.numel() and (drop or need_db):
         count_launch("bias_dropout_add_bwd")
         block = _block(dy.device, cols)
-        _bda_bwd_kernel[(progs, triton.cdiv(cols, block))](
-            dy, dx if drop else dy, dbp if need_db else dy, rows, cols, triton.cdiv(cols, 4),
-            triton.cdiv(rows, progs), dy.stride(0), p, seed, DROP=drop, HAS_DB=need_db,
-            BLOCK=block)
+        launch(_bda_bwd_kernel, (progs, triton.cdiv(cols, block)), dy, dx if drop else dy,
+               dbp if need_db else dy, rows, cols, triton.cdiv(cols, 4), triton.cdiv(rows, progs),
+               dy.stride(0), p, seed, DROP=drop, HAS_DB=need_db, BLOCK=block)
     db = finish_partials(dbp, db_dtype) if need_db else dy.new_empty(0)
     return dx, db
 

@@ -12,6 +12,7 @@ import torch
 from ._dispatch import (check_approximate, check_float, check_same, col_block, count_launch,
                         custom_op, finish_partials, num_programs, rows_2d, run_op, tl, triton,
                         use_triton)
+from ._launch import launch
 from ._gelu import gelu_and_grad
 
 __all__ = ["bias_gelu", "bias_gelu_reference"]
@@ -80,9 +81,9 @@ def _bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approx_tanh: b
     if y.numel():
         count_launch("bias_gelu_fwd")
         block = col_block(x.device, cols)
-        _bias_gelu_fwd_kernel[(rows, triton.cdiv(cols, block))](
-            x, bias if bias is not None else x, y, cols, x.stride(0), y.stride(0),
-            HAS_B=bias is not None, APPROX_TANH=approx_tanh, BLOCK=block)
+        launch(_bias_gelu_fwd_kernel, (rows, triton.cdiv(cols, block)), x,
+               bias if bias is not None else x, y, cols, x.stride(0), y.stride(0),
+               HAS_B=bias is not None, APPROX_TANH=approx_tanh, BLOCK=block)
     return y
 
 
@@ -104,10 +105,10 @@ def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tenso
     if dx.numel():
         count_launch("bias_gelu_bwd")
         block = col_block(x.device, cols)
-        _bias_gelu_bwd_kernel[(progs, triton.cdiv(cols, block))](
-            dy, x, bias if bias is not None else x, dx, dbp if need_db else dx, rows, cols,
-            triton.cdiv(rows, progs), dy.stride(0), x.stride(0), dx.stride(0),
-            HAS_B=bias is not None, HAS_DB=need_db, APPROX_TANH=approx_tanh, BLOCK=block)
+        launch(_bias_gelu_bwd_kernel, (progs, triton.cdiv(cols, block)), dy, x,
+               bias if bias is not None else x, dx, dbp if need_db else dx, rows, cols,
+               triton.cdiv(rows, progs), dy.stride(0), x.stride(0), dx.stride(0),
+               HAS_B=bias is not None, HAS_DB=need_db, APPROX_TANH=approx_tanh, BLOCK=block)
     db = finish_partials(dbp, bias.dtype) if need_db else x.new_empty(0)
     return dx, db
 

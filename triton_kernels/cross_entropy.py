@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ._dispatch import count_launch, custom_op, rows_2d, run_op, tl, triton, use_triton
+from ._launch import launch
 
 __all__ = ["cross_entropy", "cross_entropy_reference"]
 
@@ -229,10 +230,10 @@ def _fwd_launch(logits, target, n_valid, ignore_index, smoothing, z_loss, mean, 
         count_launch("cross_entropy_fwd")
         g = grad if grad is not None else logits
         bad = logits.new_zeros(1, dtype=torch.int32) if check else lse
-        _ce_fwd_kernel[(n,)](logits, target, loss, lse, g, n_valid, bad, logits.stride(0),
-                             g.stride(0), v, ignore_index, 1.0 / v, smoothing, z_loss,
-                             SMOOTH=smoothing > 0, WRITE_GRAD=grad is not None, MEAN=mean,
-                             CHECK=check, BLOCK=_vocab_block(v, logits.device), num_warps=8)
+        launch(_ce_fwd_kernel, (n,), logits, target, loss, lse, g, n_valid, bad, logits.stride(0),
+               g.stride(0), v, ignore_index, 1.0 / v, smoothing, z_loss, SMOOTH=smoothing > 0,
+               WRITE_GRAD=grad is not None, MEAN=mean, CHECK=check,
+               BLOCK=_vocab_block(v, logits.device), num_warps=8)
         if check:
             torch._assert_async(bad[0] == 0, f"cross_entropy: a target id is outside [0, {v}) "
                                              "and is not ignore_index")
@@ -280,8 +281,8 @@ def _ce_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, smoo
     stats = logits.new_empty((4, n), dtype=torch.float32)
     if n:
         count_launch("cross_entropy_fwd")
-        _ce_stats_kernel[(n,)](logits, target, stats, logits.stride(0), n, v, vocab_start,
-                               SMOOTH=smooth, BLOCK=_vocab_block(v, logits.device), num_warps=8)
+        launch(_ce_stats_kernel, (n,), logits, target, stats, logits.stride(0), n, v, vocab_start,
+               SMOOTH=smooth, BLOCK=_vocab_block(v, logits.device), num_warps=8)
     return stats
 
 
@@ -289,9 +290,9 @@ def _grad_launch(logits, target, lse, coef, vocab_start, vocab_total, smoothing,
     n, v = logits.shape
     if n:
         count_launch("cross_entropy_grad")
-        _ce_grad_kernel[(n,)](logits, target, lse, coef, out, logits.stride(0), out.stride(0), v,
-                              vocab_start, 1.0 / vocab_total, smoothing, z_loss,
-                              BLOCK=_vocab_block(v, logits.device), num_warps=8)
+        launch(_ce_grad_kernel, (n,), logits, target, lse, coef, out, logits.stride(0),
+               out.stride(0), v, vocab_start, 1.0 / vocab_total, smoothing, z_loss,
+               BLOCK=_vocab_block(v, logits.device), num_warps=8)
 
 
 @custom_op("ce_grad", lambda logits, target, lse, coef, vocab_start, vocab_total, smoothing,
@@ -318,8 +319,8 @@ def _scale_inplace(x: torch.Tensor, g: torch.Tensor) -> None:
     # x (contiguous) *= g (a 0-dim or 1-element tensor); returns at once on the device if g == 1
     if x.numel():
         block = 4096
-        _scale_kernel[(triton.cdiv(x.numel(), block),)](x, x, g, x.numel(), ALWAYS=False,
-                                                        BLOCK=block, num_warps=8)
+        launch(_scale_kernel, (triton.cdiv(x.numel(), block),), x, x, g, x.numel(), ALWAYS=False,
+               BLOCK=block, num_warps=8)
 
 
 @custom_op("scale_cast", lambda src, g, dtype: torch.empty_like(src, dtype=dtype))
@@ -330,8 +331,8 @@ def _scale_cast(src: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch
     if src.numel():
         count_launch("scale")
         block = 4096
-        _scale_kernel[(triton.cdiv(src.numel(), block),)](src, out, g, src.numel(), ALWAYS=True,
-                                                          BLOCK=block, num_warps=8)
+        launch(_scale_kernel, (triton.cdiv(src.numel(), block),), src, out, g, src.numel(),
+               ALWAYS=True, BLOCK=block, num_warps=8)
     return out
 
 
@@ -340,8 +341,8 @@ def _scale_rows_inplace(x: torch.Tensor, g: torch.Tensor) -> None:
     n, v = x.shape
     if n:
         count_launch("cross_entropy_bwd")
-        _scale_rows_kernel[(n,)](x, g, x.stride(0), v, BLOCK=_vocab_block(v, x.device),
-                                 num_warps=8)
+        launch(_scale_rows_kernel, (n,), x, g, x.stride(0), v, BLOCK=_vocab_block(v, x.device),
+               num_warps=8)
 
 
 def scale_grad(x, g, triton_path, counter="scale"):

@@ -80,9 +80,19 @@ def _chain(dlg, factor, scale):
     return dlg * scale if scale != 1.0 else dlg
 
 
-def _grad_buffers(h2, weight, bias, need, accum_dtype):
+def _vocab_slices(v_local, vocab_chunk):
+    """Slices of the local vocabulary processed one after the other (one slice: unchunked)."""
+    return [slice(v0, min(v_local, v0 + vocab_chunk)) for v0 in range(0, v_local, vocab_chunk)]
+
+
+def _grad_buffers(h2, weight, bias, need, accum_dtype, summed_dh):
+    """Gradient buffers. ``summed_dh``: dhidden is a sum over vocabulary slices (and ranks),
+    kept in ``accum_dtype`` and rounded once at the end; else each row is one GEMM output (the
+    GEMM sums in float32 itself), written once in the input dtype."""
     need_h, need_w, need_b = need
-    dh = torch.empty_like(h2) if need_h else None  # (N, H), each row written once
+    dh = None
+    if need_h:  # (N, H)
+        dh = torch.zeros_like(h2, dtype=accum_dtype) if summed_dh else torch.empty_like(h2)
     dw = torch.zeros_like(weight, dtype=accum_dtype) if need_w else None  # (V/tp, H), summed
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
         if (need_b and bias is not None) else None
@@ -92,31 +102,79 @@ def _grad_buffers(h2, weight, bias, need, accum_dtype):
 _ADDMM_DTYPE_OUT = [True]  # cuBLAS addmm with a float32 C and bf16/fp16 A, B (until it fails)
 
 
-def _acc_dw(dw, dlg, hc):
-    """dw += dlg.T @ hc, accumulated in dw's dtype (float32 for a bf16 head by default)."""
-    if dw.dtype == dlg.dtype:
-        dw.addmm_(dlg.t(), hc)
+def _addmm_acc(acc, a, b):
+    """acc += a @ b, summed in acc's dtype (float32 for a bf16 head by default): the products
+    of 16-bit operands go into the float32 sum without a 16-bit rounding in between."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
         return
-    if dw.is_cuda and _ADDMM_DTYPE_OUT[0] and not torch.compiler.is_compiling():
-        try:  # C (float32) += A @ B in one GEMM: the bf16 products summed in float32
-            torch.addmm(dw, dlg.t(), hc, out_dtype=dw.dtype, out=dw)
+    if acc.is_cuda and _ADDMM_DTYPE_OUT[0] and not torch.compiler.is_compiling():
+        try:  # C (float32) += A @ B in one GEMM
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, TypeError):
             _ADDMM_DTYPE_OUT[0] = False
-    if dw.is_cuda:
-        dw.add_(torch.mm(dlg.t(), hc, out_dtype=dw.dtype))
+    if acc.is_cuda:
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
     else:
-        dw.addmm_(dlg.t().to(dw.dtype), hc.to(dw.dtype))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _accumulate(dlg, hc, weight, sl, dh, dw, db):
-    # dlg (c, V/tp), hc (c, H): dhidden rows of this chunk, dweight/dbias summed over chunks
-    if dh is not None:
-        torch.mm(dlg, weight, out=dh[sl])
-    if dw is not None:
-        _acc_dw(dw, dlg, hc)
-    if db is not None:
-        db += dlg.sum(0, dtype=torch.float32)
+def _accumulate(dlg, hc, w, dh_rows, dw_rows, db_rows, summed_dh):
+    """One (token chunk, vocabulary slice): dlg (c, v), hc (c, H), w (v, H). dhidden rows of the
+    chunk summed over slices, dweight/dbias rows of the slice summed over chunks."""
+    if dh_rows is not None:
+        if summed_dh:
+            _addmm_acc(dh_rows, dlg, w)
+        else:
+            torch.mm(dlg, w, out=dh_rows)
+    if dw_rows is not None:
+        _addmm_acc(dw_rows, dlg.t(), hc)
+    if db_rows is not None:
+        db_rows += dlg.sum(0, dtype=torch.float32)
+
+
+def _slice_logits(hc, weight, bias, vs, scale, softcap):
+    w = weight[vs] if vs is not None else weight
+    b = (bias[vs] if vs is not None else bias) if bias is not None else None
+    lg, factor = _transform(_logits(hc, w, b), scale, softcap)
+    return lg, factor, w
+
+
+def _merge_stats(acc, st):
+    """(4, c) local statistics of two vocabulary slices of the same rows -> those of both."""
+    if acc is None:
+        return st
+    m = torch.maximum(acc[0], st[0])
+    s = acc[1] * torch.exp(acc[0] - m) + st[1] * torch.exp(st[0] - m)
+    return torch.stack([m, s, acc[2] + st[2], acc[3] + st[3]])
+
+
+def _local_stats(hc, t, weight, bias, vslices, start, smooth, scale, softcap, triton_path):
+    """(4, c) statistics of a token chunk over the local vocabulary, one slice at a time."""
+    st = None
+    for vs in vslices:
+        lg, _, _ = _slice_logits(hc, weight, bias, vs if len(vslices) > 1 else None, scale,
+                                 softcap)
+        st = _merge_stats(st, row_stats(lg, t, start + vs.start, smooth, triton_path))
+        del lg
+    return st
+
+
+def _grad_pass(hc, t, lse, coef, weight, bias, vslices, start, total, smoothing, z_loss, scale,
+               softcap, triton_path, dh_rows, dw, db, summed_dh):
+    """Gradient of a token chunk once its global lse is known: per vocabulary slice, the logits
+    (again), their gradient in place, and the three gradient sums."""
+    for vs in vslices:
+        one = len(vslices) == 1
+        lg, factor, w = _slice_logits(hc, weight, bias, None if one else vs, scale, softcap)
+        lg = row_grad(lg, t, lse, coef, start + vs.start, total, smoothing, z_loss,
+                      triton_path, inplace=True)  # (c, v)
+        dlg = _chain(lg, factor, scale)
+        del lg, factor
+        _accumulate(dlg, hc, w, dh_rows, dw[vs] if dw is not None else None,
+                    db[vs] if db is not None else None, summed_dh)
+        del dlg
 
 
 class _FusedLinearCEFn(torch.autograd.Function):
@@ -132,53 +190,77 @@ class _FusedLinearCEFn(torch.autograd.Function):
       and the backward recomputes each chunk's logits (one extra matmul per chunk), which keeps
       any per-row incoming gradient exact.
 
-    ``dweight`` (and ``dbias``) are summed over chunks in ``accum_dtype`` (float32 by default
-    for a 16-bit head), rounded to the weight's dtype once at the end of the forward.
+    With ``vocab_chunk`` smaller than the local vocabulary, a token chunk's logits are made one
+    vocabulary slice at a time: statistics over all slices first, then each slice's logits
+    again for its gradient (one extra matmul per slice in the forward-gradient schedule).
+
+    ``dweight`` (and ``dbias``) are summed over token chunks, ``dhidden`` over vocabulary slices
+    and ranks, in ``accum_dtype`` (float32 by default for a 16-bit head) and rounded to the
+    input dtype once, at the end of the forward (``grad_in_forward``) or backward.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, reduction,
-                group, chunk, triton_path, need, scale, softcap, accum_dtype):
+                group, chunk, vocab_chunk, triton_path, need, scale, softcap, accum_dtype):
         h2 = rows_2d(hidden)  # (N, H)
         t = target.reshape(-1)  # (N,)
         n = h2.shape[0]
         start, total = vocab_layout(weight.shape[0], group)
+        vslices = _vocab_slices(weight.shape[0], vocab_chunk)
+        summed_dh = len(vslices) > 1 or group is not None
         valid = t != ignore_index
         assert_targets_in_range(t, valid, total)
         n_valid = valid.sum()  # on the device
         mean = reduction == "mean"
+        smooth = smoothing > 0
         ctx.grad_in_forward = reduction != "none" and any(need)
-        ctx.args = (start, total, smoothing, z_loss, reduction, group, chunk, triton_path,
-                    hidden.shape, scale, softcap, accum_dtype)
+        ctx.args = (start, total, smoothing, z_loss, reduction, group, chunk, vslices,
+                    triton_path, hidden.shape, scale, softcap, accum_dtype, summed_dh)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.weight_dtype = weight.dtype
         if ctx.grad_in_forward:
             coef = None
-            if group is not None or not triton_path:
+            if group is not None or not triton_path or len(vslices) > 1:
                 coef = valid.float()  # d loss / d loss_i before the incoming gradient
                 if mean:
                     coef = coef / n_valid.clamp(min=1)
-            dh, dw, db = _grad_buffers(h2, weight, bias, need, accum_dtype)
+            dh, dw, db = _grad_buffers(h2, weight, bias, need, accum_dtype, summed_dh)
             loss = h2.new_empty(n, dtype=torch.float32)
             for c0 in range(0, n, chunk):
                 sl = slice(c0, c0 + chunk)
                 hc = h2[sl]
-                lg, factor = _transform(_logits(hc, weight, bias), scale, softcap)  # (c, V/tp)
+                dh_rows = dh[sl] if dh is not None else None
                 if coef is None:  # one kernel: loss rows, and the gradient over lg
+                    lg, factor = _transform(_logits(hc, weight, bias), scale, softcap)
                     loss[sl] = _ce_chunk_inplace(lg, t[sl], n_valid, ignore_index, smoothing,
                                                  z_loss, mean)
-                else:
-                    lse, xt, sx = combine_stats(row_stats(lg, t[sl], start, smoothing > 0,
-                                                          triton_path), group, smoothing > 0)
+                    dlg = _chain(lg, factor, scale)
+                    del lg, factor
+                    _accumulate(dlg, hc, weight, dh_rows, dw, db, summed_dh)
+                    del dlg
+                    continue
+                if len(vslices) == 1:  # the chunk's logits made once, gradient in place
+                    lg, factor = _transform(_logits(hc, weight, bias), scale, softcap)
+                    lse, xt, sx = combine_stats(row_stats(lg, t[sl], start, smooth,
+                                                          triton_path), group, smooth)
                     loss[sl] = row_loss(lse, xt, sx, valid[sl], total, smoothing, z_loss)
                     lg = row_grad(lg, t[sl], lse, coef[sl], start, total, smoothing, z_loss,
                                   triton_path, inplace=True)
-                dlg = _chain(lg, factor, scale)
-                del lg, factor
-                _accumulate(dlg, hc, weight, sl, dh, dw, db)
-                del dlg
+                    dlg = _chain(lg, factor, scale)
+                    del lg, factor
+                    _accumulate(dlg, hc, weight, dh_rows, dw, db, summed_dh)
+                    del dlg
+                    continue
+                st = _local_stats(hc, t[sl], weight, bias, vslices, start, smooth, scale,
+                                  softcap, triton_path)
+                lse, xt, sx = combine_stats(st, group, smooth)
+                loss[sl] = row_loss(lse, xt, sx, valid[sl], total, smoothing, z_loss)
+                _grad_pass(hc, t[sl], lse, coef[sl], weight, bias, vslices, start, total,
+                           smoothing, z_loss, scale, softcap, triton_path, dh_rows, dw, db,
+                           summed_dh)
             if dh is not None and group is not None:
                 dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
+            if dh is not None and dh.dtype != hidden.dtype:
+                dh = dh.to(hidden.dtype)  # the one rounding of the summed gradient
             if dw is not None and dw.dtype != weight.dtype:
                 dw = dw.to(weight.dtype)  # the one rounding of the summed gradient
             ctx.save_for_backward(dh, dw, db)
@@ -188,20 +270,19 @@ class _FusedLinearCEFn(torch.autograd.Function):
 
         stats = h2.new_empty((4, n), dtype=torch.float32)  # local per-row stats, all chunks
         for c0 in range(0, n, chunk):
-            lg, _ = _transform(_logits(h2[c0:c0 + chunk], weight, bias), scale, softcap)
-            stats[:, c0:c0 + chunk] = row_stats(lg, t[c0:c0 + chunk], start, smoothing > 0,
-                                                triton_path)
-            del lg
-        lse, xt, sx = combine_stats(stats, group, smoothing > 0)  # one exchange, all chunks
+            stats[:, c0:c0 + chunk] = _local_stats(h2[c0:c0 + chunk], t[c0:c0 + chunk], weight,
+                                                   bias, vslices, start, smooth, scale,
+                                                   softcap, triton_path)
+        lse, xt, sx = combine_stats(stats, group, smooth)  # one exchange, all chunks
         loss = row_loss(lse, xt, sx, valid, total, smoothing, z_loss)
         ctx.save_for_backward(h2, weight, bias, t, lse, valid)
         return _reduce(loss, valid, reduction, target.shape).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (start, total, smoothing, z_loss, reduction, group, chunk, triton_path, shape, scale,
-         softcap, accum_dtype) = ctx.args
-        nones = (None,) * 12
+        (start, total, smoothing, z_loss, reduction, group, chunk, vslices, triton_path, shape,
+         scale, softcap, accum_dtype, summed_dh) = ctx.args
+        nones = (None,) * 13
         if ctx.grad_in_forward:
             if ctx.used:
                 raise RuntimeError("fused_linear_cross_entropy: backward through the same loss "
@@ -214,19 +295,16 @@ class _FusedLinearCEFn(torch.autograd.Function):
             return (dh, dw, db) + nones
         h2, weight, bias, t, lse, valid = ctx.saved_tensors
         coef = grad_coef(grad_out, valid, reduction)  # (N,)
-        dh, dw, db = _grad_buffers(h2, weight, bias, ctx.needs_input_grad[:3], accum_dtype)
+        dh, dw, db = _grad_buffers(h2, weight, bias, ctx.needs_input_grad[:3], accum_dtype,
+                                   summed_dh)
         for c0 in range(0, h2.shape[0], chunk):
             sl = slice(c0, c0 + chunk)
-            lg, factor = _transform(_logits(h2[sl], weight, bias), scale, softcap)
-            lg = row_grad(lg, t[sl], lse[sl], coef[sl], start, total, smoothing, z_loss,
-                          triton_path, inplace=True)  # (c, V/tp)
-            dlg = _chain(lg, factor, scale)
-            del lg, factor
-            _accumulate(dlg, h2[sl], weight, sl, dh, dw, db)
-            del dlg
+            _grad_pass(h2[sl], t[sl], lse[sl], coef[sl], weight, bias, vslices, start, total,
+                       smoothing, z_loss, scale, softcap, triton_path,
+                       dh[sl] if dh is not None else None, dw, db, summed_dh)
         if dh is not None and group is not None:
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
-        dh = dh.view(shape) if dh is not None else None
+        dh = dh.to(h2.dtype).view(shape) if dh is not None else None
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(bias.dtype) if db is not None else None
         return (dh, dw, db) + nones
@@ -252,15 +330,21 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                group: Optional[dist.ProcessGroup] = None,
                                chunk_size: Optional[int] = None, logit_scale: float = 1.0,
                                softcap: Optional[float] = None,
-                               accum_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                               accum_dtype: Optional[torch.dtype] = None,
+                               vocab_chunk_size: Optional[int] = None) -> torch.Tensor:
     """Cross-entropy of ``hidden (..., H) @ weight (V or V/tp, H).T + bias`` against ``target
     (...)`` without materialising the logits; arguments as in ``cross_entropy``.
 
     ``chunk_size``: tokens per chunk (default: ~512 MiB of logits per chunk).
-    ``accum_dtype``: dtype in which ``dweight``/``dbias`` are summed over the chunks (default
-    float32 for a float16/bfloat16 head — one rounding at the end instead of one per chunk —
-    else the weight's dtype). ``dhidden`` rows are written once each (the GEMM itself sums in
-    float32).
+    ``vocab_chunk_size``: vocabulary rows (of the local slice) per logits block (default: all
+    of them). Smaller blocks bound the logits buffer to ``chunk_size x vocab_chunk_size`` for
+    very large vocabularies, at the price of one more matmul per block (statistics first,
+    then the gradient from recomputed logits).
+    ``accum_dtype``: dtype in which the gradients are summed — ``dweight``/``dbias`` over token
+    chunks, ``dhidden`` over vocabulary blocks and ranks (``group``) — default float32 for a
+    float16/bfloat16 head (one rounding at the end instead of one per term), else the weight's
+    dtype. With one vocabulary block and no group, ``dhidden`` rows are single GEMM outputs
+    (the GEMM sums in float32) written once in the input dtype.
     ``logit_scale`` / ``softcap``: the loss is taken on ``softcap * tanh(scale * z / softcap)``
     (or ``scale * z`` without ``softcap``), ``z = hidden @ weight.T + bias`` — Granite's logit
     scaling and Gemma-2/3's final soft-capping.
@@ -297,6 +381,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         chunk_size = default_chunk_size(rows, weight.shape[0], hidden.element_size())
     elif not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if vocab_chunk_size is None:
+        vocab_chunk_size = weight.shape[0]
+    elif not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 1:
+        raise ValueError(f"vocab_chunk_size must be a positive int, got {vocab_chunk_size!r}")
     if not (isinstance(logit_scale, (int, float)) and logit_scale > 0):
         raise ValueError(f"logit_scale must be a positive number, got {logit_scale!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
@@ -312,5 +400,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
             torch.is_grad_enabled() and bias is not None and bias.requires_grad)
     return _FusedLinearCEFn.apply(hidden, weight, bias, target, ignore_index,
                                   float(label_smoothing), float(z_loss), reduction, group,
-                                  chunk_size, use_triton(hidden), need, float(logit_scale),
+                                  chunk_size, vocab_chunk_size, use_triton(hidden), need,
+                                  float(logit_scale),
                                   None if softcap is None else float(softcap), accum_dtype)

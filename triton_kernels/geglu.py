@@ -10,6 +10,7 @@ import torch
 
 from ._dispatch import (check_approximate, check_float, check_same, col_block, count_launch,
                         custom_op, rows_2d, run_op, tl, triton, use_triton)
+from ._launch import launch
 from ._gelu import gelu_and_grad
 
 __all__ = ["geglu", "geglu_reference"]
@@ -61,9 +62,8 @@ def _geglu_fwd(gate: torch.Tensor, up: torch.Tensor, approx_tanh: bool) -> torch
     if y.numel():
         count_launch("geglu_fwd")
         block = col_block(gate.device, cols)
-        _geglu_fwd_kernel[(rows, triton.cdiv(cols, block))](
-            gate, up, y, cols, gate.stride(0), up.stride(0), y.stride(0),
-            APPROX_TANH=approx_tanh, BLOCK=block)
+        launch(_geglu_fwd_kernel, (rows, triton.cdiv(cols, block)), gate, up, y, cols,
+               gate.stride(0), up.stride(0), y.stride(0), APPROX_TANH=approx_tanh, BLOCK=block)
     return y
 
 
@@ -76,9 +76,9 @@ def _geglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approx_ta
     if dg.numel():
         count_launch("geglu_bwd")
         block = col_block(gate.device, cols)
-        _geglu_bwd_kernel[(rows, triton.cdiv(cols, block))](
-            dy, gate, up, dg, du, cols, dy.stride(0), gate.stride(0), up.stride(0), dg.stride(0),
-            APPROX_TANH=approx_tanh, BLOCK=block)
+        launch(_geglu_bwd_kernel, (rows, triton.cdiv(cols, block)), dy, gate, up, dg, du, cols,
+               dy.stride(0), gate.stride(0), up.stride(0), dg.stride(0), APPROX_TANH=approx_tanh,
+               BLOCK=block)
     return dg, du
 
 

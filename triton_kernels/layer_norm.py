@@ -15,6 +15,7 @@ import torch
 from ._dispatch import (check_rows, check_same, count_launch, custom_op, finish_partials,
                         num_programs, row_block, row_warps, rows_2d, rows_per_program, run_op,
                         tl, triton, use_triton)
+from ._launch import launch
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 
@@ -123,11 +124,11 @@ def _layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
         r = residual if residual is not None else x
         hh = h if residual is not None else y
         nr = rows_per_program(block)
-        _layer_norm_fwd_kernel[(triton.cdiv(rows, nr),)](
-            x, r, weight if weight is not None else x, bias if bias is not None else x, y, hh,
-            mean, rstd, x.stride(0), r.stride(0), y.stride(0), hh.stride(0), rows, n, eps,
-            HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            ROWS=nr, BLOCK=block, num_warps=row_warps(block * nr))
+        launch(_layer_norm_fwd_kernel, (triton.cdiv(rows, nr),), x, r,
+               weight if weight is not None else x, bias if bias is not None else x, y, hh, mean,
+               rstd, x.stride(0), r.stride(0), y.stride(0), hh.stride(0), rows, n, eps,
+               HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+               ROWS=nr, BLOCK=block, num_warps=row_warps(block * nr))
     return y, h, mean, rstd
 
 
@@ -154,11 +155,10 @@ def _layer_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Te
     if rows:
         count_launch("layer_norm_bwd")
         dho = dh_out if dh_out is not None else dy
-        _layer_norm_bwd_kernel[(progs,)](
-            dy, h, weight if weight is not None else h, mean, rstd, dho, dx, dwp, dbp,
-            dy.stride(0), h.stride(0), dho.stride(0), dx.stride(0), rows, n,
-            triton.cdiv(rows, progs), HAS_DHO=dh_out is not None, HAS_W=weight is not None,
-            BLOCK=block, num_warps=row_warps(block))
+        launch(_layer_norm_bwd_kernel, (progs,), dy, h, weight if weight is not None else h, mean,
+               rstd, dho, dx, dwp, dbp, dy.stride(0), h.stride(0), dho.stride(0), dx.stride(0),
+               rows, n, triton.cdiv(rows, progs), HAS_DHO=dh_out is not None,
+               HAS_W=weight is not None, BLOCK=block, num_warps=row_warps(block))
     dw, db = finish_partials(dwp, param_dtype, dbp, param_dtype)  # one launch for both sums
     return dx, dw, db
 

@@ -20,6 +20,7 @@ import torch
 from ._dispatch import (check_rows, check_same, count_launch, custom_op, finish_partials,
                         num_programs, row_block, row_warps, rows_2d, rows_per_program, run_op,
                         tl, triton, use_triton)
+from ._launch import launch
 
 __all__ = ["rms_norm", "rms_norm_reference"]
 
@@ -106,10 +107,9 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torc
         r = residual if residual is not None else x
         hh = h if residual is not None else y
         nr = rows_per_program(block)
-        _rms_norm_fwd_kernel[(triton.cdiv(rows, nr),)](
-            x, r, weight, y, hh, rstd, x.stride(0), r.stride(0), y.stride(0), hh.stride(0), rows,
-            n, eps, offset, HAS_RES=residual is not None, ROWS=nr, BLOCK=block,
-            num_warps=row_warps(block * nr))
+        launch(_rms_norm_fwd_kernel, (triton.cdiv(rows, nr),), x, r, weight, y, hh, rstd,
+               x.stride(0), r.stride(0), y.stride(0), hh.stride(0), rows, n, eps, offset,
+               HAS_RES=residual is not None, ROWS=nr, BLOCK=block, num_warps=row_warps(block * nr))
     return y, h, rstd
 
 
@@ -131,10 +131,9 @@ def _rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd:
     if rows:
         count_launch("rms_norm_bwd")
         dho = dh_out if dh_out is not None else dy
-        _rms_norm_bwd_kernel[(progs,)](dy, h, weight, rstd, dho, dx, dwp, dy.stride(0),
-                                       h.stride(0), dho.stride(0), dx.stride(0), rows, n,
-                                       triton.cdiv(rows, progs), offset, HAS_DHO=dh_out is not None,
-                                       BLOCK=block, num_warps=row_warps(block))
+        launch(_rms_norm_bwd_kernel, (progs,), dy, h, weight, rstd, dho, dx, dwp, dy.stride(0),
+               h.stride(0), dho.stride(0), dx.stride(0), rows, n, triton.cdiv(rows, progs), offset,
+               HAS_DHO=dh_out is not None, BLOCK=block, num_warps=row_warps(block))
     return dx, finish_partials(dwp, weight.dtype)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import check_float, count_launch, custom_op, run_op, tl, triton, use_triton
+from ._launch import launch
 
 __all__ = ["rope", "rope_reference"]
 
@@ -74,12 +75,12 @@ def _apply(x, cos, sin, backward):
     if x.numel():
         count_launch("rope_bwd" if backward else "rope_fwd")
         half = dim // 2
-        _rope_kernel[(bsz * seq,)](
-            x, y, cos, sin, seq, heads, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-            y.stride(1), y.stride(2), cos.stride(0), cos.stride(1), half, BACKWARD=backward,
-            # 16 heads x 64 pairs = 1024 values per loop step; more heads loop
-            BLOCK_H=min(16, triton.next_power_of_2(heads)),
-            BLOCK_D=max(16, triton.next_power_of_2(half)))
+        launch(_rope_kernel, (bsz * seq,), x, y, cos, sin, seq, heads, x.stride(0), x.stride(1),
+               x.stride(2), y.stride(0), y.stride(1), y.stride(2), cos.stride(0), cos.stride(1),
+               half, BACKWARD=backward,
+               # 16 heads x 64 pairs = 1024 values per loop step; more heads loop
+               BLOCK_H=min(16, triton.next_power_of_2(heads)),
+               BLOCK_D=max(16, triton.next_power_of_2(half)))
     return y
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ._dispatch import (check_float, check_same, col_block, count_launch, custom_op, rows_2d,
                         run_op, tl, triton, use_triton)
+from ._launch import launch
 
 __all__ = ["swiglu", "swiglu_reference"]
 
@@ -60,8 +61,8 @@ def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if y.numel():
         count_launch("swiglu_fwd")
         block = col_block(gate.device, cols)
-        _swiglu_fwd_kernel[(rows, triton.cdiv(cols, block))](
-            gate, up, y, cols, gate.stride(0), up.stride(0), y.stride(0), BLOCK=block)
+        launch(_swiglu_fwd_kernel, (rows, triton.cdiv(cols, block)), gate, up, y, cols,
+               gate.stride(0), up.stride(0), y.stride(0), BLOCK=block)
     return y
 
 
@@ -73,9 +74,8 @@ def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     if dg.numel():
         count_launch("swiglu_bwd")
         block = col_block(gate.device, cols)
-        _swiglu_bwd_kernel[(rows, triton.cdiv(cols, block))](
-            dy, gate, up, dg, du, cols, dy.stride(0), gate.stride(0), up.stride(0), dg.stride(0),
-            BLOCK=block)
+        launch(_swiglu_bwd_kernel, (rows, triton.cdiv(cols, block)), dy, gate, up, dg, du, cols,
+               dy.stride(0), gate.stride(0), up.stride(0), dg.stride(0), BLOCK=block)
     return dg, du
 
 

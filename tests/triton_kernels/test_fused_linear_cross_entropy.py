@@ -11,7 +11,7 @@ import torch
 from ichiban_comm.triton_kernels import fused_linear_cross_entropy
 from ichiban_comm.triton_kernels.fused_linear_cross_entropy import (
     default_chunk_size, fused_linear_cross_entropy_reference)
-from kernels_testlib import DTYPES, expect_launches, randn, run_case
+from kernels_testlib import DTYPES, assert_bound, expect_launches, randn, run_case
 from test_cross_entropy import lowp_cross_entropy, targets
 
 # "mean"/"sum": one kernel per chunk in the forward makes loss rows and gradient together (the
@@ -140,3 +140,53 @@ def test_fused_linear_cross_entropy_float32_accumulation_of_dweight():
     assert errs[None] < errs[torch.bfloat16], errs
     with pytest.raises(ValueError, match="accum_dtype"):
         fused_linear_cross_entropy(h.bfloat16(), w.bfloat16(), t, accum_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype,eps,z,red,cap", [
+    (torch.float32, 0.1, 1e-3, "mean", None), (torch.bfloat16, 0.0, 0.0, "sum", 2.0),
+    (torch.bfloat16, 0.1, 0.0, "none", None)])
+def test_fused_linear_cross_entropy_vocabulary_blocks(dtype, eps, z, red, cap):
+    """The local vocabulary in blocks (statistics over all blocks, then each block's gradient
+    from recomputed logits), uneven last block, every reduction, the softcap chain rule."""
+    h, w, b = randn(9, 16, seed=51), randn(45, 16, seed=52, scale=0.4), randn(45, seed=53)
+    t = targets((9,), 45, 54, ignore=(3,))
+
+    def lowp(h, w, b):
+        lg = h @ w.t() + b
+        lg = torch.tanh(lg / cap) * cap if cap else lg
+        return lowp_cross_entropy(lg, t, eps, z, red)
+
+    with expect_launches("cross_entropy_grad"):
+        run_case(lambda h, w, b: fused_linear_cross_entropy(
+                     h, w, t, b, label_smoothing=eps, z_loss=z, reduction=red, chunk_size=4,
+                     vocab_chunk_size=8, softcap=cap),
+                 lowp,
+                 lambda h, w, b: fused_linear_cross_entropy_reference(
+                     h, w, t, b, -100, eps, z, red, softcap=cap),
+                 [h, w, b], dtype, grad=(0, 1, 2), launches=("cross_entropy_fwd",))
+
+
+def test_fused_linear_cross_entropy_float32_accumulation_of_dhidden():
+    """bf16 head in 16 vocabulary blocks: dhidden summed over the blocks in float32 (the
+    default) matches the unblocked gradient bit for bit, is closer to the float64 gradient than
+    the same sum rounded to bf16 after every block, and is within the kernel test bound."""
+    h, w = randn(16, 64, seed=61), randn(512, 64, seed=62, scale=0.3)
+    t = targets((16,), 512, 63, ignore=())
+    hb, wb = h.bfloat16(), w.bfloat16()
+    want = hb.double().requires_grad_()
+    fused_linear_cross_entropy_reference(want, wb.double(), t, reduction="sum").backward()
+    lowp = hb.clone().requires_grad_()
+    fused_linear_cross_entropy_reference(lowp, wb, t, reduction="sum").backward()
+    grads, errs = {}, {}
+    for acc, vc in ((None, 32), (torch.bfloat16, 32), (None, None)):
+        hh = hb.clone().requires_grad_()
+        fused_linear_cross_entropy(hh, wb, t, reduction="sum", chunk_size=8,
+                                   vocab_chunk_size=vc, accum_dtype=acc).backward()
+        assert hh.grad.dtype == torch.bfloat16
+        grads[acc, vc] = hh.grad
+        errs[acc, vc] = (hh.grad.double() - want.grad).abs().mean().item()
+    assert torch.equal(grads[None, 32], grads[None, None])
+    assert errs[None, 32] < 0.9 * errs[torch.bfloat16, 32], errs
+    assert_bound("dhidden", grads[None, 32], lowp.grad, want.grad, torch.bfloat16)
+    with pytest.raises(ValueError, match="vocab_chunk_size must be a positive int"):
+        fused_linear_cross_entropy(hb, wb, t, vocab_chunk_size=0)

@@ -58,3 +58,15 @@ def test_without_a_gpu_it_says_so():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert _bench().main(["--ops", "rms_norm"]) == 2
+
+
+def test_dry_run_launch_overhead_row_is_gpu_only(tmp_path, capsys):
+    """The cached-vs-plain launch row needs compiled kernels: a dry run says so (no error, no
+    number) instead of timing the interpreter."""
+    out = tmp_path / "l.json"
+    rc = _bench().main(["--dry-run", "--ops", "launch_overhead", "--reps", "1",
+                        "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["op"] == "launch_overhead" and "GPU only" in row["skipped"]
+    assert "host_ms" not in row

@@ -77,13 +77,18 @@ def _losses(x, y, h, w, t):
     a = cross_entropy(x, t, reduction="none", inplace=True)  # inplace is dropped when traced
     b = cross_entropy(y * 2.0, t, reduction="sum", label_smoothing=0.1)
     c = fused_linear_cross_entropy(h, w, t, chunk_size=3, softcap=2.0)
-    return (a * torch.arange(1.0, 6.0)).sum() + b + c
+    # vocabulary blocks: statistics merged over blocks, dhidden summed over them
+    d = fused_linear_cross_entropy(h * 0.5, w, t, chunk_size=2, vocab_chunk_size=7,
+                                   label_smoothing=0.1)
+    e = fused_linear_cross_entropy(h, w, t, reduction="none", vocab_chunk_size=8)
+    return (a * torch.arange(1.0, 6.0)).sum() + b + c + d + (e * torch.arange(1.0, 6.0)).sum()
 
 
 def test_compile_cross_entropy_gradients_are_not_zero():
-    """Compiled cross-entropy (every reduction, inplace=True, fused linear) gives the eager
-    gradients, which are not zero: the compiled backward scales the gradient made in the
-    forward out of place, never through a buffer the graph aliases."""
+    """Compiled cross-entropy (every reduction, inplace=True, fused linear, fused linear in
+    vocabulary blocks) gives the eager gradients, which are not zero: the compiled backward
+    scales the gradient made in the forward out of place, never through a buffer the graph
+    aliases."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(2)
     leaves = [torch.randn(5, 30, generator=gen), torch.randn(5, 30, generator=gen),

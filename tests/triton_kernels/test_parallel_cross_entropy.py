@@ -56,13 +56,16 @@ def _body(rank, world_size):
             loss.backward(torch.ones_like(loss) * 0.7)
             out[(path, "ce", eps, z, red)] = _np(loss, x.grad)
         for eps, z, red in FLCE_CONFIGS:
-            h = hidden.clone().requires_grad_()
-            w = weight[sl].clone().requires_grad_()
-            b = bias[sl].clone().requires_grad_()
-            loss = fused_linear_cross_entropy(h, w, target, b, label_smoothing=eps, z_loss=z,
-                                              reduction=red, group=group, chunk_size=4)
-            loss.backward(torch.ones_like(loss) * 0.7)
-            out[(path, "flce", red)] = _np(loss, h.grad, w.grad, b.grad)
+            for vb in (None, 5):  # 5: the local slice in vocabulary blocks (last one short)
+                h = hidden.clone().requires_grad_()
+                w = weight[sl].clone().requires_grad_()
+                b = bias[sl].clone().requires_grad_()
+                loss = fused_linear_cross_entropy(h, w, target, b, label_smoothing=eps,
+                                                  z_loss=z, reduction=red, group=group,
+                                                  chunk_size=4, vocab_chunk_size=vb)
+                loss.backward(torch.ones_like(loss) * 0.7)
+                out[(path, "flce" if vb is None else "flce_vb", red)] = _np(loss, h.grad,
+                                                                           w.grad, b.grad)
     out["launches"] = launch_counts()
     return out
 
@@ -109,15 +112,15 @@ def test_vocab_parallel_equals_unsharded(world_size):
                 _close(f"{path} ce{eps, z, red} loss rank {r}", loss, want_loss)
             grad = torch.cat([res[(path, "ce", eps, z, red)][1] for res in results], dim=1)
             _close(f"{path} ce{eps, z, red} dlogits", grad, want_grad)
-        for _, _, red in FLCE_CONFIGS:
-            want, key = ref[("flce", red)], (path, "flce", red)
+        for (_, _, red), kind in ((c, k) for c in FLCE_CONFIGS for k in ("flce", "flce_vb")):
+            want, key = ref[("flce", red)], (path, kind, red)
             for r, res in enumerate(results):
                 loss, dh, _, _ = res[key]
-                _close(f"{path} flce {red} loss rank {r}", loss, want[0])
-                _close(f"{path} flce {red} dhidden rank {r}", dh, want[1])
-            _close(f"{path} flce {red} dweight", torch.cat([res[key][2] for res in results]),
+                _close(f"{path} {kind} {red} loss rank {r}", loss, want[0])
+                _close(f"{path} {kind} {red} dhidden rank {r}", dh, want[1])
+            _close(f"{path} {kind} {red} dweight", torch.cat([res[key][2] for res in results]),
                    want[2])
-            _close(f"{path} flce {red} dbias", torch.cat([res[key][3] for res in results]),
+            _close(f"{path} {kind} {red} dbias", torch.cat([res[key][3] for res in results]),
                    want[3])
     for r, res in enumerate(results):
         launched = res["launches"]
