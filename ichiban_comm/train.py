@@ -234,7 +234,10 @@ def _init_distributed(args):
     info = elastic.init_process_group(args.backend, args.comm_timeout)
     from .parallel import init_parallel
 
-    dims = init_parallel(tp=args.tp, pp=args.pp, dp=args.dp)
+    import datetime
+
+    dims = init_parallel(tp=args.tp, pp=args.pp, dp=args.dp,
+                         timeout=datetime.timedelta(seconds=args.comm_timeout))
     return dist.get_rank(), dist.get_world_size(), dims, info
 
 

@@ -34,7 +34,9 @@ def _port() -> int:
 
 
 def _env(extra=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # the kernels' plain-torch references: the Triton interpreter (tests/conftest.py) is too slow
+    # to train with
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ICHIBAN_KERNELS="reference")
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)   # the users' plain torchrun
     env.update(extra or {})
     return env

@@ -233,13 +233,15 @@ class ParallelDims:
                 f"tp_rank={self.tp_rank}, pp_rank={self.pp_rank}, dp_rank={self.dp_rank})")
 
 
-def init_parallel(tp: int = 1, pp: int = 1, dp: int = -1, topology=None) -> ParallelDims:
+def init_parallel(tp: int = 1, pp: int = 1, dp: int = -1, topology=None, timeout=None) -> ParallelDims:
     """Build the tensor-, pipeline- and data-parallel groups of this job.
 
     Needs an initialised default process group (``dist.init_process_group``); every rank must
     call it with the same sizes. ``topology``: a Topology or a declared topology file; None
     reads the job's (``ICHIBAN_TOPOLOGY``, else detected). Collective: every group is created
-    on every rank, in one order.
+    on every rank, in one order. ``timeout`` (a ``datetime.timedelta``): how long the groups'
+    collectives wait for a peer; None: torch's default for new groups (torch does not pass the
+    default group's timeout on to the groups made from it).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("init_parallel needs a default process group: call "
@@ -254,7 +256,7 @@ def init_parallel(tp: int = 1, pp: int = 1, dp: int = -1, topology=None) -> Para
     for kind, ranks_list in (("tp", layout.tp_groups()), ("pp", layout.pp_groups()),
                              ("dp", layout.dp_groups())):
         for ranks in ranks_list:
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 groups[kind] = g
     return ParallelDims(layout, rank, groups)
