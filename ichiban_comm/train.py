@@ -599,7 +599,7 @@ def main(argv=None) -> int:
         if source is None:
             say(f"resume: no complete checkpoint in {args.ckpt_dir}; starting from step 0")
         else:
-            say(f"resumed at step {start} from {source} ({args.ckpt_dir}) in "
+            say(f"resumed from {source} ({args.ckpt_dir}) at step {start} in "
                 f"{restore['seconds']:.2f} s" + (f", resharded to tp={dims.tp}, dp={dims.dp} as needed"
                                                  if _sharded(dims, args) else ""), flush=True)
     if start >= args.steps:
@@ -739,11 +739,6 @@ def main(argv=None) -> int:
     split_pct = summary["time_split_pct"]
     ckpt_note = (f"; {len(saves)} checkpoint(s) in {args.ckpt_dir}, median pause "
                  f"{summary['ckpt_blocking_ms_median']:.1f} ms" if saves else "")
-    say(f"done: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
-        f"(mean of last {k} steps), validation "
-        f"{'n/a (pipeline)' if summary['val_loss'] is None else format(summary['val_loss'], '.3f')}; "
-        f"{summary['tokens_per_s']:,.0f} tok/s over {elapsed:.1f} s{ckpt_note}; "
-        f"metrics in {args.out_dir}/", flush=True)
     say(f"step time ({steps_run} steps, {totals['step_s']:.1f} s): compute {split_pct['compute']:.1f} %, "
         f"communication {split_pct['comm']:.1f} %, checkpoint {split_pct['ckpt']:.1f} %, data "
         f"{split_pct['data']:.1f} %" + (f"; bytes through shared memory {summary['intra_host_bytes']:,}, "
@@ -751,6 +746,11 @@ def main(argv=None) -> int:
                                         if "intra_host_bytes" in summary else "")
         + (f"; attempt {attempt}, resumed at step {start} from {restore['source']}"
            if restore["source"] else ""), flush=True)
+    say(f"done: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
+        f"(mean of last {k} steps), validation "
+        f"{'n/a (pipeline)' if summary['val_loss'] is None else format(summary['val_loss'], '.3f')}; "
+        f"{summary['tokens_per_s']:,.0f} tok/s over {elapsed:.1f} s{ckpt_note}; "
+        f"metrics in {args.out_dir}/", flush=True)
     if lead and summary["last_loss"] >= summary["first_loss"] and len(losses) > 1:
         print("warning: the loss did not fall; try more --steps or a different --lr",
               file=sys.stderr)

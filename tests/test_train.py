@@ -25,8 +25,13 @@ def _run(tmp_path, name, extra=()):
     out = tmp_path / name
     assert train.main(TINY + ["--out-dir", str(out)] + list(extra)) == 0
     summary = json.loads((out / "summary.json").read_text())
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return summary, losses
+    return summary, [r["loss"] for r in _steps(out)]
+
+
+def _steps(out):
+    """metrics.jsonl's step records (the others mark a start, a failure, the end)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "event" not in r]
 
 
 def test_loss_falls_and_outputs_are_written(tmp_path, capsys):
@@ -95,8 +100,8 @@ def test_fused_kernels_really_run_in_the_job(tmp_path, monkeypatch):
         assert launched.get(kernel, 0) > 0, (kernel, launched)
     assert any("cross_entropy" in k and n > 0 for k, n in launched.items()), launched
     assert train.main(micro + ["--out-dir", str(tmp_path / "p"), "--ops", "plain"]) == 0
-    fused = [json.loads(x)["loss"] for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
-    plain = [json.loads(x)["loss"] for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    fused = [r["loss"] for r in _steps(tmp_path / "f")]
+    plain = [r["loss"] for r in _steps(tmp_path / "p")]
     assert len(fused) == 2 and all(abs(a - b) < 1e-4 * abs(b) for a, b in zip(fused, plain))
 
 
@@ -107,8 +112,6 @@ def test_resume_continues_the_uninterrupted_curve(tmp_path):
     assert first["checkpoints"] == 2
     second, _ = _run(tmp_path, "split", ["--ckpt-every", "10", "--ckpt-dir", ckpt, "--resume"])
     assert second["start_step"] == 20
-    losses = [json.loads(line)["loss"]
-              for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [json.loads(line)["step"] for line in
-            (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()] == list(range(40))
+    losses = [r["loss"] for r in _steps(tmp_path / "split")]
+    assert [r["step"] for r in _steps(tmp_path / "split")] == list(range(40))
     assert losses == full  # bit-exact: model, optimizer, step and RNG all restored

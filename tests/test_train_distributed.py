@@ -24,7 +24,7 @@ def _train(rank, world_size, out_dir, backend, extra):
         with open(os.path.join(out_dir, "summary.json")) as f:
             summary = json.load(f)
         with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-            return summary, [json.loads(line)["loss"] for line in f]
+            return summary, [r["loss"] for r in map(json.loads, f) if "event" not in r]
     return None
 
 
