@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ShardSpec", "vocab_spec", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+__all__ = ["ShardSpec", "vocab_spec", "copy_to_group", "ColumnParallelLinear",
+           "RowParallelLinear", "VocabParallelEmbedding",
            "ParallelLMHead", "gather_sequence", "gather_sequence_replicated_grad",
            "scatter_sequence", "reduce_scatter_sequence",
            "reduce_from_group", "sequence_parallel_norm", "gather_full", "SEQ_DIM"]
@@ -245,7 +246,10 @@ class ColumnParallelLinear(_ParallelLinearBase):
     ``parts``: the output is that many equal fused blocks (3 for q|k|v in one matmul, 2 for
     gate|up), each split separately so every rank gets its heads of each block.
     ``sequence_parallel``: the input comes from a :func:`gather_sequence` (whose backward sums
-    dx), so dx is not all-reduced here. The output is this rank's features (not gathered).
+    dx), so dx is not all-reduced here. ``input_reduced`` (attribute, default False): the input
+    comes from a :func:`copy_to_group` shared with the other column-parallel layers that read
+    it (q, k and v; gate and up), whose backward all-reduces their summed dx once, so dx is not
+    all-reduced here either. The output is this rank's features (not gathered).
     """
 
     def __init__(self, in_features, out_features, bias=True, group=None, parts=1,
@@ -255,6 +259,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.in_features, self.out_features, self.parts = in_features, out_features, parts
         self.sequence_parallel = sequence_parallel
         self.overlap = True
+        self.input_reduced = False
         full_shape = (in_features, out_features) if conv1d else (out_features, in_features)
         full = torch.empty(full_shape, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(full, a=5 ** 0.5)
@@ -279,6 +284,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.in_features, self.out_features, self.parts = in_f, out_f, parts
         self.sequence_parallel = sequence_parallel
         self.overlap = True  # False: wait for the dx all-reduce before dW (for measuring)
+        self.input_reduced = False
         self.weight = _shard_param(w, ShardSpec(1 if conv1d else 0, parts, self.tp, self.tp_rank,
                                                 tuple(w.shape)))
         if b is not None:
@@ -292,7 +298,8 @@ class ColumnParallelLinear(_ParallelLinearBase):
         if self.tp == 1:
             return F.linear(x, self._w(), self.bias)
         return _ColumnLinearFn.apply(x, self._w(), self.bias, self.group,
-                                     not self.sequence_parallel, self.overlap)
+                                     not (self.sequence_parallel or self.input_reduced),
+                                     self.overlap)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features // self.tp}/"

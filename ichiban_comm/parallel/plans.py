@@ -125,6 +125,9 @@ def _gpt2_plan(model, tp):
     return plan, fixup
 
 
+# Auto-plan models with separate q, k, v (and gate, up) projections of one norm's output.
+SEPARATE_QKV = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
 KNOWN_MODELS = {
     "GPT": _gpt_plan,  # ichiban_comm.models.GPT
     "LlamaForCausalLM": _llama_plan,
@@ -271,6 +274,11 @@ def parallelize(model: nn.Module, dims, plan="auto", sequence_parallel: bool = F
             rows.append((name, style, detail))
     if fixup is not None:
         fixup(model)
+    if source == "auto" and not sequence_parallel and tp > 1 and \
+            type(model).__name__ in SEPARATE_QKV:
+        _share_column_input_grads(model, entries, matched, group)
+        notes.append("column-parallel layers reading one norm's output (q|k|v, gate|up) "
+                     "all-reduce their summed input gradient once, at the norm")
     if _is_hf_causal_lm(model) and any(s["style"] == "vocab" for _, s in entries) and \
             isinstance(getattr(model, "lm_head", None), L.ParallelLMHead):
         model.forward = _vocab_parallel_lm_forward(model)
@@ -326,6 +334,26 @@ def _apply(mod, style, spec, group, sp, new_params, vocab_multiple=1):
         mod.register_forward_pre_hook(_scatter_first_input(group), with_kwargs=True)
         return None, "first input sliced along the sequence"
     raise AssertionError(style)
+
+
+def _share_column_input_grads(model, entries, matched, group):
+    """Without sequence parallelism, one all-reduce of dx per norm instead of one per
+    column-parallel layer: the norm's output passes through :func:`copy_to_group` (identity
+    forward, all-reduce backward) and the column layers leave their partial dx unreduced;
+    autograd sums the partials of q, k and v (gate and up) before the one all-reduce. Only
+    for the auto plans, where every column-parallel layer reads a ``"sequence"`` norm's output
+    and nothing else reads it (the dataflow that sequence parallelism relies on as well). The
+    trade: the per-layer all-reduce overlaps the layer's dW matmul; the shared one does not,
+    but there are 2 per block instead of 5. Models whose q|k|v and gate|up are single matmuls
+    (GPT-2, the project's GPT) issue 2 either way and keep the overlap."""
+    for glob, spec in entries:
+        if spec["style"] == "sequence" and spec.get("output") != "replicated":
+            for name in matched[glob]:
+                model.get_submodule(name).register_forward_hook(
+                    lambda m, i, out: L.copy_to_group(out, group))
+    for m in model.modules():
+        if isinstance(m, L.ColumnParallelLinear):
+            m.input_reduced = True
 
 
 def _padding(p):
