@@ -110,10 +110,34 @@ def _against_dtensor(dims):
     return lo.item()
 
 
+def _count_all_reduces(dims):
+    """All-reduces of one Llama forward + backward without SP: the embedding, o_proj and
+    down_proj forward, the loss (max, sums, dh), and one per norm for the shared input
+    gradient of q|k|v and gate|up (not one per column-parallel layer)."""
+    import torch.distributed as dist
+
+    model = tm.build("llama")
+    parallelize(model, dims, plan="auto")
+    ids, labels = tm.batch()
+    calls, real = [], dist.all_reduce
+
+    def counting(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+    dist.all_reduce = counting
+    try:
+        model(input_ids=ids, labels=labels).loss.backward()
+    finally:
+        dist.all_reduce = real
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 1 + 2 * layers + 3 + 2 * layers, calls
+
+
 def _tp_body(rank, world, families, dtensor):
     from ichiban_comm.parallel import init_parallel
 
     dims = init_parallel(tp=world)
+    _count_all_reduces(dims)
     out = {f: _check_family(f, dims) for f in families}
     if dtensor:
         out["dtensor_loss"] = _against_dtensor(dims)
