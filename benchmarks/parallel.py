@@ -7,7 +7,9 @@ Rows (median step time of forward + backward + AdamW step, and tokens/s):
   * ``dtensor tp=2``     ``parallelize_module`` Colwise/Rowwise (embedding Rowwise, head Colwise
                          with replicated logits), over gloo and over "ichiban"; and the same with
                          the logits left split and the loss under ``loss_parallel()``
-  * ``ours tp=2, no overlap``  the column-parallel dx all-reduce waited before dW
+  * ``ours tp=2, dx per layer``  the auto plan given as a dict: every column-parallel layer
+                         all-reduces its own dx (overlapped with its dW) instead of one shared
+                         all-reduce per norm; ``no overlap``: that all-reduce waited before dW
   * ``ours tp=2, collectives stubbed out``  our step with every collective returning at once:
                          its compute alone (wrong numbers, right work)
   * ``ddp dp=2``         the whole model on each rank, DDP over "ichiban" (twice the tokens)
@@ -45,8 +47,9 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-ROWS = ["ours-gloo", "dtensor-gloo", "dtensorlp-gloo", "ours-ichiban", "dtensor-ichiban",
-        "dtensorlp-ichiban", "ours-ichiban-nooverlap", "ours-nocomm", "ddp-ichiban"]
+ROWS = ["ours-gloo", "ours-gloo-perlayer", "dtensor-gloo", "dtensorlp-gloo", "ours-ichiban",
+        "ours-ichiban-perlayer", "dtensor-ichiban", "dtensorlp-ichiban", "ours-ichiban-nooverlap",
+        "ours-nocomm", "ddp-ichiban"]
 
 
 def parse_args(argv=None):
@@ -281,9 +284,7 @@ class NoCollectives:
             setattr(dist, n, fn)
 
 
-def replay(entries, group, reps):
-    """Median seconds of the recorded collectives issued back to back on ``group`` (each
-    waited before the next, as the step waits for them), with no compute between them."""
+def _buffers(entries, group):
     import torch
     import torch.distributed as dist
 
@@ -298,21 +299,81 @@ def replay(entries, group, reps):
             bufs.append((kind, x.new_empty(n // tp), x, ops.get(op, dist.ReduceOp.SUM)))
         else:
             bufs.append((kind, x, None, ops.get(op, dist.ReduceOp.SUM)))
+    return bufs
+
+
+def _issue(buf, group):
+    import torch.distributed as dist
+
+    kind, a, b, op = buf
+    if kind == "all_reduce":
+        dist.all_reduce(a, op=op, group=group)
+    elif kind == "all_gather_single":
+        dist.all_gather_single(a, b, group=group)
+    elif kind == "reduce_scatter_single":
+        dist.reduce_scatter_single(a, b, op=op, group=group)
+    else:
+        dist.broadcast(a, dist.get_global_rank(group, 0), group=group)
+
+
+def replay(entries, group, reps):
+    """Median seconds of the recorded collectives issued back to back on ``group`` (each
+    waited before the next, as the step waits for them), with no compute between them."""
+    import torch.distributed as dist
+
+    bufs = _buffers(entries, group)
     times = []
     for _ in range(reps):
         dist.barrier(group=group)
         t0 = time.perf_counter()
-        for kind, a, b, op in bufs:
-            if kind == "all_reduce":
-                dist.all_reduce(a, op=op, group=group)
-            elif kind == "all_gather_single":
-                dist.all_gather_single(a, b, group=group)
-            elif kind == "reduce_scatter_single":
-                dist.reduce_scatter_single(a, b, op=op, group=group)
-            else:
-                dist.broadcast(a, dist.get_global_rank(group, 0), group=group)
+        for buf in bufs:
+            _issue(buf, group)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _burst(seconds):
+    """A callable that multiplies for about ``seconds`` (calibrated here): compute that keeps
+    the core busy between two collectives, as the step's layers do."""
+    import torch
+
+    a, b = torch.randn(64, 256), torch.randn(256, 256)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.05:
+        a @ b
+        n += 1
+    iters = max(0, round(seconds / ((time.perf_counter() - t0) / n)))
+
+    def run():
+        for _ in range(iters):
+            a @ b
+    return run
+
+
+def replay_interleaved(entries, group, reps, compute_s):
+    """(collectives with compute between them, the compute alone), median seconds: the step's
+    compute time cut into equal bursts, one before each recorded collective. What the first
+    exceeds the sum of the second and the collectives alone is the cost of alternating them on
+    this backend (the backend's threads sleep during compute and must be woken; the peer may
+    be late), not of our layers' code."""
+    import torch.distributed as dist
+
+    burst = _burst(compute_s / max(1, len(entries)))
+    bufs = _buffers(entries, group)
+    both, alone = [], []
+    for _ in range(reps):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        for _ in entries:
+            burst()
+        alone.append(time.perf_counter() - t0)
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        for buf in bufs:
+            burst()
+            _issue(buf, group)
+        both.append(time.perf_counter() - t0)
+    return statistics.median(both), statistics.median(alone)
 
 
 def _worker(rank, world, port, args, out):
@@ -325,6 +386,7 @@ def _worker(rank, world, port, args, out):
 
         import ichiban_comm  # noqa: F401  (registers "ichiban")
         from ichiban_comm.parallel import parallelize
+        from ichiban_comm.parallel.plans import auto_plan
 
         torch.set_num_threads(1)
         dist.init_process_group("gloo")
@@ -338,7 +400,13 @@ def _worker(rank, world, port, args, out):
             backend = "gloo" if backend == "nocomm" else backend
             m = copy.deepcopy(base)
             if kind == "ours":
-                parallelize(m, SimpleNamespace(tp=2, tp_group=groups[backend]), plan="auto")
+                dims = SimpleNamespace(tp=2, tp_group=groups[backend])
+                if row.endswith(("perlayer", "nooverlap")):
+                    # the auto plan given as a dict: each column-parallel layer all-reduces
+                    # its own dx (overlapped with its dW, or waited first: "nooverlap")
+                    parallelize(m, dims, plan=auto_plan(m, 2)[0])
+                else:
+                    parallelize(m, dims, plan="auto")
                 if row.endswith("nooverlap"):
                     for mod in m.modules():
                         if hasattr(mod, "overlap"):
@@ -376,6 +444,11 @@ def _worker(rank, world, port, args, out):
             backend = row.split("-")[1]
             comm[row] = dict(log.summary(), replay_s=replay(log.entries, groups[backend],
                                                              args.replay_reps))
+            if row in ("ours-gloo", "ours-ichiban"):
+                both, alone = replay_interleaved(log.entries, groups[backend],
+                                                 max(3, args.replay_reps // 3),
+                                                 statistics.median(times["ours-nocomm"]))
+                comm[row].update(interleaved_s=both, bursts_s=alone)
         dist.barrier()
         dist.destroy_process_group()
         out.put((rank, "ok", {"times": times, "losses": losses, "probe": probe, "comm": comm}))
@@ -452,7 +525,9 @@ def main(argv=None) -> int:
              "dtensorlp-gloo": "DTensor tp=2, gloo, loss_parallel",
              "dtensorlp-ichiban": "DTensor tp=2, ichiban, loss_parallel",
              "ours-ichiban": "ours tp=2, ichiban", "dtensor-ichiban": "DTensor tp=2, ichiban",
-             "ours-ichiban-nooverlap": "ours tp=2, ichiban, no overlap",
+             "ours-ichiban-nooverlap": "ours tp=2, ichiban, dx per layer, waited",
+             "ours-gloo-perlayer": "ours tp=2, gloo, dx per layer",
+             "ours-ichiban-perlayer": "ours tp=2, ichiban, dx per layer",
              "ours-nocomm": "ours tp=2, collectives stubbed out",
              "ddp-ichiban": "DDP dp=2, ichiban (2 batches)"}
     # The baseline is the faster unsplit run (all cores, or one thread when the cores are
@@ -510,12 +585,22 @@ def main(argv=None) -> int:
              "dtensor_step_ms": dt, "x_dtensor": dt / ours["step_ms"],
              "best_x_dtensor": dt / (compute + ours["replay_ms"]),
              "overlapped_x_dtensor": dt / max(compute, ours["replay_ms"])}
+        if "interleaved_s" in ours:
+            # the same collectives between synthetic compute bursts of the same total: how much
+            # alternating compute and collectives costs on this backend by itself
+            both, alone = 1e3 * ours.pop("interleaved_s"), 1e3 * ours.pop("bursts_s")
+            d.update(synthetic_ms=both, synthetic_compute_ms=alone,
+                     synthetic_interaction_ms=both - alone - ours["replay_ms"])
         decomposition[b] = d
         print(f"  {b:<8} step {d['ours_step_ms']:.1f} = compute {compute:.1f} + "
               f"{d['collectives']} collectives {d['collectives_ms']:.1f} + interaction "
               f"{d['interaction_ms']:.1f}; DTensor {dt:.1f}: now {d['x_dtensor']:.2f}x, best "
               f"{d['best_x_dtensor']:.2f}x (no interaction), {d['overlapped_x_dtensor']:.2f}x "
               f"(collectives fully hidden)")
+        if "synthetic_ms" in d:
+            print(f"  {'':<8} the same collectives between matmul bursts totalling "
+                  f"{d['synthetic_compute_ms']:.1f}: {d['synthetic_ms']:.1f}, interaction "
+                  f"{d['synthetic_interaction_ms']:.1f}")
     losses = dict(pair["losses"], unsplit=loss_u)
     losses.pop("ours-nocomm")   # (its collectives did nothing: not the same training)
     spread = max(abs(v - loss_u) for v in losses.values()) / abs(loss_u)
