@@ -38,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import socket
 import statistics
 import sys
@@ -417,6 +418,7 @@ def _worker(rank, world, port, args, out):
                 m = torch.nn.parallel.DistributedDataParallel(m, process_group=groups[backend])
             setups[row] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
         times = {row: [] for row in ROWS}
+        switches = {row: [0, 0, 0] for row in ROWS}
         losses = {}
         for r in range(args.rounds):
             for row in ROWS:
@@ -424,9 +426,16 @@ def _worker(rank, world, port, args, out):
                 dist.barrier()
                 step = _forward_backward_loss_parallel if row.startswith("dtensorlp") \
                     else _forward_backward
+                warm = args.warmup if r == 0 else 1
+                ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 with NoCollectives() if row == "ours-nocomm" else contextlib.nullcontext():
-                    t, losses[row] = time_steps(m, opt, ids, labels, args.steps,
-                                                args.warmup if r == 0 else 1, step)
+                    t, losses[row] = time_steps(m, opt, ids, labels, args.steps, warm, step)
+                ru1 = resource.getrusage(resource.RUSAGE_SELF)
+                # context switches of this process (all its threads) per step: how often a
+                # thread blocked (voluntary) or was preempted (involuntary)
+                switches[row][0] += ru1.ru_nvcsw - ru0.ru_nvcsw
+                switches[row][1] += ru1.ru_nivcsw - ru0.ru_nivcsw
+                switches[row][2] += args.steps + warm
                 times[row] += t
         probe = {b: _overlap_probe(args, groups[b]) for b in ("gloo", "ichiban")}
         # The collectives of one step of each split configuration, then those alone, replayed
@@ -451,7 +460,10 @@ def _worker(rank, world, port, args, out):
                 comm[row].update(interleaved_s=both, bursts_s=alone)
         dist.barrier()
         dist.destroy_process_group()
-        out.put((rank, "ok", {"times": times, "losses": losses, "probe": probe, "comm": comm}))
+        switches = {row: {"voluntary": v / n, "involuntary": i / n}
+                    for row, (v, i, n) in switches.items()}
+        out.put((rank, "ok", {"times": times, "losses": losses, "probe": probe, "comm": comm,
+                              "switches": switches}))
     except BaseException:  # noqa: BLE001
         import traceback
 
@@ -562,20 +574,26 @@ def main(argv=None) -> int:
     comm, decomposition = pair["comm"], {}
     print("\nthe collectives of one step alone, replayed on the same backend with no compute "
           "(medians, ms):")
-    print(f"  {'configuration':<36}{'count':>6}{'KiB':>8}{'alone':>9}{'step':>9}{'rest':>9}")
+    print(f"  {'configuration':<36}{'count':>6}{'KiB':>8}{'alone':>9}{'step':>9}{'rest':>9}"
+          f"{'switches/step':>15}")
+    sw = pair["switches"]
     for key in (k for k in ROWS if k in comm):
         c = comm[key]
         c["replay_ms"] = 1e3 * c.pop("replay_s")
         c["step_ms"], c["rest_ms"] = 1e3 * med[key], 1e3 * med[key] - c["replay_ms"]
+        c["context_switches_per_step"] = sw[key]
         print(f"  {label[key]:<36}{c['count']:>6}{c['bytes'] / 1024:>8.0f}{c['replay_ms']:>9.1f}"
-              f"{c['step_ms']:>9.1f}{c['rest_ms']:>9.1f}")
+              f"{c['step_ms']:>9.1f}{c['rest_ms']:>9.1f}"
+              f"{sw[key]['voluntary']:>9.0f} +{sw[key]['involuntary']:>4.0f}")
     # Our step = compute alone (the same step with every collective stubbed out) + its
     # collectives alone (replayed) + what mixing the two costs (waiting for the peer, waking
     # the backend's threads, cores taken from the compute). Without that last part, and with
     # the collectives as they are, the step would take compute + collectives: the best ratio
     # to DTensor this sequence of collectives allows on the backend.
     compute = 1e3 * med["ours-nocomm"]
-    print(f"\nour step decomposed (ms): compute alone {compute:.1f} (collectives stubbed out)")
+    print(f"\nour step decomposed (ms): compute alone {compute:.1f} (collectives stubbed out; "
+          f"{sw['ours-nocomm']['voluntary']:.0f} + {sw['ours-nocomm']['involuntary']:.0f} "
+          "context switches per step)")
     for b in ("gloo", "ichiban"):
         dt = min(med[f"dtensor-{b}"], med[f"dtensorlp-{b}"]) * 1e3
         ours = comm[f"ours-{b}"]
