@@ -387,6 +387,7 @@ class VocabParallelEmbedding(_SliceOnLoad, nn.Module):
             _weight = torch.empty(num_embeddings, embedding_dim, dtype=dtype, device=device)
             nn.init.normal_(_weight)
         self.weight = _shard_param(_weight, spec)
+        self.spec = spec  # (kept here too: FSDP swaps the parameters for new objects)
         self._install_slicing()
 
     @classmethod
@@ -411,7 +412,7 @@ class VocabParallelEmbedding(_SliceOnLoad, nn.Module):
         return reduce_from_group(out, self.group)
 
     def extra_repr(self):
-        padded = self.weight.tp_shard.padded
+        padded = self.spec.padded
         return (f"{self.per_rank}/{self.num_embeddings}, {self.embedding_dim}, tp={self.tp}, "
                 f"vocab_start={self.vocab_start}"
                 + (f", padded to {padded} rows per rank" if padded else ""))
@@ -460,6 +461,7 @@ class ParallelLMHead(_SliceOnLoad, nn.Module):
                 _weight = torch.empty(vocab_size, in_features, dtype=dtype, device=device)
                 nn.init.normal_(_weight, 0.0, 0.02)
             self.weight = _shard_param(_weight, spec)
+        self.spec = spec  # (kept here too: FSDP swaps the parameters for new objects)
         if bias or _bias is not None:
             b = _bias if _bias is not None else torch.zeros(vocab_size, dtype=dtype, device=device)
             self.bias = _shard_param(b, ShardSpec(0, 1, self.tp, self.tp_rank, (vocab_size,),
@@ -481,10 +483,10 @@ class ParallelLMHead(_SliceOnLoad, nn.Module):
     @property
     def padded(self) -> int:
         """Rows per rank including padding (0: not padded)."""
-        return self.weight.tp_shard.padded
+        return self.spec.padded
 
     def forward(self, h):
-        spec = self.weight.tp_shard
+        spec = self.spec
         if self.tp == 1:
             return F.linear(h, spec.trim(self.weight),
                             spec.trim(self.bias) if self.bias is not None else None)
@@ -500,7 +502,7 @@ class ParallelLMHead(_SliceOnLoad, nn.Module):
         """Cross-entropy of ``h @ W.T`` against ``target`` over the split vocabulary."""
         from ..triton_kernels import fused_linear_cross_entropy
 
-        spec = self.weight.tp_shard
+        spec = self.spec
         w = spec.trim(self.weight)  # (real rows, H): padding stays out of the softmax
         b = spec.trim(self.bias) if self.bias is not None else None
         if spec.padded and self.tp > 1:
@@ -510,7 +512,7 @@ class ParallelLMHead(_SliceOnLoad, nn.Module):
                                           group=self.group if self.tp > 1 else None, **kwargs)
 
     def extra_repr(self):
-        spec = self.weight.tp_shard
+        spec = self.spec
         return (f"in_features={self.in_features}, vocab={spec.real}/{self.vocab_size}, "
                 f"tp={self.tp}, bias={self.bias is not None}"
                 + (f", padded to {spec.padded} rows per rank" if spec.padded else ""))
