@@ -9,14 +9,16 @@ Rows (median step time of forward + backward + AdamW step, and tokens/s):
                          the logits left split and the loss under ``loss_parallel()``
   * ``ours tp=2, dx per layer``  the auto plan given as a dict: every column-parallel layer
                          all-reduces its own dx (overlapped with its dW) instead of one shared
-                         all-reduce per norm; ``no overlap``: that all-reduce waited before dW
+                         all-reduce per norm; ``waited``: that all-reduce waited before dW
   * ``ours tp=2, collectives stubbed out``  our step with every collective returning at once:
                          its compute alone (wrong numbers, right work)
   * ``ddp dp=2``         the whole model on each rank, DDP over "ichiban" (twice the tokens)
 and the collectives one step of each split configuration issues (recorded: count, bytes),
-replayed alone on the same backend with no compute, which decomposes our step into compute +
-collectives + the cost of mixing them (waiting for the peer, waking the backend's threads); and
-the best ratio to DTensor that sequence of collectives allows. And, per backend, how much of the column-parallel dx all-reduce the overlap hides: with
+replayed alone on the same backend with no compute (and between matmul bursts), which
+decomposes our step into compute + collectives + the cost of mixing them (waiting for the peer,
+waking the backend's threads; context switches per step are counted); and the best ratio to
+DTensor that sequence of collectives allows. And, per backend, how much of the column-parallel
+dx all-reduce the overlap hides: with
 ``t_ar`` the all-reduce alone, ``t_w`` the weight-gradient matmul alone and ``t_ov`` both with
 the all-reduce issued asynchronously first, hidden = (t_ar + t_w - t_ov) / t_ar.
 
