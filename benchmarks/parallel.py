@@ -7,9 +7,18 @@ Rows (median step time of forward + backward + AdamW step, and tokens/s):
   * ``dtensor tp=2``     ``parallelize_module`` Colwise/Rowwise (embedding Rowwise, head Colwise
                          with replicated logits), over gloo and over "ichiban"; and the same with
                          the logits left split and the loss under ``loss_parallel()``
-  * ``ours tp=2, no overlap``  the column-parallel dx all-reduce waited before dW
+  * ``ours tp=2, dx per layer``  the auto plan given as a dict: every column-parallel layer
+                         all-reduces its own dx (overlapped with its dW) instead of one shared
+                         all-reduce per norm; ``waited``: that all-reduce waited before dW
+  * ``ours tp=2, collectives stubbed out``  our step with every collective returning at once:
+                         its compute alone (wrong numbers, right work)
   * ``ddp dp=2``         the whole model on each rank, DDP over "ichiban" (twice the tokens)
-and, per backend, how much of the column-parallel dx all-reduce the overlap hides: with
+and the collectives one step of each split configuration issues (recorded: count, bytes),
+replayed alone on the same backend with no compute (and between matmul bursts), which
+decomposes our step into compute + collectives + the cost of mixing them (waiting for the peer,
+waking the backend's threads; context switches per step are counted); and the best ratio to
+DTensor that sequence of collectives allows. And, per backend, how much of the column-parallel
+dx all-reduce the overlap hides: with
 ``t_ar`` the all-reduce alone, ``t_w`` the weight-gradient matmul alone and ``t_ov`` both with
 the all-reduce issued asynchronously first, hidden = (t_ar + t_w - t_ov) / t_ar.
 
@@ -25,11 +34,13 @@ the rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import socket
 import statistics
 import sys
@@ -39,8 +50,9 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-ROWS = ["ours-gloo", "dtensor-gloo", "dtensorlp-gloo", "ours-ichiban", "dtensor-ichiban",
-        "dtensorlp-ichiban", "ours-ichiban-nooverlap", "ddp-ichiban"]
+ROWS = ["ours-gloo", "ours-gloo-perlayer", "dtensor-gloo", "dtensorlp-gloo", "ours-ichiban",
+        "ours-ichiban-perlayer", "dtensor-ichiban", "dtensorlp-ichiban", "ours-ichiban-nooverlap",
+        "ours-nocomm", "ddp-ichiban"]
 
 
 def parse_args(argv=None):
@@ -57,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration and round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--replay-reps", type=int, default=30,
+                   help="replays of each configuration's collectives alone (median)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = p.parse_args(argv)
     for k in ("d_model", "layers", "heads", "kv_heads", "ffn", "vocab", "batch", "seq", "steps",
@@ -172,6 +186,199 @@ def _overlap_probe(args, group, reps=200):
     return {k: statistics.median(v) for k, v in res.items()}
 
 
+# ---- the collectives of one step, alone -------------------------------------------------------
+
+_DIST_FNS = ("all_reduce", "all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
+             "reduce_scatter_tensor", "broadcast")
+
+
+class CollectiveLog:
+    """Records the collectives one training step issues, in order, as (kind, numel, dtype,
+    reduce op): torch.distributed calls (ours: plain tensors and autograd Functions) by
+    wrapping the module's functions, and functional collectives (DTensor's) through a
+    TorchDispatchMode. ``numel`` is the input's element count."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self.entries = []
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
+                if "_c10d_functional" in str(func) and name in ("all_reduce",
+                                                                "all_gather_into_tensor",
+                                                                "reduce_scatter_tensor"):
+                    op = args[1] if name != "all_gather_into_tensor" else "sum"
+                    kind = {"all_gather_into_tensor": "all_gather_single",
+                            "reduce_scatter_tensor": "reduce_scatter_single"}.get(name, name)
+                    log.append((kind, args[0].numel(), args[0].dtype, str(op).lower()))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._saved = {}
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        for name in _DIST_FNS:
+            fn = getattr(dist, name)
+            self._saved[name] = fn
+            setattr(dist, name, self._wrap(name, fn))
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        self._mode.__exit__(*exc)
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+    def _wrap(self, name, fn):
+        import torch.distributed as dist
+
+        kinds = {"all_gather_into_tensor": "all_gather_single",
+                 "reduce_scatter_tensor": "reduce_scatter_single"}
+
+        def wrapped(*a, **kw):
+            t = a[0] if name in ("all_reduce", "broadcast") else a[1]   # the input
+            op = kw.get("op", a[1] if name == "all_reduce" and len(a) > 1 else dist.ReduceOp.SUM)
+            self.entries.append((kinds.get(name, name), t.numel(), t.dtype,
+                                 str(op).split(".")[-1].lower()))
+            return fn(*a, **kw)
+        return wrapped
+
+    def summary(self) -> dict:
+        """{"count": n, "bytes": total input bytes, "by_kind": {kind: [count, bytes]}}."""
+        by = {}
+        for kind, n, dtype, _ in self.entries:
+            c = by.setdefault(kind, [0, 0])
+            c[0] += 1
+            c[1] += n * dtype.itemsize
+        return {"count": len(self.entries), "bytes": sum(b for _, b in by.values()),
+                "by_kind": by}
+
+
+class NoCollectives:
+    """Every torch.distributed collective of our layers returns at once, untouched: the step's
+    compute alone, in the same processes and code path (the numbers it computes are wrong; only
+    its time is used)."""
+
+    class _Done:
+        def wait(self, *a, **kw):
+            return True
+
+        def is_completed(self):
+            return True
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self._saved = {n: getattr(dist, n) for n in _DIST_FNS}
+        for n in _DIST_FNS:
+            setattr(dist, n, lambda *a, async_op=False, **kw: self._Done() if async_op else None)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for n, fn in self._saved.items():
+            setattr(dist, n, fn)
+
+
+def _buffers(entries, group):
+    import torch
+    import torch.distributed as dist
+
+    tp = dist.get_world_size(group)
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.AVG}
+    bufs = []
+    for kind, n, dtype, op in entries:
+        x = torch.randn(n).to(dtype)
+        if kind == "all_gather_single":
+            bufs.append((kind, x.new_empty(n * tp), x, None))
+        elif kind == "reduce_scatter_single":
+            bufs.append((kind, x.new_empty(n // tp), x, ops.get(op, dist.ReduceOp.SUM)))
+        else:
+            bufs.append((kind, x, None, ops.get(op, dist.ReduceOp.SUM)))
+    return bufs
+
+
+def _issue(buf, group):
+    import torch.distributed as dist
+
+    kind, a, b, op = buf
+    if kind == "all_reduce":
+        dist.all_reduce(a, op=op, group=group)
+    elif kind == "all_gather_single":
+        dist.all_gather_single(a, b, group=group)
+    elif kind == "reduce_scatter_single":
+        dist.reduce_scatter_single(a, b, op=op, group=group)
+    else:
+        dist.broadcast(a, dist.get_global_rank(group, 0), group=group)
+
+
+def replay(entries, group, reps):
+    """Median seconds of the recorded collectives issued back to back on ``group`` (each
+    waited before the next, as the step waits for them), with no compute between them."""
+    import torch.distributed as dist
+
+    bufs = _buffers(entries, group)
+    times = []
+    for _ in range(reps):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        for buf in bufs:
+            _issue(buf, group)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _burst(seconds):
+    """A callable that multiplies for about ``seconds`` (calibrated here): compute that keeps
+    the core busy between two collectives, as the step's layers do."""
+    import torch
+
+    a, b = torch.randn(64, 256), torch.randn(256, 256)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.05:
+        a @ b
+        n += 1
+    iters = max(0, round(seconds / ((time.perf_counter() - t0) / n)))
+
+    def run():
+        for _ in range(iters):
+            a @ b
+    return run
+
+
+def replay_interleaved(entries, group, reps, compute_s):
+    """(collectives with compute between them, the compute alone), median seconds: the step's
+    compute time cut into equal bursts, one before each recorded collective. What the first
+    exceeds the sum of the second and the collectives alone is the cost of alternating them on
+    this backend (the backend's threads sleep during compute and must be woken; the peer may
+    be late), not of our layers' code."""
+    import torch.distributed as dist
+
+    burst = _burst(compute_s / max(1, len(entries)))
+    bufs = _buffers(entries, group)
+    both, alone = [], []
+    for _ in range(reps):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        for _ in entries:
+            burst()
+        alone.append(time.perf_counter() - t0)
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        for buf in bufs:
+            burst()
+            _issue(buf, group)
+        both.append(time.perf_counter() - t0)
+    return statistics.median(both), statistics.median(alone)
+
+
 def _worker(rank, world, port, args, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -182,6 +389,7 @@ def _worker(rank, world, port, args, out):
 
         import ichiban_comm  # noqa: F401  (registers "ichiban")
         from ichiban_comm.parallel import parallelize
+        from ichiban_comm.parallel.plans import auto_plan
 
         torch.set_num_threads(1)
         dist.init_process_group("gloo")
@@ -192,9 +400,16 @@ def _worker(rank, world, port, args, out):
         setups = {}
         for row in ROWS:
             kind, backend = row.split("-")[0], row.split("-")[1]
+            backend = "gloo" if backend == "nocomm" else backend
             m = copy.deepcopy(base)
             if kind == "ours":
-                parallelize(m, SimpleNamespace(tp=2, tp_group=groups[backend]), plan="auto")
+                dims = SimpleNamespace(tp=2, tp_group=groups[backend])
+                if row.endswith(("perlayer", "nooverlap")):
+                    # the auto plan given as a dict: each column-parallel layer all-reduces
+                    # its own dx (overlapped with its dW, or waited first: "nooverlap")
+                    parallelize(m, dims, plan=auto_plan(m, 2)[0])
+                else:
+                    parallelize(m, dims, plan="auto")
                 if row.endswith("nooverlap"):
                     for mod in m.modules():
                         if hasattr(mod, "overlap"):
@@ -205,6 +420,7 @@ def _worker(rank, world, port, args, out):
                 m = torch.nn.parallel.DistributedDataParallel(m, process_group=groups[backend])
             setups[row] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
         times = {row: [] for row in ROWS}
+        switches = {row: [0, 0, 0] for row in ROWS}
         losses = {}
         for r in range(args.rounds):
             for row in ROWS:
@@ -212,13 +428,44 @@ def _worker(rank, world, port, args, out):
                 dist.barrier()
                 step = _forward_backward_loss_parallel if row.startswith("dtensorlp") \
                     else _forward_backward
-                t, losses[row] = time_steps(m, opt, ids, labels, args.steps,
-                                            args.warmup if r == 0 else 1, step)
+                warm = args.warmup if r == 0 else 1
+                ru0 = resource.getrusage(resource.RUSAGE_SELF)
+                with NoCollectives() if row == "ours-nocomm" else contextlib.nullcontext():
+                    t, losses[row] = time_steps(m, opt, ids, labels, args.steps, warm, step)
+                ru1 = resource.getrusage(resource.RUSAGE_SELF)
+                # context switches of this process (all its threads) per step: how often a
+                # thread blocked (voluntary) or was preempted (involuntary)
+                switches[row][0] += ru1.ru_nvcsw - ru0.ru_nvcsw
+                switches[row][1] += ru1.ru_nivcsw - ru0.ru_nivcsw
+                switches[row][2] += args.steps + warm
                 times[row] += t
         probe = {b: _overlap_probe(args, groups[b]) for b in ("gloo", "ichiban")}
+        # The collectives of one step of each split configuration, then those alone, replayed
+        # on the same backend (after the timed rounds: the recording hooks cost nothing then).
+        comm = {}
+        for row in ROWS:
+            if row.startswith("ddp") or row == "ours-nocomm":
+                continue
+            m, opt = setups[row]
+            step = _forward_backward_loss_parallel if row.startswith("dtensorlp") \
+                else _forward_backward
+            with CollectiveLog() as log:
+                step(m, ids, labels)
+            opt.zero_grad(set_to_none=True)
+            backend = row.split("-")[1]
+            comm[row] = dict(log.summary(), replay_s=replay(log.entries, groups[backend],
+                                                             args.replay_reps))
+            if row in ("ours-gloo", "ours-ichiban"):
+                both, alone = replay_interleaved(log.entries, groups[backend],
+                                                 max(3, args.replay_reps // 3),
+                                                 statistics.median(times["ours-nocomm"]))
+                comm[row].update(interleaved_s=both, bursts_s=alone)
         dist.barrier()
         dist.destroy_process_group()
-        out.put((rank, "ok", {"times": times, "losses": losses, "probe": probe}))
+        switches = {row: {"voluntary": v / n, "involuntary": i / n}
+                    for row, (v, i, n) in switches.items()}
+        out.put((rank, "ok", {"times": times, "losses": losses, "probe": probe, "comm": comm,
+                              "switches": switches}))
     except BaseException:  # noqa: BLE001
         import traceback
 
@@ -292,7 +539,10 @@ def main(argv=None) -> int:
              "dtensorlp-gloo": "DTensor tp=2, gloo, loss_parallel",
              "dtensorlp-ichiban": "DTensor tp=2, ichiban, loss_parallel",
              "ours-ichiban": "ours tp=2, ichiban", "dtensor-ichiban": "DTensor tp=2, ichiban",
-             "ours-ichiban-nooverlap": "ours tp=2, ichiban, no overlap",
+             "ours-ichiban-nooverlap": "ours tp=2, ichiban, dx per layer, waited",
+             "ours-gloo-perlayer": "ours tp=2, gloo, dx per layer",
+             "ours-ichiban-perlayer": "ours tp=2, ichiban, dx per layer",
+             "ours-nocomm": "ours tp=2, collectives stubbed out",
              "ddp-ichiban": "DDP dp=2, ichiban (2 batches)"}
     # The baseline is the faster unsplit run (all cores, or one thread when the cores are
     # oversubscribed and OpenMP's barriers cost more than they give).
@@ -302,7 +552,7 @@ def main(argv=None) -> int:
         tok = tokens * (2 if key.startswith("ddp") else 1)
         row = {"config": key, "label": label[key], "step_ms": 1e3 * med[key],
                "tokens_per_s": tok / med[key], "vs_unsplit": base / med[key]}
-        if key.startswith("ours"):
+        if key.startswith("ours") and key != "ours-nocomm":
             backend = key.split("-")[1]
             # against the faster of DTensor's two loss set-ups on the same backend
             row["vs_dtensor_same_backend"] = min(med[f"dtensor-{backend}"],
@@ -323,12 +573,65 @@ def main(argv=None) -> int:
                       "overlapped_us": 1e6 * p["ov"], "hidden_fraction": hidden}
         print(f"  {b:<8} all-reduce {1e6 * p['ar']:.1f}, dW {1e6 * p['w']:.1f}, both overlapped "
               f"{1e6 * p['ov']:.1f} -> {100 * hidden:.0f}% of the all-reduce hidden")
+    comm, decomposition = pair["comm"], {}
+    print("\nthe collectives of one step alone, replayed on the same backend with no compute "
+          "(medians, ms):")
+    print(f"  {'configuration':<36}{'count':>6}{'KiB':>8}{'alone':>9}{'step':>9}{'rest':>9}"
+          f"{'switches/step':>15}")
+    sw = pair["switches"]
+    for key in (k for k in ROWS if k in comm):
+        c = comm[key]
+        c["replay_ms"] = 1e3 * c.pop("replay_s")
+        c["step_ms"], c["rest_ms"] = 1e3 * med[key], 1e3 * med[key] - c["replay_ms"]
+        c["context_switches_per_step"] = sw[key]
+        print(f"  {label[key]:<36}{c['count']:>6}{c['bytes'] / 1024:>8.0f}{c['replay_ms']:>9.1f}"
+              f"{c['step_ms']:>9.1f}{c['rest_ms']:>9.1f}"
+              f"{sw[key]['voluntary']:>9.0f} +{sw[key]['involuntary']:>4.0f}")
+    # Our step = compute alone (the same step with every collective stubbed out) + its
+    # collectives alone (replayed) + what mixing the two costs (waiting for the peer, waking
+    # the backend's threads, cores taken from the compute). Without that last part, and with
+    # the collectives as they are, the step would take compute + collectives: the best ratio
+    # to DTensor this sequence of collectives allows on the backend.
+    compute = 1e3 * med["ours-nocomm"]
+    print(f"\nour step decomposed (ms): compute alone {compute:.1f} (collectives stubbed out; "
+          f"{sw['ours-nocomm']['voluntary']:.0f} + {sw['ours-nocomm']['involuntary']:.0f} "
+          "context switches per step)")
+    for b in ("gloo", "ichiban"):
+        dt = min(med[f"dtensor-{b}"], med[f"dtensorlp-{b}"]) * 1e3
+        ours = comm[f"ours-{b}"]
+        d = {"ours_step_ms": ours["step_ms"], "compute_ms": compute,
+             "collectives_ms": ours["replay_ms"], "collectives": ours["count"],
+             "interaction_ms": ours["step_ms"] - compute - ours["replay_ms"],
+             "dtensor_step_ms": dt, "x_dtensor": dt / ours["step_ms"],
+             "best_x_dtensor": dt / (compute + ours["replay_ms"]),
+             "overlapped_x_dtensor": dt / max(compute, ours["replay_ms"])}
+        if "interleaved_s" in ours:
+            # the same collectives between synthetic compute bursts of the same total: how much
+            # alternating compute and collectives costs on this backend by itself
+            both, alone = 1e3 * ours.pop("interleaved_s"), 1e3 * ours.pop("bursts_s")
+            d.update(synthetic_ms=both, synthetic_compute_ms=alone,
+                     synthetic_interaction_ms=both - alone - ours["replay_ms"])
+        decomposition[b] = d
+        print(f"  {b:<8} step {d['ours_step_ms']:.1f} = compute {compute:.1f} + "
+              f"{d['collectives']} collectives {d['collectives_ms']:.1f} + interaction "
+              f"{d['interaction_ms']:.1f}; DTensor {dt:.1f}: now {d['x_dtensor']:.2f}x, best "
+              f"{d['best_x_dtensor']:.2f}x (no interaction), {d['overlapped_x_dtensor']:.2f}x "
+              f"(collectives fully hidden)")
+        if "synthetic_ms" in d:
+            print(f"  {'':<8} the same collectives between matmul bursts totalling "
+                  f"{d['synthetic_compute_ms']:.1f}: {d['synthetic_ms']:.1f}, interaction "
+                  f"{d['synthetic_interaction_ms']:.1f}")
     losses = dict(pair["losses"], unsplit=loss_u)
+    losses.pop("ours-nocomm")   # (its collectives did nothing: not the same training)
     spread = max(abs(v - loss_u) for v in losses.values()) / abs(loss_u)
     print(f"\nloss after the last step, every configuration against the unsplit one: max relative "
           f"difference {spread:.1e} (the same training, split differently)")
     if args.json:
         doc = {"benchmark": "parallel", "args": vars(args), "rows": rows, "overlap": overlap,
+               "collectives": {k: {**v, "by_kind": {kk: {"count": vv[0], "bytes": vv[1]}
+                                                    for kk, vv in v["by_kind"].items()}}
+                               for k, v in comm.items()},
+               "decomposition": decomposition,
                "last_losses": losses, "last_loss_max_rel_diff": spread,
                "load_average_1min": {"start": load[0], "end": load[1]},
                "machine": {"cpus": cores, "platform": platform.platform(),

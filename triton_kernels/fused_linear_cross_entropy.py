@@ -201,11 +201,11 @@ class _FusedLinearCEFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, reduction,
-                group, chunk, vocab_chunk, triton_path, need, scale, softcap, accum_dtype):
+                group, chunk, vocab_chunk, triton_path, need, scale, softcap, accum_dtype, layout):
         h2 = rows_2d(hidden)  # (N, H)
         t = target.reshape(-1)  # (N,)
         n = h2.shape[0]
-        start, total = vocab_layout(weight.shape[0], group)
+        start, total = layout if layout is not None else vocab_layout(weight.shape[0], group)
         vslices = _vocab_slices(weight.shape[0], vocab_chunk)
         summed_dh = len(vslices) > 1 or group is not None
         valid = t != ignore_index
@@ -282,7 +282,7 @@ class _FusedLinearCEFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         (start, total, smoothing, z_loss, reduction, group, chunk, vslices, triton_path, shape,
          scale, softcap, accum_dtype, summed_dh) = ctx.args
-        nones = (None,) * 13
+        nones = (None,) * 14
         if ctx.grad_in_forward:
             if ctx.used:
                 raise RuntimeError("fused_linear_cross_entropy: backward through the same loss "
@@ -331,7 +331,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                chunk_size: Optional[int] = None, logit_scale: float = 1.0,
                                softcap: Optional[float] = None,
                                accum_dtype: Optional[torch.dtype] = None,
-                               vocab_chunk_size: Optional[int] = None) -> torch.Tensor:
+                               vocab_chunk_size: Optional[int] = None,
+                               vocab_start: Optional[int] = None,
+                               vocab_total: Optional[int] = None) -> torch.Tensor:
     """Cross-entropy of ``hidden (..., H) @ weight (V or V/tp, H).T + bias`` against ``target
     (...)`` without materialising the logits; arguments as in ``cross_entropy``.
 
@@ -348,6 +350,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     ``logit_scale`` / ``softcap``: the loss is taken on ``softcap * tanh(scale * z / softcap)``
     (or ``scale * z`` without ``softcap``), ``z = hidden @ weight.T + bias`` — Granite's logit
     scaling and Gemma-2/3's final soft-capping.
+    ``vocab_start`` / ``vocab_total`` (with ``group``, both or neither): this rank's ``weight``
+    holds ids ``[vocab_start, vocab_start + weight.shape[0])`` of a ``vocab_total`` vocabulary,
+    for slices of unequal size (a vocabulary the group size does not divide; the slices must
+    tile ``[0, vocab_total)``). Default: equal slices in rank order.
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -395,6 +401,17 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     elif accum_dtype not in (torch.float32, weight.dtype):
         raise ValueError(f"accum_dtype must be torch.float32 or the weight's dtype "
                          f"{weight.dtype}, got {accum_dtype}")
+    layout = None
+    if vocab_start is not None or vocab_total is not None:
+        if group is None or vocab_start is None or vocab_total is None:
+            raise ValueError("vocab_start and vocab_total go together, and only with group= "
+                             f"(got vocab_start={vocab_start!r}, vocab_total={vocab_total!r}, "
+                             f"group={'set' if group is not None else None})")
+        if not (isinstance(vocab_start, int) and isinstance(vocab_total, int)
+                and 0 <= vocab_start and vocab_start + weight.shape[0] <= vocab_total):
+            raise ValueError(f"vocab_start={vocab_start!r} + weight rows {weight.shape[0]} must "
+                             f"lie inside [0, vocab_total={vocab_total!r}]")
+        layout = (vocab_start, vocab_total)
     need = (torch.is_grad_enabled() and hidden.requires_grad,
             torch.is_grad_enabled() and weight.requires_grad,
             torch.is_grad_enabled() and bias is not None and bias.requires_grad)
@@ -402,4 +419,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                   float(label_smoothing), float(z_loss), reduction, group,
                                   chunk_size, vocab_chunk_size, use_triton(hidden), need,
                                   float(logit_scale),
-                                  None if softcap is None else float(softcap), accum_dtype)
+                                  None if softcap is None else float(softcap), accum_dtype,
+                                  layout)

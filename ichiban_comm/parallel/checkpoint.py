@@ -13,6 +13,11 @@ parameter's ``tp_shard``), and a :class:`ShardedOptimizer`'s row shard is ``Shar
 nested inside it. The checkpointer writes each region once with its global offsets and reads
 back whatever region a rank now holds, so the layout of the save and of the load are free.
 
+A vocabulary padded to a multiple of tp (``tp_shard.padded``) is saved unpadded: each rank
+hands over its real rows, which are ``torch.chunk``'s slice of the real vocabulary, exactly
+DTensor's uneven ``Shard``; the zero rows after them are not saved, and a load at any other tp
+(padded differently, or not at all) reads the rows it holds.
+
 The global shape of a fused column-parallel parameter (q|k|v, gate|up: ``tp_shard.parts > 1``)
 is the unsplit shape with the split dimension cut into ``(parts, size / parts)``: a rank's piece
 of every part is then one rectangle. The same row-major numbers as the unsplit tensor, so an
@@ -51,10 +56,11 @@ def _canonical(p) -> tuple[tuple, int | None]:
 
 
 def _local_view(t: torch.Tensor, p) -> torch.Tensor:
-    """A tensor shaped like the (tp-local) parameter p, viewed in the canonical layout."""
+    """A tensor shaped like the (tp-local) parameter p, viewed in the canonical layout (a
+    padded vocabulary's real rows only)."""
     spec = _spec(p)
     if spec is None or spec.parts == 1:
-        return t
+        return spec.trim(t) if spec is not None else t
     shape = list(t.shape)
     shape[spec.dim:spec.dim + 1] = [spec.parts, shape[spec.dim] // spec.parts]
     return t.view(shape)
@@ -240,7 +246,8 @@ def _load_whole(ckpt, model, optimizer, step):
         if t.numel() != p.numel():
             raise ValueError(f"checkpoint parameter {n} has shape {tuple(t.shape)}, the model's "
                              f"{tuple(p.shape)}")
-        p.copy_(t.reshape(p.shape))
+        dst = _spec(p).trim(p) if _spec(p) is not None else p   # (a padded vocabulary's rows)
+        dst.copy_(t.reshape(dst.shape))
     if optimizer is not None:
         if isinstance(optimizer, ShardedOptimizer):
             raise ValueError("loading into a ShardedOptimizer needs dims (the job's ParallelDims)")

@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ShardSpec", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+__all__ = ["ShardSpec", "vocab_spec", "copy_to_group", "ColumnParallelLinear",
+           "RowParallelLinear", "VocabParallelEmbedding",
            "ParallelLMHead", "gather_sequence", "gather_sequence_replicated_grad",
            "scatter_sequence", "reduce_scatter_sequence",
            "reduce_from_group", "sequence_parallel_norm", "gather_full", "SEQ_DIM"]
@@ -47,32 +48,97 @@ from .regions import (SEQ_DIM, _all_gather_dim, _rank, _size, copy_to_group,  # 
 class ShardSpec:
     """The full tensor is ``parts`` equal segments along ``dim`` (1, or 3 for a fused q|k|v);
     each segment is cut into ``tp`` equal chunks and rank r holds chunk r of every segment,
-    concatenated. ``full_shape`` is the unsplit shape."""
+    concatenated. ``full_shape`` is the unsplit shape.
+
+    ``padded`` (a vocabulary that ``tp`` does not divide; ``parts == 1``): every rank's piece
+    has ``padded`` rows along ``dim``. Its first :attr:`real` rows are rows ``[start, start +
+    real)`` of the full tensor in ``torch.chunk``'s layout (chunks of ``ceil(n / tp)``, the
+    last ranks shorter, as DTensor's ``Shard`` cuts it); the rest are zeros that nothing reads.
+    """
 
     dim: int
     parts: int
     tp: int
     rank: int
     full_shape: tuple
+    padded: int = 0
+
+    @property
+    def _chunk(self) -> int:
+        return -(-self.full_shape[self.dim] // self.tp)
+
+    def real_of(self, rank: int) -> int:
+        """Rows of the full tensor that ``rank`` holds along ``dim``."""
+        n = self.full_shape[self.dim]
+        if not self.padded:
+            return n // self.tp
+        return max(0, min(self._chunk, n - rank * self._chunk))
+
+    @property
+    def real(self) -> int:
+        return self.real_of(self.rank)
+
+    @property
+    def start(self) -> int:
+        """This rank's first row of the full tensor along ``dim`` (parts == 1)."""
+        step = self._chunk if self.padded else self.full_shape[self.dim] // self.tp
+        return min(self.rank * step, self.full_shape[self.dim])
 
     def local(self, full: torch.Tensor) -> torch.Tensor:
         if tuple(full.shape) != tuple(self.full_shape):
             raise ValueError(f"expected the full tensor of shape {tuple(self.full_shape)}, got "
                              f"{tuple(full.shape)}")
+        if self.padded:
+            piece = full.narrow(self.dim, self.start, self.real)
+            pad = list(piece.shape)
+            pad[self.dim] = self.padded - self.real
+            return torch.cat([piece, piece.new_zeros(pad)], dim=self.dim)
         segs = full.chunk(self.parts, dim=self.dim)
         return torch.cat([s.chunk(self.tp, dim=self.dim)[self.rank] for s in segs], dim=self.dim)
 
     def full(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """The full tensor from every rank's piece, in rank order."""
+        if self.padded:
+            return torch.cat([p.narrow(self.dim, 0, self.real_of(r))
+                              for r, p in enumerate(pieces)], dim=self.dim)
         per = [p.chunk(self.parts, dim=self.dim) for p in pieces]
         return torch.cat([per[r][s] for s in range(self.parts) for r in range(self.tp)],
                          dim=self.dim)
 
+    def trim(self, t: torch.Tensor) -> torch.Tensor:
+        """The real rows of a tensor shaped like this rank's piece (a view)."""
+        return t.narrow(self.dim, 0, self.real) if self.padded else t
+
     @property
     def local_shape(self) -> tuple:
         s = list(self.full_shape)
-        s[self.dim] //= self.tp
+        s[self.dim] = self.padded or s[self.dim] // self.tp
         return tuple(s)
+
+
+def vocab_spec(vocab: int, width: int, tp: int, rank: int,
+               make_vocab_size_divisible_by: int = 1) -> ShardSpec:
+    """The ShardSpec of a (vocab, width) table split by vocabulary over ``tp`` ranks.
+
+    A vocabulary that ``tp`` divides is split evenly (no padding) unless
+    ``make_vocab_size_divisible_by`` asks for more; otherwise it is padded, Megatron-style, to
+    the next multiple of ``make_vocab_size_divisible_by * tp`` (each rank holds 1/tp of that).
+    Every rank must keep at least one real row."""
+    m = make_vocab_size_divisible_by
+    if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
+        raise ValueError(f"make_vocab_size_divisible_by must be a positive int, got {m!r}")
+    if not (isinstance(vocab, int) and vocab >= 1):
+        raise ValueError(f"the vocabulary size must be a positive int, got {vocab!r}")
+    unit = m * tp
+    total = -(-vocab // unit) * unit
+    if total == vocab:
+        return ShardSpec(0, 1, tp, rank, (vocab, width))
+    chunk = -(-vocab // tp)
+    if (tp - 1) * chunk >= vocab:
+        raise ValueError(f"vocabulary size {vocab} is too small for tp={tp}: split in chunks of "
+                         f"{chunk}, rank {tp - 1} would hold no real row; use a smaller tp "
+                         f"(at most {max(1, int(vocab ** 0.5))} always works)")
+    return ShardSpec(0, 1, tp, rank, (vocab, width), padded=total // tp)
 
 
 def _check_divisible(what: str, n: int, tp: int, parts: int = 1) -> None:
@@ -112,7 +178,7 @@ class _SliceOnLoad:
             if spec is None or key not in state_dict:
                 continue
             t = state_dict[key]
-            if tuple(t.shape) == tuple(spec.full_shape) and spec.tp > 1:
+            if tuple(t.shape) == tuple(spec.full_shape) and (spec.tp > 1 or spec.padded):
                 state_dict[key] = spec.local(t)
 
 
@@ -180,7 +246,10 @@ class ColumnParallelLinear(_ParallelLinearBase):
     ``parts``: the output is that many equal fused blocks (3 for q|k|v in one matmul, 2 for
     gate|up), each split separately so every rank gets its heads of each block.
     ``sequence_parallel``: the input comes from a :func:`gather_sequence` (whose backward sums
-    dx), so dx is not all-reduced here. The output is this rank's features (not gathered).
+    dx), so dx is not all-reduced here. ``input_reduced`` (attribute, default False): the input
+    comes from a :func:`copy_to_group` shared with the other column-parallel layers that read
+    it (q, k and v; gate and up), whose backward all-reduces their summed dx once, so dx is not
+    all-reduced here either. The output is this rank's features (not gathered).
     """
 
     def __init__(self, in_features, out_features, bias=True, group=None, parts=1,
@@ -190,6 +259,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.in_features, self.out_features, self.parts = in_features, out_features, parts
         self.sequence_parallel = sequence_parallel
         self.overlap = True
+        self.input_reduced = False
         full_shape = (in_features, out_features) if conv1d else (out_features, in_features)
         full = torch.empty(full_shape, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(full, a=5 ** 0.5)
@@ -214,6 +284,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.in_features, self.out_features, self.parts = in_f, out_f, parts
         self.sequence_parallel = sequence_parallel
         self.overlap = True  # False: wait for the dx all-reduce before dW (for measuring)
+        self.input_reduced = False
         self.weight = _shard_param(w, ShardSpec(1 if conv1d else 0, parts, self.tp, self.tp_rank,
                                                 tuple(w.shape)))
         if b is not None:
@@ -227,7 +298,8 @@ class ColumnParallelLinear(_ParallelLinearBase):
         if self.tp == 1:
             return F.linear(x, self._w(), self.bias)
         return _ColumnLinearFn.apply(x, self._w(), self.bias, self.group,
-                                     not self.sequence_parallel, self.overlap)
+                                     not (self.sequence_parallel or self.input_reduced),
+                                     self.overlap)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features // self.tp}/"
@@ -293,33 +365,41 @@ class RowParallelLinear(_ParallelLinearBase):
 
 class VocabParallelEmbedding(_SliceOnLoad, nn.Module):
     """``nn.Embedding`` with its rows split by vocabulary: rank r holds ids
-    ``[r V/tp, (r+1) V/tp)``, looks up the ids it owns (zeros elsewhere) and the group sums."""
+    ``[vocab_start, vocab_start + per_rank)``, looks up the ids it owns (zeros elsewhere) and
+    the group sums.
+
+    A vocabulary that ``tp`` does not divide is padded to a multiple of
+    ``make_vocab_size_divisible_by * tp`` (see :func:`vocab_spec`): the last ranks hold fewer
+    real rows (``per_rank``) and zero rows after them that no id reaches. ``num_embeddings``
+    stays the real vocabulary size; the state dict and checkpoints hold the unpadded table."""
 
     def __init__(self, num_embeddings, embedding_dim, group=None, padding_idx=None, dtype=None,
-                 device=None, _weight=None):
+                 device=None, _weight=None, make_vocab_size_divisible_by: int = 1):
         super().__init__()
         self.group, self.tp, self.tp_rank = group, _size(group), _rank(group)
-        _check_divisible("num_embeddings (vocabulary size)", num_embeddings, self.tp)
+        spec = vocab_spec(num_embeddings, embedding_dim, self.tp, self.tp_rank,
+                          make_vocab_size_divisible_by)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
-        self.per_rank = num_embeddings // self.tp
-        self.vocab_start = self.tp_rank * self.per_rank
+        self.per_rank = spec.real             # real rows of this rank
+        self.vocab_start = spec.start
         if _weight is None:
             _weight = torch.empty(num_embeddings, embedding_dim, dtype=dtype, device=device)
             nn.init.normal_(_weight)
-        self.weight = _shard_param(_weight, ShardSpec(0, 1, self.tp, self.tp_rank,
-                                                      (num_embeddings, embedding_dim)))
+        self.weight = _shard_param(_weight, spec)
+        self.spec = spec  # (kept here too: FSDP swaps the parameters for new objects)
         self._install_slicing()
 
     @classmethod
-    def from_module(cls, module: nn.Embedding, group):
+    def from_module(cls, module: nn.Embedding, group, make_vocab_size_divisible_by: int = 1):
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"expected nn.Embedding, got {type(module).__name__}")
         return cls(module.num_embeddings, module.embedding_dim, group, module.padding_idx,
-                   _weight=module.weight)
+                   _weight=module.weight,
+                   make_vocab_size_divisible_by=make_vocab_size_divisible_by)
 
     def forward(self, ids):
-        if self.tp == 1:
+        if self.tp == 1:  # (padded rows, if any, sit after every id)
             return F.embedding(ids, self.weight, self.padding_idx)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.per_rank)
@@ -332,8 +412,10 @@ class VocabParallelEmbedding(_SliceOnLoad, nn.Module):
         return reduce_from_group(out, self.group)
 
     def extra_repr(self):
+        padded = self.spec.padded
         return (f"{self.per_rank}/{self.num_embeddings}, {self.embedding_dim}, tp={self.tp}, "
-                f"vocab_start={self.vocab_start}")
+                f"vocab_start={self.vocab_start}"
+                + (f", padded to {padded} rows per rank" if padded else ""))
 
 
 class _GatherLastFn(torch.autograd.Function):
@@ -352,56 +434,85 @@ class _GatherLastFn(torch.autograd.Function):
 class ParallelLMHead(_SliceOnLoad, nn.Module):
     """The output projection split by vocabulary.
 
-    ``forward(h)`` returns the full logits (gathered: for generation and inspection);
+    ``forward(h)`` returns the full logits (gathered: for generation and inspection), of the
+    real vocabulary (``vocab_size`` columns: padding never reaches the caller);
     ``loss(h, target)`` never builds them: it is ``fused_linear_cross_entropy(h, W_r, target,
     group=)``, whose ``dh`` is already summed over the group. ``weight`` may be shared with a
-    :class:`VocabParallelEmbedding` (tied embeddings): both are split the same way.
+    :class:`VocabParallelEmbedding` (tied embeddings): both are split (and padded) the same way.
+    A padded vocabulary's zero rows never enter the softmax: the loss reads only each rank's
+    real rows (unequal slices, ``vocab_start``/``vocab_total``), so it is the unpadded loss.
     """
 
     def __init__(self, in_features, vocab_size, bias=False, group=None, dtype=None,
-                 device=None, _weight=None, _bias=None):
+                 device=None, _weight=None, _bias=None, make_vocab_size_divisible_by: int = 1):
         super().__init__()
         self.group, self.tp, self.tp_rank = group, _size(group), _rank(group)
-        _check_divisible("vocab_size", vocab_size, self.tp)
         self.in_features, self.vocab_size = in_features, vocab_size
         if isinstance(_weight, nn.Parameter) and getattr(_weight, "tp_shard", None) is not None:
-            self.weight = _weight  # already split (tied with the embedding)
+            self.weight = _weight  # already split (tied with the embedding): its padding too
+            spec = _weight.tp_shard
+            if spec.full_shape != (vocab_size, in_features):
+                raise ValueError(f"the tied weight is {spec.full_shape}, the head "
+                                 f"{(vocab_size, in_features)}")
         else:
+            spec = vocab_spec(vocab_size, in_features, self.tp, self.tp_rank,
+                              make_vocab_size_divisible_by)
             if _weight is None:
                 _weight = torch.empty(vocab_size, in_features, dtype=dtype, device=device)
                 nn.init.normal_(_weight, 0.0, 0.02)
-            self.weight = _shard_param(_weight, ShardSpec(0, 1, self.tp, self.tp_rank,
-                                                          (vocab_size, in_features)))
+            self.weight = _shard_param(_weight, spec)
+        self.spec = spec  # (kept here too: FSDP swaps the parameters for new objects)
         if bias or _bias is not None:
             b = _bias if _bias is not None else torch.zeros(vocab_size, dtype=dtype, device=device)
-            self.bias = _shard_param(b, ShardSpec(0, 1, self.tp, self.tp_rank, (vocab_size,)))
+            self.bias = _shard_param(b, ShardSpec(0, 1, self.tp, self.tp_rank, (vocab_size,),
+                                                  spec.padded))
         else:
             self.register_parameter("bias", None)
         self._install_slicing()
 
     @classmethod
-    def from_module(cls, module: nn.Linear, group, tied_weight=None):
+    def from_module(cls, module: nn.Linear, group, tied_weight=None,
+                    make_vocab_size_divisible_by: int = 1):
         if not isinstance(module, nn.Linear):
             raise TypeError(f"expected nn.Linear for the output head, got "
                             f"{type(module).__name__}")
         return cls(module.in_features, module.out_features, group=group,
                    _weight=tied_weight if tied_weight is not None else module.weight,
-                   _bias=module.bias)
+                   _bias=module.bias, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+
+    @property
+    def padded(self) -> int:
+        """Rows per rank including padding (0: not padded)."""
+        return self.spec.padded
 
     def forward(self, h):
+        spec = self.spec
         if self.tp == 1:
-            return F.linear(h, self.weight, self.bias)
+            return F.linear(h, spec.trim(self.weight),
+                            spec.trim(self.bias) if self.bias is not None else None)
         local = _ColumnLinearFn.apply(h, self.weight, self.bias, self.group, True)  # (.., V/tp)
-        return _GatherLastFn.apply(local, self.group)
+        logits = _GatherLastFn.apply(local, self.group)  # (..., tp * rows per rank)
+        if spec.padded:  # each rank's real columns come first; chunk c holds ids [r c, r c + c)
+            c = spec._chunk
+            logits = logits.unflatten(-1, (self.tp, spec.padded))[..., :c].flatten(-2)
+            logits = logits[..., :self.vocab_size]  # (..., V)
+        return logits
 
     def loss(self, h, target, ignore_index: int = -100, reduction: str = "mean", **kwargs):
         """Cross-entropy of ``h @ W.T`` against ``target`` over the split vocabulary."""
         from ..triton_kernels import fused_linear_cross_entropy
 
-        return fused_linear_cross_entropy(h, self.weight, target, bias=self.bias,
-                                          ignore_index=ignore_index, reduction=reduction,
+        spec = self.spec
+        w = spec.trim(self.weight)  # (real rows, H): padding stays out of the softmax
+        b = spec.trim(self.bias) if self.bias is not None else None
+        if spec.padded and self.tp > 1:
+            kwargs = dict(kwargs, vocab_start=spec.start, vocab_total=self.vocab_size)
+        return fused_linear_cross_entropy(h, w, target, bias=b, ignore_index=ignore_index,
+                                          reduction=reduction,
                                           group=self.group if self.tp > 1 else None, **kwargs)
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, vocab={self.vocab_size // self.tp}/"
-                f"{self.vocab_size}, tp={self.tp}, bias={self.bias is not None}")
+        spec = self.spec
+        return (f"in_features={self.in_features}, vocab={spec.real}/{self.vocab_size}, "
+                f"tp={self.tp}, bias={self.bias is not None}"
+                + (f", padded to {spec.padded} rows per rank" if spec.padded else ""))

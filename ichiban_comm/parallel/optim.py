@@ -55,6 +55,16 @@ def tp_shard_dim(p: torch.Tensor) -> int | None:
     return None if spec is None or spec.tp == 1 else spec.dim
 
 
+def real_rows(p: torch.Tensor) -> int:
+    """Rows along dim 0 that hold the model: all of them, except for a vocabulary padded to a
+    multiple of tp (``param.tp_shard.padded``), whose zero rows after the real ones are not
+    sharded, stepped or saved."""
+    spec = getattr(p, "tp_shard", None)
+    if spec is not None and spec.padded and spec.dim == 0:
+        return spec.real
+    return p.shape[0] if p.dim() else 1
+
+
 def dp_outer(p: torch.Tensor) -> int:
     """Blocks along dim 0 that are row-sharded over dp separately: the fused parts of a
     column-parallel parameter split along dim 0, else 1."""
@@ -92,6 +102,13 @@ class _Slot:
         v = seg[self.offset:self.offset + self.slot_numel]
         v = v.view(self.outer, self.chunk, self.row_numel)
         return v[:, :self.own].view(self.shard_shape)
+
+
+def _real(t: torch.Tensor, s: _Slot) -> torch.Tensor:
+    """t (shaped like s.param) without a padded vocabulary's zero rows (a view)."""
+    if t.dim() and t.shape[0] != s.outer * s.rows:
+        return t[:s.outer * s.rows]
+    return t
 
 
 @dataclass
@@ -216,8 +233,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # Reverse order: backward produces the last layers' gradients first.
         for i, p in reversed(trainable):
             outer = dp_outer(p)
-            rows = p.shape[0] // outer if p.dim() else 1
-            row_numel = p.numel() // (outer * rows) if rows else 0
+            rows = real_rows(p) // outer
+            row_numel = math.prod(p.shape[1:])
             chunk = -(-rows // dp)
             own = max(0, min(rows - d * chunk, chunk))
             slot = _Slot(p, i, outer, rows, row_numel, chunk, 0, own)
@@ -258,7 +275,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _pack(self, b: _Bucket, s: _Slot, t: torch.Tensor) -> None:
         """Copy a tensor shaped like s.param into its rank-major place in the bucket."""
-        src = t.detach().reshape(s.outer, s.rows, s.row_numel)
+        src = _real(t.detach(), s).reshape(s.outer, s.rows, s.row_numel)
         view = self._rank_view(b, s)
         full, rem = divmod(s.rows, s.chunk) if s.chunk else (0, 0)
         if full:   # ranks with a whole chunk; then one partial chunk; later ranks hold padding
@@ -269,7 +286,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _unpack(self, b: _Bucket, s: _Slot, out: torch.Tensor) -> None:
         """The inverse of _pack: the bucket's rows into out (shaped like s.param)."""
-        dst = out.view(s.outer, s.rows, s.row_numel)
+        dst = _real(out, s).view(s.outer, s.rows, s.row_numel)
         view = self._rank_view(b, s)
         full, rem = divmod(s.rows, s.chunk) if s.chunk else (0, 0)
         if full:
@@ -281,7 +298,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _own_rows(self, s: _Slot, t: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full (tp-local) tensor shaped like s.param, shaped like s.shard."""
         start = min(self.dp_rank * s.chunk, s.rows)
-        rows = t.reshape(s.outer, s.rows, s.row_numel)[:, start:start + s.own]
+        rows = _real(t, s).reshape(s.outer, s.rows, s.row_numel)[:, start:start + s.own]
         return rows.reshape(s.shard_shape)
 
     @torch.no_grad()
@@ -507,7 +524,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         saved = b.buf
         b.buf = full
         for s in b.slots:
-            o = torch.empty(s.param.shape, dtype=full.dtype, device=full.device)
+            o = torch.zeros(s.param.shape, dtype=full.dtype, device=full.device)  # (+ padding)
             self._unpack(b, s, o)
             outs.append(o)
         b.buf = saved

@@ -125,6 +125,9 @@ def _gpt2_plan(model, tp):
     return plan, fixup
 
 
+# Auto-plan models with separate q, k, v (and gate, up) projections of one norm's output.
+SEPARATE_QKV = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
 KNOWN_MODELS = {
     "GPT": _gpt_plan,  # ichiban_comm.models.GPT
     "LlamaForCausalLM": _llama_plan,
@@ -217,7 +220,8 @@ def _shape(p):
     return "x".join(map(str, p.shape))
 
 
-def parallelize(model: nn.Module, dims, plan="auto", sequence_parallel: bool = False):
+def parallelize(model: nn.Module, dims, plan="auto", sequence_parallel: bool = False,
+                make_vocab_size_divisible_by: int = 1):
     """Split ``model``'s layers over ``dims.tp_group`` in place; returns a
     :class:`ParallelizeReport` (print it).
 
@@ -226,6 +230,10 @@ def parallelize(model: nn.Module, dims, plan="auto", sequence_parallel: bool = F
     the blocks hold a 1/tp slice of the sequence (activation memory / tp); the sequence length
     must then be divisible by tp. A transformers causal LM's ``forward`` with ``labels``
     computes the loss through the vocabulary-parallel fused linear cross-entropy (logits=None).
+    ``make_vocab_size_divisible_by``: a ``"vocab"`` table whose size ``tp`` does not divide is
+    padded to a multiple of this times ``tp`` (Megatron's option; 1, the default, pads to the
+    next multiple of ``tp``). Padded rows never reach the loss, the logits, the state dict or a
+    checkpoint: the model keeps the real vocabulary size everywhere a user sees it.
     """
     group = dims.tp_group
     tp = getattr(dims, "tp", None) or L._size(group)
@@ -254,7 +262,8 @@ def parallelize(model: nn.Module, dims, plan="auto", sequence_parallel: bool = F
         for name in matched[glob]:
             mod = model.get_submodule(name)
             try:
-                new, detail = _apply(mod, style, spec, group, sequence_parallel, new_params)
+                new, detail = _apply(mod, style, spec, group, sequence_parallel, new_params,
+                                     make_vocab_size_divisible_by)
             except (ValueError, TypeError) as e:
                 raise PlanError(f"{name} ({type(mod).__name__}) as {style!r}: {e}") from e
             if new is None:
@@ -265,6 +274,11 @@ def parallelize(model: nn.Module, dims, plan="auto", sequence_parallel: bool = F
             rows.append((name, style, detail))
     if fixup is not None:
         fixup(model)
+    if source == "auto" and not sequence_parallel and tp > 1 and \
+            type(model).__name__ in SEPARATE_QKV:
+        _share_column_input_grads(model, entries, matched, group)
+        notes.append("column-parallel layers reading one norm's output (q|k|v, gate|up) "
+                     "all-reduce their summed input gradient once, at the norm")
     if _is_hf_causal_lm(model) and any(s["style"] == "vocab" for _, s in entries) and \
             isinstance(getattr(model, "lm_head", None), L.ParallelLMHead):
         model.forward = _vocab_parallel_lm_forward(model)
@@ -277,7 +291,7 @@ def parallelize(model: nn.Module, dims, plan="auto", sequence_parallel: bool = F
     return model.tp_report
 
 
-def _apply(mod, style, spec, group, sp, new_params):
+def _apply(mod, style, spec, group, sp, new_params, vocab_multiple=1):
     tp = L._size(group)
     if style == "colwise":
         new = L.ColumnParallelLinear.from_module(mod, group, parts=spec.get("parts", 1),
@@ -292,14 +306,17 @@ def _apply(mod, style, spec, group, sp, new_params):
                      + ("reduce-scatter" if sp and tp > 1 else "all-reduce"))
     if style == "vocab":
         if isinstance(mod, nn.Embedding):
-            new = L.VocabParallelEmbedding.from_module(mod, group)
+            new = L.VocabParallelEmbedding.from_module(
+                mod, group, make_vocab_size_divisible_by=vocab_multiple)
             new_params[id(mod.weight)] = new.weight
             return new, f"rows {new.vocab_start}..{new.vocab_start + new.per_rank - 1} of " \
-                        f"{new.num_embeddings}"
+                        f"{new.num_embeddings}" + _padding(new.weight)
         tied = new_params.get(id(getattr(mod, "weight", None)))
-        new = L.ParallelLMHead.from_module(mod, group, tied_weight=tied)
-        return new, (f"vocab {new.vocab_size // new.tp} of {new.vocab_size}, fused linear "
-                     f"cross-entropy" + (", tied to the embedding" if tied is not None else ""))
+        new = L.ParallelLMHead.from_module(mod, group, tied_weight=tied,
+                                           make_vocab_size_divisible_by=vocab_multiple)
+        return new, (f"vocab {new.weight.tp_shard.real} of {new.vocab_size}, fused linear "
+                     f"cross-entropy" + (", tied to the embedding" if tied is not None else "")
+                     + _padding(new.weight))
     if style == "sequence":
         if not sp:
             return None, ""
@@ -317,6 +334,31 @@ def _apply(mod, style, spec, group, sp, new_params):
         mod.register_forward_pre_hook(_scatter_first_input(group), with_kwargs=True)
         return None, "first input sliced along the sequence"
     raise AssertionError(style)
+
+
+def _share_column_input_grads(model, entries, matched, group):
+    """Without sequence parallelism, one all-reduce of dx per norm instead of one per
+    column-parallel layer: the norm's output passes through :func:`copy_to_group` (identity
+    forward, all-reduce backward) and the column layers leave their partial dx unreduced;
+    autograd sums the partials of q, k and v (gate and up) before the one all-reduce. Only
+    for the auto plans, where every column-parallel layer reads a ``"sequence"`` norm's output
+    and nothing else reads it (the dataflow that sequence parallelism relies on as well). The
+    trade: the per-layer all-reduce overlaps the layer's dW matmul; the shared one does not,
+    but there are 2 per block instead of 5. Models whose q|k|v and gate|up are single matmuls
+    (GPT-2, the project's GPT) issue 2 either way and keep the overlap."""
+    for glob, spec in entries:
+        if spec["style"] == "sequence" and spec.get("output") != "replicated":
+            for name in matched[glob]:
+                model.get_submodule(name).register_forward_hook(
+                    lambda m, i, out: L.copy_to_group(out, group))
+    for m in model.modules():
+        if isinstance(m, L.ColumnParallelLinear):
+            m.input_reduced = True
+
+
+def _padding(p):
+    spec = p.tp_shard
+    return f", padded to {spec.padded} rows per rank" if spec.padded else ""
 
 
 def _is_hf_causal_lm(model):

@@ -107,8 +107,8 @@ def _layers_body(rank, world):
     # errors name the numbers
     for make, words in ((lambda: ColumnParallelLinear.from_module(nn.Linear(4, 9), g, parts=3),
                          "out_features=9 (3 fused parts of 3) is not divisible by tp=2"),
-                        (lambda: VocabParallelEmbedding(33, 4, g),
-                         "num_embeddings (vocabulary size)=33 is not divisible by tp=2")):
+                        (lambda: VocabParallelEmbedding(1, 4, g),   # (33 is padded to 34)
+                         "vocabulary size 1 is too small for tp=2")):
         with pytest.raises(ValueError, match=r".*") as e:
             make()
         assert words in str(e.value), str(e.value)

@@ -31,12 +31,12 @@ def _grads(model):
     return {n: p.grad for n, p in model.named_parameters(remove_duplicate=False)}
 
 
-def _check_family(family, dims):
+def _check_family(family, dims, vocab=tm.VOCAB, **options):
     from ichiban_comm.parallel import gather_state_dict
 
     g = dims.tp_group
-    ids, labels = tm.batch()
-    ref = tm.build(family)
+    ids, labels = tm.batch(vocab=vocab)
+    ref = tm.build(family, vocab=vocab)
     models = {sp: copy.deepcopy(ref) for sp in (False, True)}
     ref_logits, ref_loss = tm.logits_and_loss(family, ref, ids, labels)
     ref_loss.backward()
@@ -44,7 +44,7 @@ def _check_family(family, dims):
     ref_params = {n: p.detach() for n, p in ref.named_parameters(remove_duplicate=False)}
     out = {}
     for sp, model in models.items():
-        report = parallelize(model, dims, plan="auto", sequence_parallel=sp)
+        report = parallelize(model, dims, plan="auto", sequence_parallel=sp, **options)
         # the same parameters as the unsplit model: the split is tp-size invariant
         full = gather_state_dict(model, g)
         assert full.keys() == ref_params.keys(), (family, set(full) ^ set(ref_params))
@@ -60,7 +60,7 @@ def _check_family(family, dims):
         out[sp] = (loss.item(), str(report))
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)  # sequence parallel on == off
     # a full (unsplit) state dict of other weights loads into the split model, sliced
-    other = tm.build(family, seed=7).state_dict()
+    other = tm.build(family, seed=7, vocab=vocab).state_dict()
     model = models[False]
     model.load_state_dict(other)
     full = gather_state_dict(model, g)
@@ -110,10 +110,34 @@ def _against_dtensor(dims):
     return lo.item()
 
 
+def _count_all_reduces(dims):
+    """All-reduces of one Llama forward + backward without SP: the embedding, o_proj and
+    down_proj forward, the loss (max, sums, dh), and one per norm for the shared input
+    gradient of q|k|v and gate|up (not one per column-parallel layer)."""
+    import torch.distributed as dist
+
+    model = tm.build("llama")
+    parallelize(model, dims, plan="auto")
+    ids, labels = tm.batch()
+    calls, real = [], dist.all_reduce
+
+    def counting(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+    dist.all_reduce = counting
+    try:
+        model(input_ids=ids, labels=labels).loss.backward()
+    finally:
+        dist.all_reduce = real
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 1 + 2 * layers + 3 + 2 * layers, calls
+
+
 def _tp_body(rank, world, families, dtensor):
     from ichiban_comm.parallel import init_parallel
 
     dims = init_parallel(tp=world)
+    _count_all_reduces(dims)
     out = {f: _check_family(f, dims) for f in families}
     if dtensor:
         out["dtensor_loss"] = _against_dtensor(dims)

@@ -1,5 +1,7 @@
 """A tp=2 x dp=2 run with ShardedOptimizer saved through AsyncCheckpointer loads at tp=1 x dp=4
-and into one unsplit process with identical parameters and optimizer state.
+and into one unsplit process with identical parameters and optimizer state. Also with a
+vocabulary that tp does not divide (33: padded to 34 at tp=2, to 36 at tp=4), which is saved
+unpadded and loads at tp=1 x dp=4, at tp=4 and in one process.
 
     python -m pytest -q tests/parallel/test_reshard.py
 """
@@ -14,15 +16,19 @@ from _util import pack, unpack
 BATCH, SEQ = 4, 8
 
 
+VOCAB = [32]   # the vocabulary of this process's models (set by _body)
+
+
 def _cfg():
     from ichiban_comm.models.gpt import GPTConfig
 
-    return GPTConfig(vocab_size=32, seq_len=SEQ, n_layer=1, n_head=2, d_model=16)
+    return GPTConfig(vocab_size=VOCAB[0], seq_len=SEQ, n_layer=1, n_head=4, d_model=16)
 
 
 def _batch(step):
     g = torch.Generator().manual_seed(50 + step)
-    idx = torch.randint(0, 32, (BATCH, SEQ), generator=g)
+    idx = torch.randint(0, VOCAB[0], (BATCH, SEQ), generator=g)
+    idx[0, 0] = VOCAB[0] - 1   # the last id: next to the padding, if any
     return idx, torch.roll(idx, -1, dims=1)
 
 
@@ -50,12 +56,14 @@ def _full_state(model, opt, dims):
     return params, state, sd["param_groups"]
 
 
-def _body(rank, world, root):
+def _body(rank, world, root, vocab=32):
     from ichiban_comm.checkpoint import AsyncCheckpointer
     from ichiban_comm.models.gpt import GPT
-    from ichiban_comm.parallel import ShardedOptimizer, init_parallel, parallelize
+    from ichiban_comm.parallel import (ShardedOptimizer, gather_full, gather_state_dict,
+                                       init_parallel, parallelize)
     from ichiban_comm.parallel import checkpoint as pc
 
+    VOCAB[0] = vocab
     dims = init_parallel(tp=2, pp=1, dp=2)
     torch.manual_seed(0)
     model = GPT(_cfg())
@@ -82,6 +90,24 @@ def _body(rank, world, root):
     params1, state1, groups1 = _full_state(model1, opt1, dims1)
     _train_step(model1, opt1, dims1, 2)
     after1, _, _ = _full_state(model1, opt1, dims1)
+    if vocab % 2:   # odd: the tp=2 save was padded; at tp=4 (padded differently) too
+        dims4 = init_parallel(tp=4, pp=1, dp=1)
+        torch.manual_seed(5)
+        model4 = GPT(_cfg())
+        parallelize(model4, dims4, plan="auto")
+        assert model4.lm_head.weight.tp_shard.padded == -(-vocab // 4)
+        opt4 = torch.optim.AdamW(model4.parameters(), lr=0.5)
+        with AsyncCheckpointer(root) as ckpt4:
+            pc.load(ckpt4, model4, opt4, dims4)
+        params4 = gather_state_dict(model4, dims4.tp_group)
+        _assert_state_equal(params4, params, "tp4 params")
+        head = model4.lm_head.weight
+        spec = head.tp_shard
+        assert torch.count_nonzero(head.detach()[spec.real:]) == 0   # padding stays zero
+        st = opt4.state[head]["exp_avg"]
+        torch.testing.assert_close(gather_full(st, spec, dims4.tp_group),
+                                   state["lm_head.weight"]["exp_avg"], rtol=0, atol=0)
+        return pack((params, state, groups, after, extra, params1, state1, groups1, after1))
     with pytest.raises(NotImplementedError, match="pp=2"):
         pc.sharded_state(model1, opt1, init_parallel(tp=1, pp=2, dp=2))
     _bf16_master_roundtrip(root + "_bf16", dims1)
@@ -127,13 +153,16 @@ def _assert_state_equal(a, b, what):
             assert a[n] == b[n], f"{what}/{n}"
 
 
-def test_reshard_tp2dp2_to_tp1dp4_and_one_process(tmp_path):
+@pytest.mark.parametrize("vocab", [32, 33])
+def test_reshard_tp2dp2_to_tp1dp4_and_one_process(tmp_path, vocab):
     from ichiban_comm.checkpoint import AsyncCheckpointer
     from ichiban_comm.models.gpt import GPT
     from ichiban_comm.parallel import checkpoint as pc
 
+    VOCAB[0] = vocab
     root = str(tmp_path / "ckpt")
-    out = [unpack(r) for r in run_workers(_body, 4, backend="gloo", timeout=150, args=(root,))]
+    out = [unpack(r) for r in run_workers(_body, 4, backend="gloo", timeout=150,
+                                          args=(root, vocab))]
     params, state, groups, after, extra, params1, state1, groups1, after1 = out[0]
     for r in out[1:]:   # every rank gathered the same whole state
         _assert_state_equal(r[0], params, "params")

@@ -8,15 +8,15 @@ FAMILIES = ("gpt", "llama", "mistral", "qwen2", "gpt2")
 VOCAB = 128
 
 
-def build(family: str, seed: int = 0):
+def build(family: str, seed: int = 0, vocab: int = VOCAB):
     torch.manual_seed(seed)
     if family == "gpt":
         from ichiban_comm.models import GPT, GPTConfig
 
-        return GPT(GPTConfig(vocab_size=VOCAB, seq_len=16, n_layer=2, n_head=8, d_model=64))
+        return GPT(GPTConfig(vocab_size=vocab, seq_len=16, n_layer=2, n_head=8, d_model=64))
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
     if family == "llama":
         cfg, cls = tf.LlamaConfig(**common, tie_word_embeddings=False), tf.LlamaForCausalLM
@@ -25,7 +25,7 @@ def build(family: str, seed: int = 0):
     elif family == "qwen2":  # biased q/k/v, head tied to the embedding
         cfg, cls = tf.Qwen2Config(**common, tie_word_embeddings=True), tf.Qwen2ForCausalLM
     elif family == "gpt2":  # fused c_attn Conv1D, tied head
-        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_positions=64,
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=8, n_positions=64,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         cls = tf.GPT2LMHeadModel
     else:
@@ -34,10 +34,11 @@ def build(family: str, seed: int = 0):
     return cls(cfg).float()
 
 
-def batch(seed: int = 1, b: int = 2, t: int = 8):
+def batch(seed: int = 1, b: int = 2, t: int = 8, vocab: int = VOCAB):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (b, t), generator=g)
-    labels = torch.randint(0, VOCAB, (b, t), generator=g)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    labels = torch.randint(0, vocab, (b, t), generator=g)
+    ids[0, 0] = labels[0, -1] = vocab - 1   # the last id: on the last rank, next to padding
     return ids, labels
 
 

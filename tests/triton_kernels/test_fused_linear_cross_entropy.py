@@ -100,6 +100,8 @@ def test_fused_linear_cross_entropy_bad_arguments():
         fused_linear_cross_entropy(h, w, t, chunk_size=0)
     with pytest.raises(ValueError, match="target must hold one id per row"):
         fused_linear_cross_entropy(h, w, t[:2])
+    with pytest.raises(ValueError, match="vocab_start and vocab_total go together"):
+        fused_linear_cross_entropy(h, w, t, vocab_start=0, vocab_total=10)
 
 
 @pytest.mark.parametrize("red", ["mean", "none"])

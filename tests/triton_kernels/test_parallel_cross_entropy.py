@@ -66,6 +66,20 @@ def _body(rank, world_size):
                 loss.backward(torch.ones_like(loss) * 0.7)
                 out[(path, "flce" if vb is None else "flce_vb", red)] = _np(loss, h.grad,
                                                                            w.grad, b.grad)
+        # Unequal slices (vocab_start / vocab_total): the first V - 1 ids in torch.chunk's
+        # layout, as a vocabulary that the group size does not divide is split.
+        vu = V - 1
+        c = -(-vu // world_size)
+        lo, hi = min(rank * c, vu), min((rank + 1) * c, vu)
+        h = hidden.clone().requires_grad_()
+        w = weight[lo:hi].clone().requires_grad_()
+        b = bias[lo:hi].clone().requires_grad_()
+        tu = target.masked_fill(target >= vu, 3)
+        loss = fused_linear_cross_entropy(h, w, tu, b, label_smoothing=0.1, z_loss=1e-3,
+                                          reduction="sum", group=group, chunk_size=4,
+                                          vocab_start=lo, vocab_total=vu)
+        loss.backward(torch.ones_like(loss) * 0.7)
+        out[(path, "flce_uneven")] = _np(loss, h.grad, w.grad, b.grad)
     out["launches"] = launch_counts()
     return out
 
@@ -86,6 +100,12 @@ def _full_reference():
         loss = cross_entropy_reference(h @ w.t() + b, target, -100, eps, z, red)
         loss.backward(torch.ones_like(loss) * 0.7)
         ref[("flce", red)] = (loss.detach(), h.grad, w.grad, b.grad)
+    vu = V - 1
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight[:vu], bias[:vu]))
+    tu = target.masked_fill(target >= vu, 3)
+    loss = cross_entropy_reference(h @ w.t() + b, tu, -100, 0.1, 1e-3, "sum")
+    loss.backward(torch.ones_like(loss) * 0.7)
+    ref["flce_uneven"] = (loss.detach(), h.grad, w.grad, b.grad)
     return ref
 
 
@@ -122,6 +142,13 @@ def test_vocab_parallel_equals_unsharded(world_size):
                    want[2])
             _close(f"{path} {kind} {red} dbias", torch.cat([res[key][3] for res in results]),
                    want[3])
+        want, key = ref["flce_uneven"], (path, "flce_uneven")
+        for r, res in enumerate(results):
+            _close(f"{path} flce uneven loss rank {r}", res[key][0], want[0])
+            _close(f"{path} flce uneven dhidden rank {r}", res[key][1], want[1])
+        _close(f"{path} flce uneven dweight", torch.cat([res[key][2] for res in results]),
+               want[2])
+        _close(f"{path} flce uneven dbias", torch.cat([res[key][3] for res in results]), want[3])
     for r, res in enumerate(results):
         launched = res["launches"]
         assert launched.get("cross_entropy_fwd", 0) > 0 and \
