@@ -157,6 +157,13 @@ def test_rank_killed_by_fail_at_resumes_bit_identical(tmp_path):
     assert start2["restore"]["source"] == "disk" and start2["start_step"] in (3, 6)
     _assert_same_as_reference(out, ref)
     assert not _workers(out)
+    # the report of the real run: the restart, its cost and the PNG
+    r = subprocess.run([sys.executable, "-m", "ichiban_comm.train", "report", out],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "1 restart" in r.stdout and "disk@" in r.stdout and "goodput" in r.stdout
+    with open(os.path.join(out, "report.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
