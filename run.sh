@@ -59,6 +59,8 @@ cmd="${1:-}"
 case "$cmd" in
   setup) setup_venv ;;
   train) setup_venv; exec "$VENV/bin/ichiban-train" "$@" ;;
-  test)  setup_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # Tests run in ICHIBAN_TEST_WORKERS pytest-xdist workers (default: one per core): most of the
+  # suite's multi-process tests wait on each other, not on a core. `-n 0` runs them in one process.
+  test)  setup_venv; exec "$VENV/bin/python" -m pytest -n "${ICHIBAN_TEST_WORKERS:-auto}" "$@" ;;
   *) echo "usage: ./run.sh train|test|setup [args...]" >&2; exit 2 ;;
 esac
