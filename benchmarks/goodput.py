@@ -53,10 +53,13 @@ def _port() -> int:
 
 def run_mode(mode, args, workdir) -> dict:
     out = os.path.join(workdir, mode)
+    # failures half-way between two checkpoints: a failure right at a checkpoint step would
+    # flatter synchronous saves (committed before the step) and penalise async ones (committing)
     fails = []
     for k in range(1, args.steps // args.fail_every + 1):
-        if k * args.fail_every < args.steps:
-            fails += ["--fail-at", f"{k * args.fail_every}:{(k % args.nproc)}"]
+        step = k * args.fail_every + args.ckpt_every // 2
+        if step < args.steps:
+            fails += ["--fail-at", f"{step}:{(k % args.nproc)}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
            str(args.nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_port()}",
            "--max-restarts", str(len(fails) // 2 + 1), "--monitor-interval", "0.5",
@@ -102,7 +105,7 @@ def markdown(results, args) -> str:
              f"`python benchmarks/goodput.py --steps {args.steps} --fail-every {args.fail_every} "
              f"--ckpt-every {args.ckpt_every} --nproc {args.nproc} --d-model {args.d_model} "
              f"--n-layer {args.n_layer}`: {args.nproc} ranks (dp), a rank SIGKILLed every "
-             f"{args.fail_every} steps, checkpoints every {args.ckpt_every} steps, plain torchrun "
+             f"{args.fail_every} steps (half-way between two checkpoints), checkpoints every {args.ckpt_every} steps, plain torchrun "
              f"restarts. Medians over the failures of one run per mode.", "",
              "| mode | goodput | lost steps / failure | restart: process start | rendezvous + init | "
              "restore (from) | first step | ckpt stall / save | step | ckpt share |",

@@ -45,14 +45,17 @@ def under_torchrun() -> bool:
 
 
 def process_start_time() -> float:
-    """Unix time at which this process started (from /proc; the time of the call elsewhere)."""
+    """Unix time at which this process started (from /proc; the time of the call elsewhere).
+
+    /proc/self/stat gives the start in clock ticks since boot and /proc/uptime the seconds since
+    boot now, both at 10 ms resolution (the boot time in /proc/stat is rounded to a second)."""
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 

@@ -81,11 +81,11 @@ def test_clean_run_numbers():
                                        "p90_s": 0.5, "max_s": 0.5}
     assert res["split"]["comm"]["s"] == 1.25 and res["split"]["comm"]["pct"] == 25.0
     assert res["split"]["ckpt"]["s"] == 0.625 and res["split"]["data"]["pct"] == 12.5
-    assert res["productive_s"] == 5.0
-    assert res["goodput"] == 5.0 / 7.5
+    assert res["productive_s"] == 3.75   # compute + comm: the stalls are not productive
+    assert res["goodput"] == 3.75 / 7.5
     assert res["tokens"] == 500 and res["tokens_per_s"] == 500 / 7.5 and res["tokens_per_step_s"] == 100.0
-    assert res["wall"] == {"wall_s": 7.5, "productive_s": 5.0, "lost_s": 0.0, "restart_s": 0.0,
-                           "startup_s": 2.0, "other_s": 0.5}
+    assert res["wall"] == {"wall_s": 7.5, "productive_s": 3.75, "ckpt_s": 0.625, "data_s": 0.625,
+                           "lost_s": 0.0, "restart_s": 0.0, "startup_s": 2.0, "other_s": 0.5}
     (att,) = res["attempts"]
     assert (att["steps_run"], att["ended"], att["start_step"], att["last_step"]) == (5, "end", 0, 4)
     assert res["world_size"] == 4 and res["backend"] == "ichiban"
@@ -117,14 +117,15 @@ def test_two_restarts_numbers():
 
     # productive: steps 0-3 from attempt 1, 4-5 from attempt 2 (step 4 took 1.5 s there),
     # 6-9 from attempt 3
-    assert res["steps"] == 10 and res["productive_s"] == 10.5
+    assert res["steps"] == 10 and res["productive_s"] == 8.0
     assert {p: res["split"][p]["s"] for p in report.PARTS} == {"compute": 5.5, "comm": 2.5,
                                                                "ckpt": 1.25, "data": 1.25}
     assert res["split"]["compute"]["pct"] == pytest.approx(100 * 5.5 / 10.5, rel=1e-12)
     assert [res["split"]["step"][k] for k in ("s", "p50_s", "p90_s", "max_s")] == [10.5, 1.0, 1.0, 1.5]
-    assert res["wall"] == {"wall_s": 26.0, "productive_s": 10.5, "lost_s": 4.0,
+    assert res["wall"] == {"wall_s": 26.0, "productive_s": 8.0, "ckpt_s": 1.25, "data_s": 1.25,
+                           "lost_s": 4.0,
                            "restart_s": 3.5 + 5.0, "startup_s": 2.0, "other_s": 1.0}
-    assert res["goodput"] == 10.5 / 26.0
+    assert res["goodput"] == 8.0 / 26.0
     assert res["tokens"] == 1000 and res["tokens_per_s"] == 1000 / 26.0
     counted = [(r["attempt"], r["step"]) for r in res["series"] if r["counted"]]
     assert counted == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (3, 6), (3, 7), (3, 8), (3, 9)]
@@ -158,10 +159,11 @@ def test_attempt_dying_before_its_first_step_and_an_older_snapshot():
             r2["total_s"], r2["other_s"]) == (1008.5, 1.5, 1.0, None, None, None, None)
     assert (r3["failure_time"], r3["process_start_s"], r3["init_s"], r3["restore_s"], r3["restore_source"],
             r3["first_step_s"], r3["total_s"], r3["other_s"]) == (1011.0, 1.0, 1.0, 1.0, "disk", 1.0, 4.0, 0.0)
-    assert res["steps"] == 6 and res["productive_s"] == 6.0
-    assert res["wall"] == {"wall_s": 18.0, "productive_s": 6.0, "lost_s": 4.0, "restart_s": 5.5,
+    assert res["steps"] == 6 and res["productive_s"] == 4.5
+    assert res["wall"] == {"wall_s": 18.0, "productive_s": 4.5, "ckpt_s": 0.75, "data_s": 0.75,
+                           "lost_s": 4.0, "restart_s": 5.5,
                            "startup_s": 2.0, "other_s": 0.5}
-    assert res["goodput"] == 6.0 / 18.0
+    assert res["goodput"] == 4.5 / 18.0
     assert [(r["attempt"], r["step"]) for r in res["series"] if r["counted"]] == \
         [(1, 0), (1, 1), (3, 2), (3, 3), (3, 4), (3, 5)]
     table = report.format_table(res)
@@ -180,9 +182,9 @@ def test_new_launch_after_a_finished_run_is_not_a_restart():
     assert [a["ended"] for a in res["attempts"]] == ["end", "end"]
     assert res["restart_count"] == 0 and res["restarts"] == [] and res["lost_steps_per_failure"] == []
     assert res["steps"] == 7 and res["lost_steps"] == 0 and res["finished"]
-    assert res["wall"] == {"wall_s": 11.5, "productive_s": 7.0, "lost_s": 0.0, "restart_s": 0.0,
-                           "startup_s": 3.5, "other_s": 1.0}
-    assert res["goodput"] == 7.0 / 11.5
+    assert res["wall"] == {"wall_s": 11.5, "productive_s": 5.25, "ckpt_s": 0.875, "data_s": 0.875,
+                           "lost_s": 0.0, "restart_s": 0.0, "startup_s": 3.5, "other_s": 1.0}
+    assert res["goodput"] == 5.25 / 11.5
     assert any("numbered here in file order" in n for n in res["notes"])
     assert any("92.5 s between a finished launch" in n for n in res["notes"])
 
@@ -217,7 +219,7 @@ def test_unfinished_run_ends_at_last_record():
     recs = restart_run()[:-1]  # no end record
     res = report.analyse(recs)
     assert not res["finished"] and res["attempts"][-1]["ended"] == "unfinished"
-    assert res["wall"]["wall_s"] == 25.5 and res["goodput"] == 10.5 / 25.5
+    assert res["wall"]["wall_s"] == 25.5 and res["goodput"] == 8.0 / 25.5
     assert any("did not finish" in n for n in res["notes"])
 
 
@@ -290,7 +292,7 @@ def test_table_shows_the_numbers(tmp_path, capsys):
     d = _write(tmp_path, restart_run())
     assert report.main([str(d), "--no-png"]) == 0
     out = capsys.readouterr().out
-    assert f"goodput {100 * 10.5 / 26:.1f} %" in out
+    assert f"goodput {100 * 8.0 / 26:.1f} %" in out
     assert "2 restarts" in out and "10 steps counted, finished" in out
     lines = out.splitlines()
     restarts = lines.index(next(line for line in lines if line.startswith("Restarts")))
@@ -315,7 +317,7 @@ def test_json_output(tmp_path, capsys):
     d = _write(tmp_path, restart_run())
     assert report.main([str(d), "--json", "--no-png"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["goodput"] == 10.5 / 26 and res["lost_steps_per_failure"] == [2, 2]
+    assert res["goodput"] == 8.0 / 26 and res["lost_steps_per_failure"] == [2, 2]
     assert res["restarts"][1]["restore_source"] == "disk" and "series" not in res
 
 
@@ -439,4 +441,4 @@ def test_python_dash_m_entry_point(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["python -m ichiban_comm.report", str(d), "--no-png"])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("ichiban_comm.report", run_name="__main__", alter_sys=False)
-    assert exit_.value.code == 0 and "goodput 66.7 %" in capsys.readouterr().out
+    assert exit_.value.code == 0 and "goodput 50.0 %" in capsys.readouterr().out

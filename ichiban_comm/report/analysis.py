@@ -16,7 +16,8 @@ def analyse(records: list[dict]) -> dict:
     attempt's last step), process start (launch − failure), rendezvous/init,
     restore (seconds, tier, step), first step, and the rest. The productive split
     counts each step number once, from the last attempt that ran it and kept it.
-    Goodput = productive step time / wall time from the first attempt's launch to
+    Goodput = productive step time (compute and communication of the steps that count, not
+    their checkpoint stalls or data waits) / wall time from the first attempt's launch to
     the ``end`` record (else the last record). Pure: reads nothing, prints nothing.
     """
     notes: list[str] = []
@@ -154,8 +155,12 @@ def analyse(records: list[dict]) -> dict:
                             "p50_s": _rank(values[p], 0.5), "p90_s": _rank(values[p], 0.9),
                             "max_s": values[p][-1] if values[p] else None}
                         for p in PARTS + ("step",)}
-        out["productive_s"] = tot["step"]
+        # productive: the steps' compute and communication; their checkpoint stalls and data
+        # waits are time the model did not train (a synchronous save is not productive work)
+        out["productive_s"] = tot["compute"] + tot["comm"]
+        out["stepping_s"] = tot["step"]
     else:
+        out["stepping_s"] = None
         out["split"], out["productive_s"] = None, None
     tokens = [rec.get("tokens") for rec in counted.values()]
     out["tokens"] = (sum(tokens) if tokens and all(isinstance(t, int) for t in tokens) else None)
@@ -214,13 +219,16 @@ def analyse(records: list[dict]) -> dict:
                 up_since = None
             if row["ended"] == "failure" and up_since is None and down_since is None:
                 down_since = row["fail_time"]  # a step had run since the last launch
-        other = wall - out["productive_s"] - out["lost_s"] - restart_s - startup_s
-        out["wall"] = {"wall_s": wall, "productive_s": out["productive_s"], "lost_s": out["lost_s"],
-                       "restart_s": restart_s, "startup_s": startup_s, "other_s": other}
+        stalls = out["split"]["ckpt"]["s"] + out["split"]["data"]["s"]
+        other = wall - out["productive_s"] - stalls - out["lost_s"] - restart_s - startup_s
+        out["wall"] = {"wall_s": wall, "productive_s": out["productive_s"],
+                       "ckpt_s": out["split"]["ckpt"]["s"], "data_s": out["split"]["data"]["s"],
+                       "lost_s": out["lost_s"], "restart_s": restart_s, "startup_s": startup_s,
+                       "other_s": other}
         out["goodput"] = out["productive_s"] / wall
         out["tokens_per_s"] = out["tokens"] / wall if out["tokens"] is not None else None
-        out["tokens_per_step_s"] = (out["tokens"] / out["productive_s"]
-                                    if out["tokens"] is not None and out["productive_s"] else None)
+        out["tokens_per_step_s"] = (out["tokens"] / out["stepping_s"]
+                                    if out["tokens"] is not None and out["stepping_s"] else None)
     else:
         out["wall"], out["goodput"], out["tokens_per_s"], out["tokens_per_step_s"] = None, None, None, None
         if timed:

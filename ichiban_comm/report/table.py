@@ -116,7 +116,10 @@ def format_table(res: dict, run_dir: str = "") -> str:
     w = res.get("wall")
     if w is not None:
         lines += ["", "Wall time, first launch to end", _rule(W), f"{'':<48} {'seconds':>10} {'%':>7}", _rule(W)]
-        rows = [("productive steps", w["productive_s"]), ("lost steps (done again after a restart)", w["lost_s"]),
+        rows = [("productive steps (compute + comm wait)", w["productive_s"]),
+                ("checkpoint stalls in those steps", w.get("ckpt_s")),
+                ("data waits in those steps", w.get("data_s")),
+                ("lost steps (done again after a restart)", w["lost_s"]),
                 ("restarts (failure -> next first step begins)", w["restart_s"]),
                 ("startup (first launch -> first step begins)", w["startup_s"]),
                 ("other (between steps, partial steps, shutdown)", w["other_s"]),
