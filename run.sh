@@ -37,7 +37,7 @@ setup_venv() {
     echo "$req_hash" > "$VENV/.req-stamp"
   fi
   local src_hash
-  src_hash="$(find setup.py csrc -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) | sort | xargs cat | sha256sum | cut -c1-16)-${ICHIBAN_FORCE_CPU:-0}"
+  src_hash="$(find setup.py csrc -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) | sort | xargs cat | sha256sum | cut -c1-16)-${ICHIBAN_FORCE_CPU:-0}-${ICHIBAN_DEBUG_INFO:-0}"
   if [ "$(cat "$VENV/.build-stamp" 2>/dev/null)" != "$src_hash" ] \
      || ! "$VENV/bin/python" -c "import ichiban_comm" >/dev/null 2>&1; then
     log "building and installing ichiban_comm (editable; compiles C++ and, with nvcc, CUDA: a few minutes)"

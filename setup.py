@@ -211,6 +211,11 @@ def extension():
     system_includes = [f for inc in include_paths() for f in ("-isystem", inc)]
     warn = ["-Wall", "-Wextra"]
     cxx_flags = ["-O3", "-fvisibility=hidden", "-pthread"] + warn + system_includes
+    # Python's own CFLAGS carry -g. Debug info through torch's headers doubles the compile time
+    # of every file (the build is most of a fresh CI run) for backtraces few users read:
+    # off unless ICHIBAN_DEBUG_INFO=1.
+    if os.environ.get("ICHIBAN_DEBUG_INFO", "0") != "1":
+        cxx_flags.append("-g0")
     define_macros = [("ICHIBAN_VERSION", f'"{VERSION}"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     libraries = ["rt", "dl"]  # shm_open (older glibc), dlopen of libzstd
