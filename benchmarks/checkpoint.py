@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 import warnings
 
 import torch
+
+from _machine import machine  # noqa: E402  (benchmarks/ is the script's directory)
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -330,18 +331,6 @@ def bench_training(state, directory, steps: int = 12):
     med = sorted(during)[len(during) // 2] if during else float("nan")
     return {"step_s": base, "step_during_persist_s": med, "steps_during_persist": len(during),
             "slowdown": med / base, "persist_s": persist_s}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_GiB": round(mem / 2**30, 1), "torch": torch.__version__,
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:

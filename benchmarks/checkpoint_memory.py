@@ -27,7 +27,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checkpoint import machine, memcpy_bandwidth, mlp_step, nbytes, transformer_state  # noqa: E402
+from _machine import machine  # noqa: E402
+from checkpoint import memcpy_bandwidth, mlp_step, nbytes, transformer_state  # noqa: E402
 
 
 MSTEP = 4   # the step the memory-tier rows restore

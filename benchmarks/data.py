@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,19 +34,7 @@ import numpy as np
 import torch
 
 from ichiban_comm.data import ShardWriter, TokenDataset, TokenLoader
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_GiB": round(mem / 2**30, 1),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.is_available(), "loadavg_1m_at_start": os.getloadavg()[0]}
+from _machine import machine  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def make_shards(path: str, tokens: int, vocab: int = 50257, shard_tokens: int = 1 << 28) -> None:
