@@ -19,7 +19,7 @@
 
 Settings come from an :class:`IchibanOptions` passed as ``pg_options`` /
 ``backend_options``; the ``ICHIBAN_*`` environment variables only fill its
-defaults (README's settings table).
+defaults (docs/settings.md).
 """
 
 from __future__ import annotations
