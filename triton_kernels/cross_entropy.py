@@ -85,6 +85,25 @@ def _grad_torch(logits, target, lse, coef, vocab_start, vocab_total, smoothing, 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
+def _row_stats_pass(base, V, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over a row of V logits in blocks with a running max: (max, sum exp(x - max),
+    row sum when SMOOTH), one exp per element plus one per block."""
+    cols = tl.arange(0, BLOCK)
+    m = tl.full((), _NEG_BIG, tl.float32)
+    s = tl.full((), 0.0, tl.float32)
+    sx = tl.full((), 0.0, tl.float32)
+    for v0 in range(0, V, BLOCK):
+        mask = v0 + cols < V
+        x = tl.load(base + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        if SMOOTH:
+            sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    return m, s, sx
+
+
+@triton.jit
 def _ce_fwd_kernel(LOGITS, TARGET, LOSS, LSE, GRAD, NVALID, BAD, stride, gstride, V,
                    ignore_index, inv_vocab, smoothing, z_loss, SMOOTH: tl.constexpr,
                    WRITE_GRAD: tl.constexpr, MEAN: tl.constexpr, CHECK: tl.constexpr,
@@ -104,17 +123,7 @@ def _ce_fwd_kernel(LOGITS, TARGET, LOSS, LSE, GRAD, NVALID, BAD, stride, gstride
     if CHECK:
         if valid & ((tgt < 0) | (tgt >= V)):
             tl.atomic_max(BAD, 1)
-    m = tl.full((), _NEG_BIG, tl.float32)
-    s = tl.full((), 0.0, tl.float32)
-    sx = tl.full((), 0.0, tl.float32)
-    for v0 in range(0, V, BLOCK):
-        mask = v0 + cols < V
-        x = tl.load(base + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-        if SMOOTH:
-            sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    m, s, sx = _row_stats_pass(base, V, SMOOTH, BLOCK)
     lse = m + tl.log(s)
     inside = valid & (tgt >= 0) & (tgt < V)
     xt = tl.load(base + tl.where(inside, tgt, 0), mask=inside, other=0.0).to(tl.float32)
@@ -145,18 +154,7 @@ def _ce_stats_kernel(LOGITS, TARGET, STATS, stride, N, V, vocab_start, SMOOTH: t
     running max, one exp per element. The global lse needs the group's numbers first."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride
-    cols = tl.arange(0, BLOCK)
-    m = tl.full((), _NEG_BIG, tl.float32)
-    s = tl.full((), 0.0, tl.float32)
-    sx = tl.full((), 0.0, tl.float32)
-    for v0 in range(0, V, BLOCK):
-        mask = v0 + cols < V
-        x = tl.load(base + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-        if SMOOTH:
-            sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    m, s, sx = _row_stats_pass(base, V, SMOOTH, BLOCK)
     local = tl.load(TARGET + row).to(tl.int64) - vocab_start
     inside = (local >= 0) & (local < V)
     xt = tl.load(base + tl.where(inside, local, 0), mask=inside, other=0.0).to(tl.float32)
