@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from ichiban_comm.elastic import free_port  # noqa: E402
 from ichiban_comm.report import analyse, read_metrics  # noqa: E402
 
 MODES = {
@@ -43,12 +43,6 @@ MODES = {
     "torch": ["--ckpt-mode", "torch"],
     "dcp": ["--ckpt-mode", "dcp"],
 }
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_mode(mode, args, workdir) -> dict:
@@ -61,7 +55,7 @@ def run_mode(mode, args, workdir) -> dict:
         if step < args.steps:
             fails += ["--fail-at", f"{step}:{(k % args.nproc)}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-           str(args.nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_port()}",
+           str(args.nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
            "--max-restarts", str(len(fails) // 2 + 1), "--monitor-interval", "0.5",
            "-m", "ichiban_comm.train", "--out-dir", out, "--steps", str(args.steps),
            "--ckpt-every", str(args.ckpt_every), "--keep-last", "2", "--dp", str(args.nproc),

@@ -18,15 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .elastic import free_port
 
 
 def _value(argv, flag, default):
@@ -52,7 +47,7 @@ def main(argv) -> int:
     job = ["--tp", "2", "--dp", "2", "--steps", "60", "--ckpt-every", "10", "--memory-ckpt",
            "--fail-at", "35:3", "--comm-timeout", "60", "--log-every", "10", "--threads", "1"]
     job += argv   # the caller's arguments come last and win
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, ICHIBAN_TOPOLOGY=topo, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     agents = []
     print(f"ichiban-train --demo-failure: two hosts declared in {topo}; one torchrun agent per host:",

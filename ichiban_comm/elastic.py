@@ -39,6 +39,13 @@ _ATTEMPT = "ichiban/attempt/number"
 _server = None   # rank 0 keeps its attempt's store server alive for the life of the process
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a local launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def under_torchrun() -> bool:
     """Whether this process is a torchrun (elastic agent) worker sharing the agent's store."""
     return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"

@@ -258,12 +258,11 @@ def launch_local(nproc: int, argv) -> int:
     one host): each gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT.
     A rank that fails ends the others; the exit code is the first failure's."""
     import signal
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from .elastic import free_port
+
+    port = free_port()
     cmd = [sys.executable, "-m", "ichiban_comm.train"] + _strip_nproc(argv)
     procs = []
     for r in range(nproc):

@@ -14,23 +14,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from spawn import free_port as _port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = ["--steps", "12", "--d-model", "64", "--n-layer", "2", "--n-head", "2", "--seq-len", "32",
        "--batch-size", "4", "--data-bytes", "300000", "--eval-batches", "1", "--log-every", "4",
        "--ckpt-every", "3", "--keep-last", "2", "--threads", "1"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(extra=None):
